@@ -1,0 +1,19 @@
+"""graphcost: a graph-based cost model for PyTorch.
+
+    >>> import graphcost
+    >>> from graphcost.models import load
+    >>> analysis = graphcost.analyze(*load("llama-7b", batch=1, seq=2048))
+"""
+
+from graphcost.analysis import Analysis, analyze
+from graphcost.errors import ConfigError, GraphcostError, TraceError, UnsupportedOpError
+from graphcost.hardware import PRESETS, Device, get_device
+from graphcost.rules.registry import FLOPS_PER_FMA, OpCost, Out, RuleContext, TensorSpec, Value
+from graphcost.rules.registry import register as register_rule
+from graphcost.trace import spec
+
+__version__ = "0.1.0"
+
+__all__ = ["FLOPS_PER_FMA", "PRESETS", "Analysis", "ConfigError", "Device", "GraphcostError",
+           "OpCost", "Out", "RuleContext", "TensorSpec", "TraceError", "UnsupportedOpError",
+           "Value", "analyze", "get_device", "register_rule", "spec"]

@@ -1,0 +1,156 @@
+"""Stage 3: cost every op node with its rule from the registry.
+
+Writes, on a copy of the graph, for each op node:
+    cost            the rule's OpCost (None when the op has no rule)
+    forward_flops   FLOPs of the forward op
+    backward_flops  FLOPs of its backward, for the gradients actually required (0 when autograd
+                    does not reach it)
+    saved           frozenset of storage ids autograd keeps for this op's backward
+    bytes_read, bytes_written, weight_bytes (bytes of parameters it reads)
+and on the graph: `unsupported_ops` (Counter of op names), `device`, and `saved_storages`
+({storage id: bytes} of every storage saved for backward that is not a parameter, buffer,
+constant or model input), `extra_storages` (storages the kernels create: their owner is the op).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+
+import networkx as nx
+import torch
+
+from graphcost.errors import GraphcostError, UnsupportedOpError
+from graphcost.graph import op_nodes
+from graphcost.hardware import Device, get_device
+from graphcost.rules import REGISTRY
+from graphcost.rules.registry import OpCost, Out, RuleContext, RuleRegistry, TensorSpec, Value
+
+aten = torch.ops.aten
+NOT_ACTIVATIONS = ("param", "buffer", "input", "constant")
+COPY_IF_NEEDED = {aten.contiguous.default, aten.reshape.default, aten.flatten.using_ints}
+
+
+def annotate(graph: nx.DiGraph, *, device: str | Device = "cpu", rules: RuleRegistry | None = None,
+             strict: bool = False) -> nx.DiGraph:
+    """Return a costed copy of `graph` (see module docstring for what is written)."""
+    device = get_device(device)
+    rules = rules or REGISTRY
+    g = graph.copy()
+    g.graph["storage_bytes"] = dict(graph.graph["storage_bytes"])
+    g.graph["storage_owner"] = dict(graph.graph["storage_owner"])
+    g.graph["device"] = device
+    unsupported: Counter[str] = Counter()
+    next_storage = max(g.graph["storage_bytes"], default=-1) + 1
+
+    # Backward reaches an op only if its output feeds what the loss is computed from.
+    outputs = [v.node for v in g.graph.get("outputs", []) if v.requires_grad]
+    reached = set(outputs).union(*(nx.ancestors(g, n) for n in outputs)) if outputs else set()
+
+    saved_storages: dict[int, int] = {}
+    layouts = _Layouts()
+    for name in op_nodes(g):
+        data = g.nodes[name]
+        rule = rules.lookup(data["target"])
+        inputs = tuple(_flat(data["args"]) + _flat(list(data["kwargs"].values())))
+        layouts.follow(name, data, inputs)
+        if rule is None:
+            unsupported[data["op"]] += 1
+            cost = None
+        else:
+            ctx = RuleContext(name=name, op=data["target"], args=data["args"],
+                              kwargs=data["kwargs"], inputs=inputs, outputs=data["outputs"],
+                              requires_grad=data["requires_grad"], device=device)
+            try:
+                cost = rule(ctx)
+            except Exception as exc:  # noqa: BLE001 - re-raised naming the node
+                raise GraphcostError(
+                    f"rule for {data['op']} failed at node %{name} (module "
+                    f"{data['module_path'] or '<root>'}): {type(exc).__name__}: {exc}") from exc
+        cost = cost or OpCost()
+        if cost.output_dim_order is not None:
+            layouts.set(name, cost.output_dim_order)
+        saved = set()
+        for s in cost.saved:
+            if isinstance(s, Value):
+                saved.add(layouts.find(s.storage))
+            elif isinstance(s, Out):
+                saved.add(layouts.find(data["storages"][s.index]))
+            elif isinstance(s, TensorSpec):
+                g.graph["storage_bytes"][next_storage] = s.nbytes
+                g.graph["storage_owner"][next_storage] = name
+                saved.add(next_storage)
+                next_storage += 1
+        for sid in saved:
+            owner = g.graph["storage_owner"][sid]
+            if g.nodes[owner]["kind"] not in NOT_ACTIVATIONS:
+                saved_storages[sid] = g.graph["storage_bytes"][sid]
+        new_outputs = {sid for sid in data["storages"] if sid is not None
+                       and g.graph["storage_owner"][sid] == name and sid not in layouts.alias}
+        params = {v.storage: v.spec.nbytes for v in inputs if v.kind == "param"}
+        data.update(
+            cost=cost if rule else None,
+            forward_flops=cost.forward_flops,
+            backward_flops=cost.backward_flops if name in reached and data["requires_grad"] else 0,
+            saved=frozenset(saved),
+            weight_bytes=sum(params.values()),
+            bytes_read=(cost.bytes_read if cost.bytes_read is not None
+                        else sum({v.storage: v.spec.nbytes for v in inputs}.values())),
+            bytes_written=(cost.bytes_written if cost.bytes_written is not None
+                           else sum(s.nbytes for s, sid in zip(data["outputs"], data["storages"])
+                                    if s is not None and sid in new_outputs)),
+        )
+    g.graph["saved_storages"] = saved_storages
+    g.graph["storage_alias"] = layouts.alias
+    g.graph["unsupported_ops"] = unsupported
+    if unsupported:
+        listing = ", ".join(f"{op} (x{n})" for op, n in sorted(unsupported.items()))
+        if strict:
+            raise UnsupportedOpError(
+                f"no cost rule for: {listing}. Add one with graphcost.register_rule "
+                "(see docs/rules.md), or drop --strict to list them as unsupported.")
+        warnings.warn(f"graphcost: no cost rule for {listing}; their costs are NOT included "
+                      "(listed under unsupported_ops)", stacklevel=2)
+    return g
+
+
+class _Layouts:
+    """Tracks outputs whose kernel writes them in a non-contiguous memory order (see
+    OpCost.output_dim_order) through transposes and permutes. A traced copy (`contiguous`,
+    `reshape`) of such a tensor that is contiguous in memory is free: its storage is an alias."""
+
+    def __init__(self) -> None:
+        self.order: dict[str, tuple[int, ...]] = {}
+        self.alias: dict[int, int] = {}  # storage -> the storage it really is
+
+    def set(self, node: str, order: tuple[int, ...]) -> None:
+        self.order[node] = tuple(order)
+
+    def find(self, sid: int) -> int:
+        while sid in self.alias:
+            sid = self.alias[sid]
+        return sid
+
+    def follow(self, name: str, data: dict, inputs: tuple[Value, ...]) -> None:
+        if not inputs or inputs[0].node not in self.order:
+            return
+        x, order, target = inputs[0], self.order[inputs[0].node], data["target"]
+        rank = len(order)
+        if target is aten.transpose.int:
+            i, j = (d % rank for d in data["args"][1:3])
+            self.order[name] = tuple(j if d == i else i if d == j else d for d in order)
+        elif target is aten.permute.default:
+            where = {old: new for new, old in enumerate(data["args"][1])}
+            self.order[name] = tuple(where[d % rank] for d in order)
+        elif target in COPY_IF_NEEDED and order == tuple(range(rank)):
+            own = data["storages"][0]
+            if own is not None and own != x.storage:
+                self.alias[own] = self.find(x.storage)
+
+
+def _flat(x) -> list[Value]:
+    if isinstance(x, Value):
+        return [x]
+    if isinstance(x, (list, tuple)):
+        return [v for item in x for v in _flat(item)]
+    return []

@@ -1,0 +1,62 @@
+"""PyTorch's own measurements, the independent references graphcost is checked against.
+
+- `measure_flops`: torch.utils.flop_counter.FlopCounterMode over a forward and the backward of a
+  scalar loss, on the meta device (where SDPA runs its math decomposition, so every matmul counts).
+- `measure_saved_bytes`: what autograd actually saves for backward on a real run
+  (torch.autograd.graph.saved_tensors_hooks), unique storages, parameters/buffers/inputs excluded.
+These run the model for real (or on meta): use small configs for the saved-bytes measurement.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def scalar_loss(output: Any) -> torch.Tensor:
+    """The output itself when it is a scalar, otherwise the sum of every floating output."""
+    if isinstance(output, torch.Tensor) and output.dim() == 0:
+        return output
+    leaves = output if isinstance(output, (list, tuple)) else [output]
+    floats = [t for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point()
+              and t.requires_grad]
+    return sum(t.sum() for t in floats)
+
+
+def measure_flops(module: nn.Module, inputs: tuple) -> tuple[int, int]:
+    """(forward FLOPs, backward FLOPs) counted by FlopCounterMode."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        loss = scalar_loss(module(*inputs))
+        forward = counter.get_total_flops()
+        if isinstance(loss, torch.Tensor) and loss.requires_grad:
+            loss.backward()
+    return forward, counter.get_total_flops() - forward
+
+
+def _storage_key(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def measure_saved_bytes(module: nn.Module, inputs: tuple) -> int:
+    """Bytes of the unique storages autograd saves during a forward (not params/buffers/inputs)."""
+    excluded = {_storage_key(t) for t in list(module.parameters()) + list(module.buffers())}
+    excluded |= {_storage_key(t) for t in inputs if isinstance(t, torch.Tensor)}
+    kept: list[torch.Tensor] = []  # holding them keeps their storages from being reused
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        kept.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        output = module(*inputs)
+    storages = {}
+    for t in kept:
+        key = _storage_key(t)
+        if key not in excluded and t.untyped_storage().nbytes() > 0:
+            storages[key] = t.untyped_storage().nbytes()
+    del output
+    return sum(storages.values())

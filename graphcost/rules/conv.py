@@ -1,0 +1,53 @@
+"""Convolutions and pooling. Convolution FLOPs come from torch.utils.flop_counter's conv formulas
+(forward, and backward for the gradients actually required)."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.flop_counter import conv_backward_flop, conv_flop
+
+from graphcost.rules.registry import OpCost, Out, RuleContext, TensorSpec, register
+
+aten = torch.ops.aten
+
+
+@register(aten.conv1d, aten.conv2d, aten.conv3d)
+def conv_cost(ctx: RuleContext) -> OpCost:
+    x, w = ctx.arg(0, "input"), ctx.arg(1, "weight")
+    bias = ctx.arg(2, "bias")
+    stride, padding = ctx.arg(3, "stride", 1), ctx.arg(4, "padding", 0)
+    dilation, groups = ctx.arg(5, "dilation", 1), ctx.arg(6, "groups", 1)
+    out = ctx.out
+    forward = conv_flop(x.shape, w.shape, bias, stride, padding, dilation, False,
+                        out_val=out.shape)
+    mask = [x.requires_grad, w.requires_grad, bias is not None and bias.requires_grad]
+    backward = (conv_backward_flop(out.shape, x.shape, w.shape, None, stride, padding, dilation,
+                                   False, None, groups, mask,
+                                   out_val=(x.shape, w.shape, None))
+                if ctx.requires_grad else 0)
+    return OpCost(forward_flops=forward, backward_flops=backward, saved=ctx.saved_if_grad(x, w))
+
+
+@register(aten.max_pool1d, aten.max_pool2d, aten.max_pool3d)
+def max_pool_cost(ctx: RuleContext) -> OpCost:
+    # With a gradient needed, max_pool runs max_pool*_with_indices: input and int64 indices kept.
+    return OpCost(saved=ctx.saved_if_grad(ctx.inputs[0], TensorSpec(ctx.out.shape, torch.int64)))
+
+
+@register(aten.avg_pool1d, aten.avg_pool2d, aten.avg_pool3d)
+def avg_pool_cost(ctx: RuleContext) -> OpCost:
+    return OpCost(saved=ctx.saved_if_grad(ctx.inputs[0]))
+
+
+@register(aten.adaptive_avg_pool1d, aten.adaptive_avg_pool2d, aten.adaptive_avg_pool3d)
+def adaptive_avg_pool_cost(ctx: RuleContext) -> OpCost:
+    # A 1x1 output is computed as mean(), which keeps nothing; other sizes keep the input.
+    output_size = ctx.arg(1, "output_size")
+    if all(s == 1 for s in output_size):
+        return OpCost()
+    return OpCost(saved=ctx.saved_if_grad(ctx.inputs[0]))
+
+
+@register(aten.adaptive_max_pool2d)
+def adaptive_max_pool_cost(ctx: RuleContext) -> OpCost:
+    return OpCost(saved=ctx.saved_if_grad(ctx.inputs[0], Out(1)))

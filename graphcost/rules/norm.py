@@ -1,0 +1,76 @@
+"""Normalization: layer_norm, rms_norm, batch_norm, group_norm. No FLOPs (FlopCounterMode's
+convention); the statistics the kernels keep for backward are listed with their dtypes."""
+
+from __future__ import annotations
+
+import torch
+
+from graphcost.rules.registry import OpCost, RuleContext, TensorSpec, Value, register
+
+aten = torch.ops.aten
+
+
+def _stats(x: Value, normalized_ndim: int, dtype: torch.dtype) -> TensorSpec:
+    return TensorSpec(x.shape[: len(x.shape) - normalized_ndim] + (1,) * normalized_ndim, dtype)
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+@register(aten.layer_norm)
+def layer_norm_cost(ctx: RuleContext) -> OpCost:
+    x = ctx.inputs[0]
+    normalized = ctx.arg(1, "normalized_shape")
+    weight, bias = ctx.arg(2, "weight"), ctx.arg(3, "bias")
+    # The CPU kernel keeps mean and rstd in the input dtype, CUDA in float32.
+    dtype = x.dtype if ctx.device.kind == "cpu" else _acc_dtype(x.dtype)
+    stats = _stats(x, len(normalized), dtype)
+    return OpCost(saved=ctx.saved_if_grad(x, weight, bias, stats, stats))
+
+
+@register(aten.rms_norm)
+def rms_norm_cost(ctx: RuleContext) -> OpCost:
+    """rms_norm runs as its composite: upcast, pow, mean, add, rsqrt, mul, mul weight, cast back.
+
+    Each step is recorded by autograd only if what it reads needs a gradient."""
+    x = ctx.inputs[0]
+    normalized = ctx.arg(1, "normalized_shape")
+    weight = ctx.arg(2, "weight")
+    acc = _acc_dtype(x.dtype)
+    upcast = x if acc == x.dtype else TensorSpec(x.shape, acc)
+    rstd = _stats(x, len(normalized), acc)
+    saved = []
+    if x.requires_grad:
+        saved += [upcast, rstd, upcast, rstd]  # pow(x, 2) keeps x; rsqrt its result; x * rstd both
+    if isinstance(weight, Value):
+        if weight.requires_grad:
+            saved.append(TensorSpec(x.shape, acc))  # x * rstd, kept for the weight's gradient
+        if x.requires_grad:
+            saved.append(weight)
+    # Keep each extra tensor once: the same Python object stands for the same storage.
+    unique = list({id(s): s for s in saved}.values())
+    return OpCost(saved=tuple(unique) if ctx.requires_grad else ())
+
+
+@register(aten.batch_norm)
+def batch_norm_cost(ctx: RuleContext) -> OpCost:
+    x = ctx.inputs[0]
+    weight = ctx.arg(1, "weight")
+    running_mean, running_var = ctx.arg(3, "running_mean"), ctx.arg(4, "running_var")
+    training = ctx.arg(5, "training")
+    channels = x.shape[1]
+    # The CPU kernel keeps save_mean / save_invstd in the input dtype, CUDA in float32.
+    dtype = x.dtype if ctx.device.kind == "cpu" else _acc_dtype(x.dtype)
+    stats = TensorSpec((channels,), dtype) if training else TensorSpec((0,), x.dtype)
+    saved = [x, weight, running_mean, running_var, stats, TensorSpec(stats.shape, stats.dtype)]
+    return OpCost(saved=ctx.saved_if_grad(*(s for s in saved if s is not None)))
+
+
+@register(aten.group_norm)
+def group_norm_cost(ctx: RuleContext) -> OpCost:
+    x = ctx.inputs[0]
+    groups = ctx.arg(1, "num_groups")
+    weight = ctx.arg(2, "weight")
+    stats = TensorSpec((x.shape[0], groups), x.dtype)
+    return OpCost(saved=ctx.saved_if_grad(x, weight, stats, TensorSpec(stats.shape, stats.dtype)))

@@ -1,0 +1,93 @@
+"""Pointwise ops and reductions: no FLOPs (FlopCounterMode's convention: they are memory-bound and
+costed by bytes moved); what autograd saves follows tools/autograd/derivatives.yaml."""
+
+from __future__ import annotations
+
+import torch
+
+from graphcost.rules.registry import OpCost, Out, RuleContext, TensorSpec, Value, register
+
+aten = torch.ops.aten
+
+
+@register(aten.add, aten.sub, aten.neg, aten.mean, aten.sum, aten.add_, aten.sub_,
+          aten.gt, aten.lt, aten.ge, aten.le, aten.eq, aten.ne, aten.logical_not,
+          aten.logical_and, aten.logical_or, aten.bitwise_not, aten.argmax, aten.argmin,
+          aten.upsample_nearest2d, aten.upsample_bilinear2d, aten.upsample_nearest1d,
+          aten.upsample_linear1d, aten.upsample_bicubic2d, aten.zero_, aten.fill_, aten.copy_)
+def nothing_saved(ctx: RuleContext) -> OpCost:
+    return OpCost()
+
+
+def _scalar_operand(ctx: RuleContext, x) -> TensorSpec | None:
+    """A Python number operand becomes a 0-dim 'wrapped number' tensor that autograd saves."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return None
+    return TensorSpec((), torch.float64 if isinstance(x, float) else torch.int64)
+
+
+@register(aten.mul, aten.mul_)
+def mul_cost(ctx: RuleContext) -> OpCost:
+    a, b = ctx.arg(0, "self"), ctx.arg(1, "other")
+    if not ctx.requires_grad:
+        return OpCost()
+    saved = []
+    if ctx.needs_grad(a):  # d/da = b
+        saved.append(b if isinstance(b, Value) else _scalar_operand(ctx, b))
+    if ctx.needs_grad(b):  # d/db = a
+        saved.append(a)
+    return OpCost(saved=tuple(s for s in saved if s is not None))
+
+
+@register(aten.div, aten.div_)
+def div_cost(ctx: RuleContext) -> OpCost:
+    a, b = ctx.arg(0, "self"), ctx.arg(1, "other")
+    if not ctx.requires_grad:
+        return OpCost()
+    saved = []
+    if ctx.needs_grad(a) or ctx.needs_grad(b):
+        saved.append(b if isinstance(b, Value) else _scalar_operand(ctx, b))
+    if ctx.needs_grad(b):
+        saved.append(a)
+    return OpCost(saved=tuple(s for s in saved if s is not None))
+
+
+@register(aten.pow, aten.gelu, aten.silu, aten.log, aten.sin, aten.cos, aten.abs,
+          aten.clamp, aten.clamp_min, aten.clamp_max, aten.reciprocal, aten.leaky_relu,
+          aten.hardtanh, aten.elu, aten.softplus, aten.mish, aten.hardswish, aten.log1p,
+          aten.erf, aten.square)
+def saves_input(ctx: RuleContext) -> OpCost:
+    # NB: reciprocal, erf and square save their input too in derivatives.yaml terms that matter
+    # here (square is pow(self, 2)); exponent tensors of pow.Tensor_Tensor are saved as well.
+    extra = [v for v in ctx.inputs[1:] if v.requires_grad]
+    return OpCost(saved=ctx.saved_if_grad(ctx.inputs[0], *extra))
+
+
+@register(aten.rsqrt, aten.sqrt, aten.exp, aten.tanh, aten.sigmoid, aten.relu, aten.relu_,
+          aten.softmax, aten._softmax, aten.log_softmax, aten._log_softmax, aten._safe_softmax,
+          aten.tanh_, aten.sigmoid_, aten.exp_)
+def saves_output(ctx: RuleContext) -> OpCost:
+    return OpCost(saved=ctx.saved_if_grad(Out(0)))
+
+
+@register(aten.masked_fill, aten.masked_fill_)
+def masked_fill_cost(ctx: RuleContext) -> OpCost:
+    return OpCost(saved=ctx.saved_if_grad(ctx.arg(1, "mask")))
+
+
+@register(aten.where)
+def where_cost(ctx: RuleContext) -> OpCost:
+    return OpCost(saved=ctx.saved_if_grad(ctx.arg(0, "condition")))
+
+
+@register(aten.dropout, aten.feature_dropout, aten.alpha_dropout)
+def dropout_cost(ctx: RuleContext) -> OpCost:
+    p, train = ctx.arg(1, "p"), ctx.arg(2, "train")
+    if not train or p == 0 or not ctx.requires_grad:
+        return OpCost()  # the input itself is returned
+    x = ctx.inputs[0]
+    if ctx.device.kind == "cpu" or p == 1:
+        # CPU: input * noise, where noise = bernoulli(1 - p) / (1 - p) in the input's dtype.
+        return OpCost(saved=(TensorSpec(x.shape, x.dtype),))
+    # CUDA: the fused native_dropout kernel keeps a boolean mask.
+    return OpCost(saved=(TensorSpec(x.shape, torch.bool),))

@@ -1,0 +1,89 @@
+"""Stage 1: capture a module as an ATen-level torch.fx graph with torch.export (non-strict).
+
+Every node of the result keeps `meta["val"]` (a fake tensor: shape, dtype, strides, storage),
+`meta["nn_module_stack"]` (module path and type) and `meta["stack_trace"]` (source line).
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from graphcost.errors import TraceError
+from graphcost.rules.registry import TensorSpec
+
+
+def spec(shape: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A shape/dtype example input: an empty tensor on the meta device (allocates nothing)."""
+    return torch.empty(tuple(shape), dtype=dtype, device="meta")
+
+
+@dataclass(frozen=True)
+class Trace:
+    """What torch.export captured, and the module it came from."""
+
+    program: torch.export.ExportedProgram
+    module: nn.Module
+    model_name: str
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    for t in list(module.parameters()) + list(module.buffers()):
+        return t.device
+    return torch.device("meta")
+
+
+def _as_tensor(x: Any, device: torch.device) -> Any:
+    if isinstance(x, TensorSpec):
+        return torch.empty(x.shape, dtype=x.dtype, device=device)
+    return x
+
+
+def trace(module: nn.Module, example_inputs: Any, *, kwargs: dict | None = None,
+          model_name: str | None = None) -> Trace:
+    """Export `module` called on `example_inputs` (tensors, meta tensors or TensorSpecs)."""
+    if not isinstance(module, nn.Module):
+        raise TraceError(f"expected an nn.Module, got {type(module).__name__}")
+    name = model_name or type(module).__name__
+    if isinstance(example_inputs, (torch.Tensor, TensorSpec)):
+        example_inputs = (example_inputs,)
+    device = _module_device(module)
+    args = tuple(_as_tensor(x, device) for x in example_inputs)
+    kwargs = {k: _as_tensor(v, device) for k, v in (kwargs or {}).items()}
+    try:
+        program = torch.export.export(module, args, kwargs, strict=False)
+    except Exception as exc:  # noqa: BLE001 - re-raised with where and what to do
+        raise TraceError(_explain_trace_failure(name, module, exc)) from exc
+    return Trace(program, module, name)
+
+
+def _explain_trace_failure(name: str, module: nn.Module, exc: BaseException) -> str:
+    """Name the innermost module whose forward was running, its source line, and a fix."""
+    paths = {id(m): (path or "<root>", type(m).__name__) for path, m in module.named_modules()}
+    where = None
+    for frame, lineno in traceback.walk_tb(exc.__traceback__):
+        owner = frame.f_locals.get("self")
+        if id(owner) in paths:
+            where = (paths[id(owner)], frame.f_code.co_filename, lineno)
+    first_line = (str(exc).strip().splitlines() or [""])[0][:300]
+    msg = f"cannot trace model {name!r}: {type(exc).__name__}: {first_line}"
+    if where:
+        (path, mtype), filename, lineno = where
+        import linecache
+
+        src = linecache.getline(filename, lineno).strip()
+        msg += f"\n  in module {path} ({mtype}), {filename}:{lineno}: {src}"
+    msg += ("\n  what to do: graphcost traces with torch.export (non-strict) on meta tensors, so "
+            "the forward must not read tensor values (no .item(), no Python branches on tensor "
+            "data, no data-dependent shapes). Make such control flow static, use torch.cond / "
+            "torch.where, or check that the example inputs have the shapes and dtypes the model "
+            "expects.")
+    return msg
+
+
