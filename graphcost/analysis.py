@@ -10,6 +10,7 @@ import networkx as nx
 from torch import nn
 
 from graphcost.annotate import annotate
+from graphcost.blocks import expand_blocks
 from graphcost.graph import build_graph, op_nodes
 from graphcost.hardware import DEFAULT_DEVICE, Device, get_device
 from graphcost.rules.registry import RuleRegistry
@@ -123,8 +124,12 @@ def _group(rows, key, params, sort=True) -> list[GroupRow]:
 
 def analyze(module: nn.Module, example_inputs: Any, *, kwargs: dict | None = None,
             device: str | Device = DEFAULT_DEVICE, rules: RuleRegistry | None = None,
-            strict: bool = False, model_name: str | None = None) -> Analysis:
+            strict: bool = False, model_name: str | None = None,
+            reuse_blocks: bool = True) -> Analysis:
     """Trace `module` on `example_inputs` and cost every op.
+
+    `reuse_blocks` exports a stack of identical blocks once and copies it (graphcost.blocks);
+    pass False to export every block.
 
     >>> from graphcost.models import load
     >>> a = analyze(*load("gpt2", seq=128, n_layer=2))
@@ -132,9 +137,15 @@ def analyze(module: nn.Module, example_inputs: Any, *, kwargs: dict | None = Non
     39762432
     """
     device = get_device(device)
-    g = annotate(build_graph(trace(module, example_inputs, kwargs=kwargs, model_name=model_name)),
-                 device=device, rules=rules, strict=strict)
-    return summarize(g)
+    tr = trace(module, example_inputs, kwargs=kwargs, model_name=model_name,
+               reuse_blocks=reuse_blocks)
+    g = build_graph(tr)
+    if tr.blocks is not None:
+        g = expand_blocks(g, tr.blocks)
+        if g is None:  # the two-block trace did not repeat cleanly: export the whole model
+            g = build_graph(trace(module, example_inputs, kwargs=kwargs, model_name=model_name,
+                                  reuse_blocks=False))
+    return summarize(annotate(g, device=device, rules=rules, strict=strict))
 
 
 def summarize(g: nx.DiGraph) -> Analysis:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from graphcost.blocks import RepeatedBlocks, find_repeated_blocks, first_two_blocks
 from graphcost.errors import TraceError
 from graphcost.rules.registry import TensorSpec
 
@@ -31,6 +32,7 @@ class Trace:
     program: torch.export.ExportedProgram
     module: nn.Module
     model_name: str
+    blocks: RepeatedBlocks | None = None  # set when only the first two blocks were exported
 
 
 def _module_device(module: nn.Module) -> torch.device:
@@ -46,8 +48,11 @@ def _as_tensor(x: Any, device: torch.device) -> Any:
 
 
 def trace(module: nn.Module, example_inputs: Any, *, kwargs: dict | None = None,
-          model_name: str | None = None) -> Trace:
-    """Export `module` called on `example_inputs` (tensors, meta tensors or TensorSpecs)."""
+          model_name: str | None = None, reuse_blocks: bool = True) -> Trace:
+    """Export `module` called on `example_inputs` (tensors, meta tensors or TensorSpecs).
+
+    With `reuse_blocks`, a stack of identical blocks is exported with its first two blocks only
+    (graphcost.blocks); `Trace.blocks` then says how many the model really has."""
     if not isinstance(module, nn.Module):
         raise TraceError(f"expected an nn.Module, got {type(module).__name__}")
     name = model_name or type(module).__name__
@@ -56,11 +61,19 @@ def trace(module: nn.Module, example_inputs: Any, *, kwargs: dict | None = None,
     device = _module_device(module)
     args = tuple(_as_tensor(x, device) for x in example_inputs)
     kwargs = {k: _as_tensor(v, device) for k, v in (kwargs or {}).items()}
+    blocks = find_repeated_blocks(module) if reuse_blocks else None
     try:
-        program = torch.export.export(module, args, kwargs, strict=False)
+        if blocks is None:
+            program = torch.export.export(module, args, kwargs, strict=False)
+        else:
+            with first_two_blocks(module, blocks):
+                program = torch.export.export(module, args, kwargs, strict=False)
     except Exception as exc:  # noqa: BLE001 - re-raised with where and what to do
+        if blocks is not None:  # the shortened model may be what failed: try the real one
+            return trace(module, example_inputs, kwargs=kwargs, model_name=model_name,
+                         reuse_blocks=False)
         raise TraceError(_explain_trace_failure(name, module, exc)) from exc
-    return Trace(program, module, name)
+    return Trace(program, module, name, blocks)
 
 
 def _explain_trace_failure(name: str, module: nn.Module, exc: BaseException) -> str:
