@@ -1,0 +1,203 @@
+"""Stage 5: an Analysis as plain text. The only place in graphcost where units are formatted.
+
+Bytes are binary (1 KiB = 1024 B, 1 GiB = 2**30 B); FLOPs are decimal (1 TFLOP = 10**12 FLOP);
+counts carry thousands separators and a short form (6.74 B = 6.74 * 10**9).
+
+    >>> format_bytes(26_953_662_464), format_flops(29_261_612_187_648), format_count(6_738_415_616)
+    ('25.10 GiB', '29.26 TFLOP', '6,738,415,616')
+    >>> format_count_short(6_738_415_616)
+    '6.74 B'
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from graphcost.analysis import Analysis, GroupRow
+from graphcost.hardware import Device
+
+BYTE_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
+FLOP_UNITS = ("FLOP", "KFLOP", "MFLOP", "GFLOP", "TFLOP", "PFLOP", "EFLOP")
+COUNT_UNITS = ("", "K", "M", "B", "T")
+UNITS_NOTE = ("units: bytes binary (1 GiB = 2^30 B); FLOPs decimal (1 TFLOP = 10^12), 2 per "
+              "multiply-add")
+
+
+def _scaled(value: float, units: Sequence[str], base: int) -> tuple[float, str]:
+    i = 0
+    while abs(value) >= base and i < len(units) - 1:
+        value /= base
+        i += 1
+    return value, units[i]
+
+
+def format_bytes(n: float) -> str:
+    """Binary units: '512 B', '1.50 KiB', '25.10 GiB'."""
+    value, unit = _scaled(n, BYTE_UNITS, 1024)
+    return f"{int(value)} B" if unit == "B" else f"{value:.2f} {unit}"
+
+
+def format_flops(n: float) -> str:
+    """Decimal units: '0 FLOP', '98.30 MFLOP', '29.26 TFLOP'."""
+    value, unit = _scaled(n, FLOP_UNITS, 1000)
+    return f"{int(value)} FLOP" if unit == "FLOP" else f"{value:.2f} {unit}"
+
+
+def format_count(n: int) -> str:
+    """Exact, with thousands separators: '6,738,415,616'."""
+    return f"{n:,}"
+
+
+def format_count_short(n: float) -> str:
+    """'6.74 B', '124.44 M', '512'."""
+    value, unit = _scaled(n, COUNT_UNITS, 1000)
+    return f"{int(value)}" if not unit else f"{value:.2f} {unit}"
+
+
+def format_flops_per_s(x: float) -> str:
+    """Peak throughput: '989.40 TFLOP/s'."""
+    value, unit = _scaled(x, FLOP_UNITS, 1000)
+    return f"{value:.2f} {unit}/s"
+
+
+def format_bandwidth(x: float) -> str:
+    """Memory bandwidth in decimal units, as vendors quote it: '3.35 TB/s' (1 TB = 10^12 B)."""
+    value, unit = _scaled(x, ("B", "KB", "MB", "GB", "TB", "PB"), 1000)
+    return f"{value:.2f} {unit}/s"
+
+
+def format_share(part: float, whole: float) -> str:
+    return f"{100 * part / whole:.1f}%" if whole else "-"
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[str]], *, align: str = "") -> str:
+    """Plain aligned columns. `align` has one letter per column, "l" or "r"; by default the first
+    column is flush left and the others flush right.
+
+    >>> print(table(["op", "calls"], [["mm", "12"]]))
+    op  calls
+    --  -----
+    mm     12
+    """
+    rows = [list(map(str, r)) for r in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+    align = align or "l" + "r" * (len(headers) - 1)
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(c.ljust(w) if a == "l" else c.rjust(w)
+                         for c, w, a in zip(cells, widths, align)).rstrip()
+
+    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def unsupported_line(analysis: Analysis) -> str:
+    """The loud line naming every op without a cost rule ('' when there are none)."""
+    if not analysis.unsupported_ops:
+        return ""
+    listing = ", ".join(f"{op} (x{n})" for op, n in sorted(analysis.unsupported_ops.items()))
+    return (f"!! UNSUPPORTED OPS, their costs are NOT included: {listing}. "
+            "Add a rule with graphcost.register_rule (docs/rules.md).")
+
+
+def _inputs(analysis: Analysis) -> str:
+    nodes = sorted((d for _, d in analysis.graph.nodes(data=True) if d["kind"] == "input"),
+                   key=lambda d: d["order"])
+    return ", ".join(f"{tuple(s.shape)} {str(s.dtype).removeprefix('torch.')}"
+                     for d in nodes for s in d["outputs"]) or "none"
+
+
+def summary(analysis: Analysis, *, tokens: int | None = None, dtype: str | None = None) -> str:
+    """Totals of one training step: parameters, weights, FLOPs, saved activations.
+    `tokens` (batch * seq for a language model) adds FLOPs per token."""
+    a = analysis
+    def count(n: int) -> str:
+        return format_count(n) + (f"  ({format_count_short(n)})" if n >= 1000 else "")
+
+    rows = [("parameters", count(a.params)), ("trainable", count(a.trainable_params)),
+            ("weights", format_bytes(a.weight_bytes))]
+    for label, flops in (("forward", a.forward_flops), ("backward", a.backward_flops),
+                         ("total", a.total_flops)):
+        text = f"{format_flops(flops):>12} per step  ({format_count(flops)})"
+        if tokens:
+            text += f"   {format_flops(flops / tokens)} per token"
+        rows.append((f"{label} FLOPs", text))
+    rows.append(("saved activations", f"{format_bytes(a.saved_activation_bytes)}  "
+                 f"(kept by autograd for backward, {a.device.name} kernels)"))
+    width = max(len(label) for label, _ in rows)
+    head = f"graphcost: {a.model_name} on {a.device.name}"
+    if dtype:
+        head += f", {dtype}"
+    lines = [head, f"  inputs: {_inputs(a)}" + (f" = {format_count(tokens)} tokens" if tokens
+                                                  else ""), ""]
+    lines += [f"  {label.ljust(width)}  {text}" for label, text in rows]
+    if a.unsupported_ops:
+        lines += ["", unsupported_line(a)]
+    return "\n".join(lines)
+
+
+def _cost_cells(r: GroupRow, total_flops: int) -> list[str]:
+    def nonzero(n: int, fmt) -> str:
+        return fmt(n) if n else "0"
+
+    return [nonzero(r.forward_flops, format_flops), nonzero(r.backward_flops, format_flops),
+            nonzero(r.saved_bytes, format_bytes),
+            format_share(r.forward_flops + r.backward_flops, total_flops)]
+
+
+COST_HEADERS = ["fwd FLOPs", "bwd FLOPs", "saved act.", "% FLOPs"]
+
+
+def module_table(analysis: Analysis, depth: int | None = 2) -> str:
+    """Per module, cut to `depth` path components, in order of first appearance."""
+    total = analysis.total_flops
+    rows = [[r.key, format_count_short(r.params)] + _cost_cells(r, total)
+            for r in analysis.by_module(depth)]
+    return table(["module", "params"] + COST_HEADERS, rows)
+
+
+def op_table(analysis: Analysis, top: int = 10) -> str:
+    """The `top` ATen ops by forward+backward FLOPs, then by saved and output bytes."""
+    total = analysis.total_flops
+    ops = sorted(analysis.by_op(), key=lambda r: (-(r.forward_flops + r.backward_flops),
+                                                   -r.saved_bytes, -r.output_bytes))
+    rows = [[r.key, format_count(r.count)] + _cost_cells(r, total) for r in ops[:top]]
+    return table(["op", "calls"] + COST_HEADERS, rows)
+
+
+def render(analysis: Analysis, *, depth: int | None = 2, top: int = 10, tokens: int | None = None,
+           dtype: str | None = None) -> str:
+    """The whole text report: summary, per-module table, top-N op table, units note."""
+    n_ops = len(analysis.by_op())
+    parts = [
+        summary(analysis, tokens=tokens, dtype=dtype),
+        f"per module (depth {depth if depth is not None else 'full'}):\n"
+        + module_table(analysis, depth),
+        f"top {min(top, n_ops)} of {n_ops} ops (by FLOPs, then saved bytes):\n"
+        + op_table(analysis, top),
+        UNITS_NOTE + "\nsaved activations are what autograd keeps with the kernels of "
+        f"--device {analysis.device.name}.",
+    ]
+    return "\n\n".join(parts) + "\n"
+
+
+def devices_table(devices: Iterable[Device]) -> str:
+    """Device presets: memory (binary), bandwidth (decimal, as vendors quote), dense peaks."""
+    import torch
+
+    def peak(d: Device, dtype: torch.dtype) -> str:
+        x = d.peak_flops_per_s.get(dtype)
+        return format_flops_per_s(x) if x else "-"
+
+    rows = [[d.name, d.kind, format_bytes(d.memory_bytes) if d.memory_bytes else "-",
+             format_bandwidth(d.bandwidth_bytes_per_s) if d.bandwidth_bytes_per_s else "-",
+             peak(d, torch.bfloat16), peak(d, torch.float32), d.description]
+            for d in devices]
+    body = table(["device", "kind", "memory", "bandwidth", "bf16 peak", "fp32 peak",
+                  "description"], rows, align="llrrrrl")
+    return (body + "\n\nunits: memory binary (1 GiB = 2^30 B); bandwidth decimal as vendors quote "
+            "it (1 TB/s = 10^12 B/s);\npeaks are dense (no 2:4 sparsity).\n")
+
+
+__all__ = ["format_bandwidth", "format_bytes", "format_count", "format_count_short",
+           "format_flops", "format_flops_per_s", "format_share", "devices_table", "module_table",
+           "op_table", "render", "summary", "table", "unsupported_line"]
