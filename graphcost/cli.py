@@ -1,0 +1,401 @@
+"""The command line: `graphcost <verb> MODEL [options]`.
+
+    graphcost analyze llama-7b --batch 1 --seq 2048
+    graphcost analyze gpt2 --seq 128 --json
+    graphcost analyze path/to/model.py:factory --device h100-sxm
+    graphcost devices
+
+MODEL is a zoo name (`graphcost models` lists them) or `path/to/file.py:factory`, where
+`factory()` returns `(module, example_inputs)` and runs under `torch.device("meta")`.
+Errors a user can cause print one line-led message, `graphcost: error: ...`, and exit with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import contextlib
+import importlib.util
+import inspect
+import io
+import json
+import logging
+import sys
+import traceback
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from graphcost import report
+from graphcost.analysis import analyze
+from graphcost.errors import GraphcostError
+from graphcost.hardware import DEFAULT_DEVICE, PRESETS, get_device
+from graphcost.models import UnknownModelError, list_models, load
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16",
+                 "float": "fp32"}
+EXIT_USAGE = 2
+
+
+class CliError(GraphcostError):
+    """A bad command line or model file; printed as one message, exit status 2."""
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """What MODEL named: the module on the meta device, its example inputs, and the shape asked."""
+
+    name: str
+    module: nn.Module
+    inputs: tuple
+    batch: int | None
+    seq: int | None
+    tokens: int | None  # batch * seq when the first input is a (batch, seq) tensor of token ids
+    dtype: str | None
+
+
+# ---------------------------------------------------------------- options
+
+
+def parse_dtype(text: str) -> str:
+    key = DTYPE_ALIASES.get(text.strip().lower(), text.strip().lower())
+    if key not in DTYPES:
+        raise CliError(f"unknown dtype {text!r}, in --dtype; use one of {', '.join(DTYPES)}")
+    return key
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`--set n_layers=2 --set bias=False` -> {"n_layers": 2, "bias": False}."""
+    out = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise CliError(f"bad --set {item!r}, expected FIELD=VALUE; e.g. --set n_layers=2")
+        try:
+            out[key.strip()] = ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError):
+            out[key.strip()] = text.strip()
+    return out
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+# ---------------------------------------------------------------- loading MODEL
+
+
+def load_model(spec: str, *, batch: int | None = None, seq: int | None = None,
+               dtype: str | None = None, targets: bool = True,
+               overrides: dict[str, Any] | None = None) -> LoadedModel:
+    """A zoo name or `path/to/file.py:factory`, built on the meta device."""
+    if spec in list_models() or not (":" in spec or spec.endswith(".py")):
+        return _load_zoo(spec, batch=batch, seq=seq, dtype=dtype, targets=targets,
+                         overrides=overrides or {})
+    if overrides:
+        raise CliError(f"--set applies to zoo models only, not to {spec!r}; set the fields in "
+                       "your factory instead")
+    return _load_file(spec, batch=batch, seq=seq, dtype=dtype, targets=targets)
+
+
+def _load_zoo(name, *, batch, seq, dtype, targets, overrides) -> LoadedModel:
+    batch = 1 if batch is None else batch
+    dtype = dtype or "fp32"
+    try:
+        module, inputs = load(name, batch=batch, seq=seq, dtype=DTYPES[dtype],
+                              with_targets=targets, **overrides)
+    except UnknownModelError as exc:
+        raise CliError(f"{exc}; or pass path/to/file.py:factory") from None
+    except (ValueError, TypeError) as exc:
+        raise CliError(f"bad --batch/--seq/--set for {name!r}: {exc}") from None
+    x = inputs[0]
+    tokens = x.shape[0] * x.shape[1] if _is_token_ids(x) else None
+    return LoadedModel(name, module, tuple(inputs), batch, int(x.shape[-1]), tokens, dtype)
+
+
+def _is_token_ids(x: Any) -> bool:
+    return isinstance(x, torch.Tensor) and x.dim() == 2 and not (
+        x.is_floating_point() or x.is_complex() or x.dtype == torch.bool)
+
+
+def _load_file(spec, *, batch, seq, dtype, targets) -> LoadedModel:
+    path_text, _, factory_name = spec.rpartition(":")
+    if not path_text:  # "model.py" without ":factory"
+        path_text, factory_name = spec, ""
+    path = Path(path_text)
+    if not path.is_file():
+        raise CliError(f"model file {str(path)!r} not found (from MODEL {spec!r}); give a path "
+                       "to an existing .py file, relative to the current directory, as "
+                       "path/to/file.py:factory")
+    namespace = _import_file(path)
+    factories = sorted(n for n, v in vars(namespace).items()
+                       if inspect.isfunction(v) and v.__module__ == namespace.__name__
+                       and not n.startswith("_"))
+    if not factory_name or not callable(getattr(namespace, factory_name, None)):
+        what = (f"no factory named in {spec!r}" if not factory_name
+                else f"no function {factory_name!r} in {path}")
+        raise CliError(f"{what}; pass {path}:FACTORY where FACTORY() returns (module, "
+                       f"example_inputs); functions in {path}: {', '.join(factories) or 'none'}")
+    factory = getattr(namespace, factory_name)
+    kwargs = _factory_kwargs(factory, f"{path}:{factory_name}", batch=batch, seq=seq,
+                             targets=targets)
+    try:
+        with torch.device("meta"):
+            result = factory(**kwargs)
+    except Exception as exc:  # noqa: BLE001 - the user's code: say where it failed
+        raise CliError(f"{path}:{factory_name}() raised {_describe(exc, path)}; fix the "
+                       "factory so that it returns (module, example_inputs)") from None
+    module, inputs = _check_factory_result(result, f"{path}:{factory_name}")
+    if dtype is not None:
+        module = module.to(DTYPES[dtype])  # NB: .to(dtype) casts floating params/buffers only
+        inputs = tuple(x.to(DTYPES[dtype]) if isinstance(x, torch.Tensor)
+                       and x.is_floating_point() else x for x in inputs)
+    else:
+        dtype = next((_dtype_name(p.dtype) for p in module.parameters()
+                      if p.is_floating_point()), None)
+    x = inputs[0] if inputs else None
+    tokens = x.shape[0] * x.shape[1] if _is_token_ids(x) else None
+    return LoadedModel(spec, module, inputs,
+                       batch if batch is not None else (int(x.shape[0]) if tokens else None),
+                       seq if seq is not None else (int(x.shape[1]) if tokens else None),
+                       tokens, dtype)
+
+
+def _import_file(path: Path):
+    name = f"graphcost_user_{abs(hash(str(path.resolve())))}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise CliError(f"cannot import {str(path)!r} as Python; give a .py file as "
+                       "path/to/file.py:factory")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses and pickling look the module up by name
+    sys.path.insert(0, str(path.resolve().parent))  # so the file can import its neighbours
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as exc:
+        del sys.modules[name]
+        raise CliError(f"syntax error in {exc.filename}:{exc.lineno}: {exc.msg}; fix the "
+                       "model file") from None
+    except Exception as exc:  # noqa: BLE001 - the user's code: say where it failed
+        del sys.modules[name]
+        raise CliError(f"importing {path} raised {_describe(exc, path)}; fix the model "
+                       "file") from None
+    finally:
+        sys.path.remove(str(path.resolve().parent))
+    return module
+
+
+def _describe(exc: BaseException, path: Path) -> str:
+    """'ValueError: bad width, at model.py:12: raise ValueError(...)', innermost line in `path`."""
+    where = ""
+    for frame in traceback.extract_tb(exc.__traceback__):
+        if Path(frame.filename).resolve() == path.resolve():
+            where = f", at {path}:{frame.lineno}: {frame.line}"
+    return f"{type(exc).__name__}: {exc}{where}"
+
+
+def _factory_kwargs(factory, where: str, *, batch, seq, targets) -> dict[str, Any]:
+    """--batch/--seq reach a factory that has `batch`/`seq` parameters; else they are an error."""
+    params = inspect.signature(factory).parameters
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    kwargs = {}
+    for option, name, value in (("--batch", "batch", batch), ("--seq", "seq", seq)):
+        if value is None:
+            continue
+        if name not in params and not takes_any:
+            raise CliError(f"{option} was given but {where}() has no {name!r} parameter; add "
+                           f"one ({name}=...) to the factory, or drop {option}")
+        kwargs[name] = value
+    if not targets and ("with_targets" in params or takes_any):
+        kwargs["with_targets"] = False
+    return kwargs
+
+
+def _check_factory_result(result: Any, where: str) -> tuple[nn.Module, tuple]:
+    ok = isinstance(result, (tuple, list)) and len(result) == 2 and isinstance(result[0],
+                                                                               nn.Module)
+    if not ok:
+        got = type(result).__name__
+        if isinstance(result, (tuple, list)):
+            got += " of (" + ", ".join(type(x).__name__ for x in result) + ")"
+        raise CliError(f"{where}() returned a {got}; it must return (module, example_inputs), "
+                       "an nn.Module and a tuple of example input tensors")
+    module, inputs = result
+    if isinstance(inputs, torch.Tensor):
+        inputs = (inputs,)
+    if not isinstance(inputs, (tuple, list)):
+        raise CliError(f"{where}() returned example_inputs of type {type(inputs).__name__}; "
+                       "return a tuple of tensors, e.g. (module, (x,))")
+    return module, tuple(inputs)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    names = {v: k for k, v in DTYPES.items()}
+    return names.get(dtype, str(dtype).removeprefix("torch."))
+
+
+# ---------------------------------------------------------------- running the analysis
+
+
+@contextlib.contextmanager
+def _quiet_torch():
+    """Hold back what torch.export prints while it works (a partial graph on stderr, internal
+    log lines): on success it is passed on, on failure graphcost's own message replaces it.
+    Warnings are collected and printed once each afterwards."""
+    captured = io.StringIO()
+    previous = logging.root.manager.disable
+    logging.disable(logging.ERROR)
+    ok = False
+    try:
+        with contextlib.redirect_stderr(captured), warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            yield
+        ok = True
+    finally:
+        logging.disable(previous)
+        if ok:
+            sys.stderr.write(captured.getvalue())
+            shown = set()
+            for w in seen:
+                text = str(w.message)
+                if not text.startswith("graphcost:"):
+                    text = f"graphcost: warning: {w.category.__name__}: {text}"
+                if text not in shown:
+                    shown.add(text)
+                    print(text, file=sys.stderr)
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    dtype = parse_dtype(args.dtype) if args.dtype is not None else None
+    device = get_device(args.device)
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        with _quiet_torch():  # --json: whatever the model file prints must not reach stdout
+            model = load_model(args.model, batch=args.batch, seq=args.seq, dtype=dtype,
+                               targets=not args.no_targets, overrides=parse_overrides(args.set))
+            analysis = analyze(model.module, model.inputs, device=device, strict=args.strict,
+                               model_name=model.name)
+    if args.json:
+        out = {**analysis.to_dict(module_depth=args.depth), "batch": model.batch,
+               "seq": model.seq, "dtype": model.dtype, "tokens": model.tokens}
+        print(json.dumps(out))
+    else:
+        print(report.render(analysis, depth=args.depth, top=args.top, tokens=model.tokens,
+                            dtype=model.dtype), end="")
+    return 0
+
+
+def cmd_devices(args: argparse.Namespace) -> int:
+    devices = list(PRESETS.values())
+    if args.json:
+        print(json.dumps({"devices": [{
+            "name": d.name, "kind": d.kind, "memory_bytes": d.memory_bytes,
+            "bandwidth_bytes_per_s": d.bandwidth_bytes_per_s,
+            "peak_flops_per_s": {_dtype_name(k): v for k, v in d.peak_flops_per_s.items()},
+            "description": d.description} for d in devices]}))
+    else:
+        print(report.devices_table(devices), end="")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    if args.json:
+        print(json.dumps({"models": list_models()}))
+    else:
+        print("\n".join(list_models()))
+    return 0
+
+
+# ---------------------------------------------------------------- the parser
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one message, exit status 2 (argparse would print usage)
+        raise CliError(f"{message}; see '{self.prog} --help'")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="graphcost", description=(
+        "A graph-based cost model for PyTorch: parameters, FLOPs per step and per token, what "
+        "autograd saves for backward, per module and per op, from one trace of the model."))
+    from graphcost import __version__
+    parser.add_argument("--version", action="version", version=f"graphcost {__version__}")
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB")
+
+    a = verbs.add_parser(
+        "analyze", help="costs of one training step of MODEL",
+        description="Trace MODEL once on the meta device and cost one training step: "
+        "parameters, forward/backward FLOPs per step (and per token), activations saved for "
+        "backward, per module and per op.",
+        epilog="MODEL is a zoo name (see 'graphcost models') or path/to/file.py:factory, where "
+        "factory() returns (module, example_inputs) and is called under "
+        "torch.device('meta') so nothing is allocated; a factory with batch/seq parameters "
+        "receives --batch/--seq. Exit status 2 on a user error (bad option, unknown model or "
+        "device, untraceable model, --strict with an unsupported op).")
+    a.add_argument("model", metavar="MODEL", help="zoo name or path/to/file.py:factory")
+    a.add_argument("--batch", type=_positive, default=None, help="batch size (default 1)")
+    a.add_argument("--seq", type=_positive, default=None,
+                   help="sequence length, or image size for the CNN (default: the zoo "
+                   "model's own; LLaMA presets: 2048)")
+    a.add_argument("--dtype", default=None,
+                   help="cast the model's floating parameters: fp32, bf16 or fp16 "
+                   "(default: fp32 for zoo models, as built for file models)")
+    a.add_argument("--device", default=DEFAULT_DEVICE,
+                   help=f"device preset (default {DEFAULT_DEVICE!r}: the CPU kernels' saved "
+                   "tensors); a GPU preset name such as h100-sxm sizes saved activations for "
+                   "that GPU's kernels. See 'graphcost devices'")
+    a.add_argument("--json", action="store_true",
+                   help="print one JSON object on stdout instead of the text report")
+    a.add_argument("--strict", action="store_true",
+                   help="an op without a cost rule is an error (default: listed and warned)")
+    a.add_argument("--depth", type=_positive, default=2,
+                   help="module path depth of the per-module table/JSON (default 2)")
+    a.add_argument("--top", type=_positive, default=10,
+                   help="rows of the per-op table (default 10)")
+    a.add_argument("--no-targets", action="store_true",
+                   help="zoo models: no targets, so the backward starts from the sum of the "
+                   "outputs instead of the model's own cross-entropy loss")
+    a.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="zoo models: override a config field, e.g. --set n_layers=2 (repeatable)")
+    a.set_defaults(run=cmd_analyze)
+
+    d = verbs.add_parser("devices", help="list device presets",
+                         description="Device presets: memory, bandwidth and dense peaks.")
+    d.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    d.set_defaults(run=cmd_devices)
+
+    m = verbs.add_parser("models", help="list zoo model names",
+                         description="Names accepted as MODEL, besides path/to/file.py:factory.")
+    m.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    m.set_defaults(run=cmd_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (0 ok, 2 user error)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.verb is None:
+            parser.print_help(sys.stderr)
+            return EXIT_USAGE
+        return args.run(args)
+    except SystemExit as exc:  # --help, --version
+        return exc.code if isinstance(exc.code, int) else 0
+    except GraphcostError as exc:
+        print(f"graphcost: error: {str(exc).strip()}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
