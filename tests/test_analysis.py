@@ -147,3 +147,48 @@ def test_rows_add_up_to_totals():
         assert sum(r.backward_flops for r in rows) == a.backward_flops
         assert sum(r.saved_bytes for r in rows) == a.saved_activation_bytes
     assert sum(r.params for r in a.by_module(1)) == a.params
+
+
+def test_input_forms_give_the_same_analysis():
+    """Meta tensors, TensorSpecs, graphcost.spec and a real CPU model all trace the same."""
+    import graphcost
+
+    small = SMALL["llama"]
+    meta_model, meta_inputs = load("llama3-8b", batch=2, seq=16, with_targets=True, **small)
+    cpu_model, cpu_inputs = load("llama3-8b", batch=2, seq=16, with_targets=True, device="cpu",
+                                 **small)
+    specs = (graphcost.spec((2, 16), torch.long), graphcost.TensorSpec((2, 16), torch.long))
+    reference = analyze(meta_model, meta_inputs).totals()
+    assert analyze(meta_model, specs).totals() == reference
+    assert analyze(cpu_model, cpu_inputs).totals() == reference
+
+
+class _DataDependent(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(8, 8)
+        self.gate = _Gate()
+
+    def forward(self, x):
+        return self.gate(self.proj(x))
+
+
+class _Gate(torch.nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:  # reads tensor data: cannot be traced on meta tensors
+            return x
+        return -x
+
+
+def test_trace_error_names_module_and_line():
+    from graphcost.errors import TraceError
+
+    with torch.device("meta"):
+        model, x = _DataDependent(), torch.empty(2, 8)
+    with pytest.raises(TraceError) as info:
+        analyze(model, (x,))
+    message = str(info.value)
+    assert "_DataDependent" in message
+    assert "in module gate (_Gate)" in message
+    assert "if x.sum() > 0" in message
+    assert "what to do" in message
