@@ -5,9 +5,10 @@ message with exit status 2."""
 from __future__ import annotations
 
 import json
+import runpy
 import subprocess
 import sys
-import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -152,6 +153,17 @@ def test_zoo_model_json_matches_flop_counter(capsys, name, options, load_args):
     assert (out["batch"], out["seq"]) == (batch, seq)
     assert out["tokens"] == (None if name == "resnet-cnn" else batch * seq)
     assert out["dtype"] == ("bf16" if load_args.get("dtype") == torch.bfloat16 else "fp32")
+
+
+def test_shipped_example_file(capsys):
+    example = Path(__file__).resolve().parent.parent / "examples" / "mlp.py"
+    out = run_json(capsys, "analyze", f"{example}:factory", "--batch", "64")
+    namespace = runpy.run_path(str(example))
+    with torch.device("meta"):
+        module, inputs = namespace["factory"](batch=64)
+    assert (out["forward_flops"], out["backward_flops"]) == measure_flops(module, inputs)
+    assert out["params"] == n_params(module)
+    assert out["tokens"] is None and out["batch"] == 64
 
 
 def test_file_model_dtype_casts_parameters(capsys, model_file):
