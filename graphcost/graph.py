@@ -127,7 +127,7 @@ def build_graph(tr: Trace) -> nx.DiGraph:
             node_data = g.nodes[name]
             values[(node.name, 0)] = Value(name, 0, node_data["outputs"][0],
                                            node_data["requires_grad"], kind, sid,
-                                           t.is_contiguous())
+                                           t.is_contiguous(), tuple(map(int, t.stride())))
         elif node.op == "call_function":
             if node.target is torch._C._set_grad_enabled:
                 grad_enabled = bool(node.args[0])
@@ -158,7 +158,8 @@ def build_graph(tr: Trace) -> nx.DiGraph:
                 if s is not None:
                     out_rg = rg and s.is_floating
                     values[(node.name, i)] = Value(node.name, i, s, out_rg, "op", sid,
-                                                   tensors[i].is_contiguous())
+                                                   tensors[i].is_contiguous(),
+                                                   tuple(map(int, tensors[i].stride())))
         elif node.op == "output":
             g.graph["outputs"] = [v for v in _flat_values(to_value(node.args[0]))]
     return g

@@ -58,6 +58,7 @@ class Value:
     kind: str  # "op", "param", "buffer", "input", "constant"
     storage: int  # id of the storage it lives in (views share their base's)
     contiguous: bool = True
+    strides: tuple[int, ...] | None = None  # of the traced tensor; None: unknown
 
     @property
     def shape(self) -> tuple[int, ...]:
