@@ -70,6 +70,8 @@ def annotate(graph: nx.DiGraph, *, device: str | Device = "cpu", rules: RuleRegi
         cost = cost or OpCost()
         if cost.output_dim_order is not None:
             layouts.set(name, cost.output_dim_order)
+        if cost.output_is_input is not None:
+            layouts.same_as(name, data, inputs[cost.output_is_input])
         saved = set()
         for s in cost.saved:
             if isinstance(s, Value):
@@ -125,6 +127,14 @@ class _Layouts:
 
     def set(self, node: str, order: tuple[int, ...]) -> None:
         self.order[node] = tuple(order)
+
+    def same_as(self, node: str, data: dict, x: Value) -> None:
+        """The op's output is `x` itself (see OpCost.output_is_input)."""
+        own = data["storages"][0]
+        if own is not None and own != x.storage:
+            self.alias[own] = self.find(x.storage)
+        if x.node in self.order:
+            self.order[node] = self.order[x.node]
 
     def find(self, sid: int) -> int:
         while sid in self.alias:

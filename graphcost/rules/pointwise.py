@@ -10,7 +10,7 @@ from graphcost.rules.registry import OpCost, Out, RuleContext, TensorSpec, Value
 aten = torch.ops.aten
 
 
-@register(aten.add, aten.sub, aten.neg, aten.mean, aten.sum, aten.add_, aten.sub_,
+@register(aten.add, aten.sub, aten.rsub, aten.neg, aten.mean, aten.sum, aten.add_, aten.sub_,
           aten.gt, aten.lt, aten.ge, aten.le, aten.eq, aten.ne, aten.logical_not,
           aten.logical_and, aten.logical_or, aten.bitwise_not, aten.argmax, aten.argmin,
           aten.upsample_nearest2d, aten.upsample_bilinear2d, aten.upsample_nearest1d,
@@ -19,51 +19,45 @@ def nothing_saved(ctx: RuleContext) -> OpCost:
     return OpCost()
 
 
-def _scalar_operand(ctx: RuleContext, x) -> TensorSpec | None:
-    """A Python number operand becomes a 0-dim 'wrapped number' tensor that autograd saves."""
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        return None
-    return TensorSpec((), torch.float64 if isinstance(x, float) else torch.int64)
+# NB: a Python number operand (x * 0.5) becomes a 0-dim "wrapped number" tensor that autograd
+# keeps for mul/div, but saved_tensors_hooks never see it and it lives on the host, never in
+# device memory: it is not an activation, so it is not listed.
 
 
 @register(aten.mul, aten.mul_)
 def mul_cost(ctx: RuleContext) -> OpCost:
     a, b = ctx.arg(0, "self"), ctx.arg(1, "other")
-    if not ctx.requires_grad:
-        return OpCost()
     saved = []
-    if ctx.needs_grad(a):  # d/da = b
-        saved.append(b if isinstance(b, Value) else _scalar_operand(ctx, b))
+    if ctx.needs_grad(a) and isinstance(b, Value):  # d/da = b
+        saved.append(b)
     if ctx.needs_grad(b):  # d/db = a
         saved.append(a)
-    return OpCost(saved=tuple(s for s in saved if s is not None))
+    return OpCost(saved=ctx.saved_if_grad(*saved))
 
 
 @register(aten.div, aten.div_)
 def div_cost(ctx: RuleContext) -> OpCost:
     a, b = ctx.arg(0, "self"), ctx.arg(1, "other")
-    if not ctx.requires_grad:
-        return OpCost()
     saved = []
-    if ctx.needs_grad(a) or ctx.needs_grad(b):
-        saved.append(b if isinstance(b, Value) else _scalar_operand(ctx, b))
+    if (ctx.needs_grad(a) or ctx.needs_grad(b)) and isinstance(b, Value):
+        saved.append(b)
     if ctx.needs_grad(b):
         saved.append(a)
-    return OpCost(saved=tuple(s for s in saved if s is not None))
+    return OpCost(saved=ctx.saved_if_grad(*saved))
 
 
 @register(aten.pow, aten.gelu, aten.silu, aten.log, aten.sin, aten.cos, aten.abs,
-          aten.clamp, aten.clamp_min, aten.clamp_max, aten.reciprocal, aten.leaky_relu,
+          aten.clamp, aten.clamp_min, aten.clamp_max, aten.leaky_relu,
           aten.hardtanh, aten.elu, aten.softplus, aten.mish, aten.hardswish, aten.log1p,
           aten.erf, aten.square)
 def saves_input(ctx: RuleContext) -> OpCost:
-    # NB: reciprocal, erf and square save their input too in derivatives.yaml terms that matter
-    # here (square is pow(self, 2)); exponent tensors of pow.Tensor_Tensor are saved as well.
+    # square runs as pow(self, 2); a tensor exponent of pow.Tensor_Tensor is kept as well.
     extra = [v for v in ctx.inputs[1:] if v.requires_grad]
     return OpCost(saved=ctx.saved_if_grad(ctx.inputs[0], *extra))
 
 
 @register(aten.rsqrt, aten.sqrt, aten.exp, aten.tanh, aten.sigmoid, aten.relu, aten.relu_,
+          aten.reciprocal,
           aten.softmax, aten._softmax, aten.log_softmax, aten._log_softmax, aten._safe_softmax,
           aten.tanh_, aten.sigmoid_, aten.exp_)
 def saves_output(ctx: RuleContext) -> OpCost:
@@ -83,9 +77,11 @@ def where_cost(ctx: RuleContext) -> OpCost:
 @register(aten.dropout, aten.feature_dropout, aten.alpha_dropout)
 def dropout_cost(ctx: RuleContext) -> OpCost:
     p, train = ctx.arg(1, "p"), ctx.arg(2, "train")
-    if not train or p == 0 or not ctx.requires_grad:
-        return OpCost()  # the input itself is returned
     x = ctx.inputs[0]
+    if not train or p == 0:
+        return OpCost(output_is_input=0)  # eager returns the input itself (traced: a copy)
+    if not ctx.requires_grad:
+        return OpCost()
     if ctx.device.kind == "cpu" or p == 1:
         # CPU: input * noise, where noise = bernoulli(1 - p) / (1 - p) in the input's dtype.
         return OpCost(saved=(TensorSpec(x.shape, x.dtype),))

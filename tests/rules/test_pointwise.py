@@ -1,0 +1,163 @@
+"""Pointwise ops, reductions, dropout and interpolation: no FLOPs (FlopCounterMode's convention);
+what autograd keeps depends on the op (its input, its output, a mask, a noise tensor)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from graphcost import analyze
+from tests.helpers import Fn, assert_matches_pytorch, on_activations, randn_inputs
+
+SHAPE = (2, 3, 4)
+NUMEL = math.prod(SHAPE)
+
+
+def analyze_meta(make_module, make_inputs, dtype=torch.float32):
+    with torch.device("meta"):
+        module = make_module().to(dtype)
+    return analyze(module, make_inputs(torch.device("meta"), dtype), device="cpu")
+
+
+# ---- hand values -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fn, kept", [
+    (F.relu, "output"), (torch.tanh, "output"), (torch.sigmoid, "output"),
+    (lambda x: F.softmax(x, -1), "output"),
+    (F.gelu, "input"), (F.silu, "input"),
+    (lambda x: x * 3.0, "nothing"), (lambda x: x / 3.0, "nothing"), (lambda x: x + 1, "nothing"),
+], ids=["relu", "tanh", "sigmoid", "softmax", "gelu", "silu", "mul_scalar", "div_scalar", "add"])
+def test_what_one_op_keeps(fn, kept, dtype):
+    # The op runs on an activation (x * p) and its result feeds nothing else.
+    a = analyze_meta(*on_activations(fn, SHAPE), dtype=dtype)
+    assert (a.forward_flops, a.backward_flops) == (0, 0)
+    # x * p keeps only the model input x and the parameter p: no activation.
+    assert a.saved_activation_bytes == (0 if kept == "nothing" else NUMEL * dtype.itemsize)
+
+
+def test_cpu_dropout_keeps_a_noise_tensor_in_the_input_dtype(dtype):
+    a = analyze_meta(lambda: nn.Dropout(0.5), randn_inputs(SHAPE), dtype)
+    assert a.saved_activation_bytes == NUMEL * dtype.itemsize
+
+
+@pytest.mark.parametrize("module", [lambda: nn.Dropout(0.0), lambda: nn.Dropout(0.5).eval()],
+                         ids=["p0", "eval"])
+def test_dropout_that_does_nothing_returns_its_input(module, dtype):
+    # relu keeps its output h; dropout(h) is h itself, so linear keeps h again: one storage.
+    make = lambda: nn.Sequential(nn.Linear(4, 4), nn.ReLU(), module(), nn.Linear(4, 4))  # noqa: E731
+    a = analyze_meta(make, randn_inputs((3, 4), requires_grad=False), dtype)
+    assert a.saved_activation_bytes == 3 * 4 * dtype.itemsize
+    assert_matches_pytorch(make, randn_inputs((3, 4), requires_grad=False), dtype)
+
+
+# ---- against PyTorch -------------------------------------------------------------------------
+
+def rotate_half(x):
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+UNARY = {
+    "relu": F.relu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "silu": F.silu, "tanh": torch.tanh, "sigmoid": torch.sigmoid, "exp": torch.exp,
+    "softmax": lambda x: F.softmax(x, -1), "log_softmax": lambda x: F.log_softmax(x, -1),
+    "softmax_fp32": lambda x: F.softmax(x, -1, dtype=torch.float32),
+    "log_softmax_fp32": lambda x: F.log_softmax(x, -1, dtype=torch.float32),
+    "pow2": lambda x: x.pow(2), "pow3": lambda x: x ** 3, "square": torch.square,
+    "sqrt": lambda x: x.abs().sqrt(), "rsqrt": lambda x: (x * x + 1).rsqrt(),
+    "log": lambda x: x.abs().log(), "reciprocal": torch.reciprocal, "rdiv": lambda x: 1.0 / x,
+    "abs": torch.abs, "erf": torch.erf, "log1p": lambda x: x.abs().log1p(),
+    "leaky_relu": F.leaky_relu, "elu": F.elu, "softplus": F.softplus, "mish": F.mish,
+    "hardswish": F.hardswish, "hardtanh": F.hardtanh, "sin": torch.sin, "cos": torch.cos,
+    "mean": lambda x: x.mean(-1, keepdim=True), "sum": lambda x: x.sum(),
+    "neg_sub": lambda x: 1 - (-x), "clamp": lambda x: x.clamp(-0.5, 0.5),
+    "masked_fill": lambda x: x.masked_fill(x > 0, 0.0),
+    "causal_masked_fill": lambda x: x.masked_fill(
+        torch.ones(4, 4, dtype=torch.bool, device=x.device).triu(1), float("-inf")),
+    "tril": lambda x: x.tril(), "scalar_mul_div": lambda x: (x * 0.5) / 3.0,
+    "upcast_and_back": lambda x: x.float().type_as(x),
+}
+
+
+@pytest.mark.parametrize("fn", UNARY.values(), ids=UNARY.keys())
+def test_unary_on_activation(fn, dtype):
+    # sin(x) keeps x as well: an op that keeps its output instead adds a storage, one that keeps
+    # its input does not — so a rule that names the wrong one is caught.
+    assert_matches_pytorch(*on_activations(lambda x: (fn(x), torch.sin(x)), (2, 4, 4)), dtype)
+
+
+@pytest.mark.parametrize("module", [nn.GELU, nn.SiLU, nn.ReLU, nn.Tanh], ids=lambda m: m.__name__)
+def test_activation_modules_on_an_input_that_needs_grad(module, dtype):
+    assert_matches_pytorch(module, randn_inputs(SHAPE), dtype)
+
+
+BINARY = {
+    "mul": torch.mul, "div": torch.div, "add": torch.add, "sub": torch.sub,
+    "where": lambda x, y: torch.where(x > 0, x, y),
+    "broadcast_mul": lambda x, y: x * y[0],
+}
+
+
+@pytest.mark.parametrize("fn", BINARY.values(), ids=BINARY.keys())
+def test_binary_on_activations(fn, dtype):
+    assert_matches_pytorch(*on_activations(fn, SHAPE, SHAPE), dtype)
+
+
+def test_rotary_embedding_rotate_half(dtype):
+    """x * cos + rotate_half(x) * sin: slices, neg, cat and muls on an activation."""
+    def rope(x, cos, sin):
+        return x * cos + rotate_half(x) * sin
+
+    assert_matches_pytorch(*on_activations(rope, (2, 2, 4, 8), (4, 8), (4, 8)), dtype)
+
+
+def test_rotary_embedding_with_constant_tables(dtype):
+    class Rope(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(8, 8)
+            angles = torch.arange(4.0)[:, None] * torch.arange(1.0, 9.0)
+            self.register_buffer("cos", angles.cos())
+            self.register_buffer("sin", angles.sin())
+
+        def forward(self, x):
+            x = self.proj(x).view(2, 4, 2, 4).transpose(1, 2).reshape(2, 2, 4, 4)
+            return x * self.cos[:, :4] + rotate_half(x) * self.sin[:, :4]
+
+    assert_matches_pytorch(Rope, randn_inputs((2, 4, 8), requires_grad=False), dtype)
+
+
+DROPOUTS = {
+    "p0": lambda x: F.dropout(x, 0.0),
+    "p05": lambda x: F.dropout(x, 0.5),
+    "eval": lambda x: F.dropout(x, 0.5, training=False),
+    "p0_between_relus": lambda x: F.relu(F.dropout(F.relu(x), 0.0)) * 2,
+    "p05_between_relus": lambda x: F.relu(F.dropout(F.relu(x), 0.5)) * 2,
+}
+
+
+@pytest.mark.parametrize("fn", DROPOUTS.values(), ids=DROPOUTS.keys())
+def test_dropout(fn, dtype):
+    assert_matches_pytorch(*on_activations(fn, SHAPE), dtype)
+
+
+INTERPOLATIONS = {
+    "nearest_x2": dict(scale_factor=2, mode="nearest"),
+    "nearest_size": dict(size=(5, 7), mode="nearest"),
+    "bilinear_x2": dict(scale_factor=2, mode="bilinear"),
+    "bilinear_align_corners": dict(size=(5, 7), mode="bilinear", align_corners=True),
+    "bicubic": dict(scale_factor=2, mode="bicubic"),
+}
+
+
+@pytest.mark.parametrize("kwargs", INTERPOLATIONS.values(), ids=INTERPOLATIONS.keys())
+def test_interpolate(kwargs, dtype):
+    assert_matches_pytorch(*on_activations(lambda x: F.interpolate(x, **kwargs), (1, 2, 4, 4)),
+                           dtype)
+
+
+def test_interpolate_as_first_op(dtype):
+    assert_matches_pytorch(lambda: Fn(lambda x: F.interpolate(x, scale_factor=2)),
+                           randn_inputs((1, 2, 4, 4)), dtype)
