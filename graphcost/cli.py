@@ -119,14 +119,18 @@ def _load_zoo(name, *, batch, seq, dtype, targets, overrides) -> LoadedModel:
         raise CliError(f"{exc}; or pass path/to/file.py:factory") from None
     except (ValueError, TypeError) as exc:
         raise CliError(f"bad --batch/--seq/--set for {name!r}: {exc}") from None
-    x = inputs[0]
-    tokens = x.shape[0] * x.shape[1] if _is_token_ids(x) else None
-    return LoadedModel(name, module, tuple(inputs), batch, int(x.shape[-1]), tokens, dtype)
+    # seq: the token count of an LM's (batch, seq) ids, the image size of the CNN's images
+    return LoadedModel(name, module, tuple(inputs), batch, int(inputs[0].shape[-1]),
+                       _tokens(inputs), dtype)
 
 
-def _is_token_ids(x: Any) -> bool:
-    return isinstance(x, torch.Tensor) and x.dim() == 2 and not (
-        x.is_floating_point() or x.is_complex() or x.dtype == torch.bool)
+def _tokens(inputs: tuple) -> int | None:
+    """batch * seq when the first input is a (batch, seq) tensor of token ids, else None."""
+    x = inputs[0] if inputs else None
+    if isinstance(x, torch.Tensor) and x.dim() == 2 and not (
+            x.is_floating_point() or x.is_complex() or x.dtype == torch.bool):
+        return int(x.shape[0] * x.shape[1])
+    return None
 
 
 def _load_file(spec, *, batch, seq, dtype, targets) -> LoadedModel:
@@ -164,12 +168,10 @@ def _load_file(spec, *, batch, seq, dtype, targets) -> LoadedModel:
     else:
         dtype = next((_dtype_name(p.dtype) for p in module.parameters()
                       if p.is_floating_point()), None)
-    x = inputs[0] if inputs else None
-    tokens = x.shape[0] * x.shape[1] if _is_token_ids(x) else None
-    return LoadedModel(spec, module, inputs,
-                       batch if batch is not None else (int(x.shape[0]) if tokens else None),
-                       seq if seq is not None else (int(x.shape[1]) if tokens else None),
-                       tokens, dtype)
+    tokens = _tokens(inputs)
+    if tokens is not None:  # the factory's own shape, whether or not --batch/--seq set it
+        batch, seq = (int(n) for n in inputs[0].shape)
+    return LoadedModel(spec, module, inputs, batch, seq, tokens, dtype)
 
 
 def _import_file(path: Path):
