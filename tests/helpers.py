@@ -53,6 +53,14 @@ def measure(make_module: MakeModule, make_inputs: MakeInputs,
     }
 
 
+def analyze_meta(make_module: MakeModule, make_inputs: MakeInputs,
+                 dtype: torch.dtype = torch.float32) -> Analysis:
+    """graphcost's analysis alone (device "cpu"), of the module built on meta: for checks
+    against hand formulas."""
+    module, inputs = _build(make_module, make_inputs, dtype, "meta", 0)
+    return analyze(module, inputs, device="cpu")
+
+
 def assert_matches_pytorch(make_module: MakeModule, make_inputs: MakeInputs,
                            dtype: torch.dtype = torch.float32, *, seed: int = 0) -> Analysis:
     """Assert graphcost equals FlopCounterMode (meta) and autograd's saved tensors (real CPU run)
@@ -99,3 +107,15 @@ class Scaled(nn.Module):
 def on_activations(fn: Callable, *shapes: Sequence[int]) -> tuple[MakeModule, MakeInputs]:
     """(make_module, make_inputs) that run `fn` on activations of these shapes (see Scaled)."""
     return (lambda: Scaled(fn, *shapes)), randn_inputs(*shapes, requires_grad=False)
+
+
+def frozen(make_module: MakeModule, *prefixes: str) -> MakeModule:
+    """make_module with `requires_grad_(False)` on every parameter whose name starts with one of
+    `prefixes` ("0." freezes the first layer of a Sequential, "" all of them)."""
+    def make() -> nn.Module:
+        module = make_module()
+        for name, p in module.named_parameters():
+            if name.startswith(prefixes):
+                p.requires_grad_(False)
+        return module
+    return make

@@ -6,28 +6,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from graphcost import FLOPS_PER_FMA, analyze
-from tests.helpers import Fn, assert_matches_pytorch, on_activations, randn_inputs
+from graphcost import FLOPS_PER_FMA
+from tests.helpers import (
+    Fn, analyze_meta, assert_matches_pytorch, frozen, on_activations, randn_inputs,
+)
 
 B, T, D_IN, D_HID, D_OUT = 2, 3, 8, 16, 4
 M = B * T
 
 
-def frozen(make_module, *prefixes):
-    """make_module with the parameters whose names start with a prefix frozen."""
-    def make():
-        module = make_module()
-        for name, p in module.named_parameters():
-            if name.startswith(prefixes):
-                p.requires_grad_(False)
-        return module
-    return make
-
-
-def analyze_meta(make_module, make_inputs, dtype=torch.float32):
-    with torch.device("meta"):
-        module = make_module().to(dtype)
-    return analyze(module, make_inputs(torch.device("meta"), dtype), device="cpu")
 
 
 # ---- hand formulas ---------------------------------------------------------------------------

@@ -8,17 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from graphcost import analyze
-from tests.helpers import Fn, assert_matches_pytorch, on_activations, randn_inputs
+from tests.helpers import Fn, analyze_meta, assert_matches_pytorch, on_activations, randn_inputs
 
 SHAPE = (2, 3, 4)
 NUMEL = math.prod(SHAPE)
 
-
-def analyze_meta(make_module, make_inputs, dtype=torch.float32):
-    with torch.device("meta"):
-        module = make_module().to(dtype)
-    return analyze(module, make_inputs(torch.device("meta"), dtype), device="cpu")
 
 
 # ---- hand values -----------------------------------------------------------------------------
@@ -46,7 +40,9 @@ def test_cpu_dropout_keeps_a_noise_tensor_in_the_input_dtype(dtype):
                          ids=["p0", "eval"])
 def test_dropout_that_does_nothing_returns_its_input(module, dtype):
     # relu keeps its output h; dropout(h) is h itself, so linear keeps h again: one storage.
-    make = lambda: nn.Sequential(nn.Linear(4, 4), nn.ReLU(), module(), nn.Linear(4, 4))  # noqa: E731
+    def make():
+        return nn.Sequential(nn.Linear(4, 4), nn.ReLU(), module(), nn.Linear(4, 4))
+
     a = analyze_meta(make, randn_inputs((3, 4), requires_grad=False), dtype)
     assert a.saved_activation_bytes == 3 * 4 * dtype.itemsize
     assert_matches_pytorch(make, randn_inputs((3, 4), requires_grad=False), dtype)
