@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+import torch
+
 from graphcost.analysis import Analysis, GroupRow
 from graphcost.hardware import Device
 
@@ -110,6 +112,7 @@ def summary(analysis: Analysis, *, tokens: int | None = None, dtype: str | None 
     """Totals of one training step: parameters, weights, FLOPs, saved activations.
     `tokens` (batch * seq for a language model) adds FLOPs per token."""
     a = analysis
+
     def count(n: int) -> str:
         return format_count(n) + (f"  ({format_count_short(n)})" if n >= 1000 else "")
 
@@ -182,7 +185,6 @@ def render(analysis: Analysis, *, depth: int | None = 2, top: int = 10, tokens: 
 
 def devices_table(devices: Iterable[Device]) -> str:
     """Device presets: memory (binary), bandwidth (decimal, as vendors quote), dense peaks."""
-    import torch
 
     def peak(d: Device, dtype: torch.dtype) -> str:
         x = d.peak_flops_per_s.get(dtype)
