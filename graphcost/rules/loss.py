@@ -10,30 +10,57 @@ from graphcost.rules.registry import OpCost, RuleContext, TensorSpec, register
 aten = torch.ops.aten
 
 
+MEAN = 1  # at::Reduction::Mean
+
+
 @register(aten.cross_entropy_loss)
 def cross_entropy_cost(ctx: RuleContext) -> OpCost:
+    """log_softmax, then nll_loss (class indices) or -(log_probs * target) (class
+    probabilities); label smoothing adds a smoothing term (ATen's LossNLL.cpp)."""
     logits, target = ctx.arg(0, "self"), ctx.arg(1, "target")
     weight = ctx.arg(2, "weight")
+    reduction = ctx.arg(3, "reduction", MEAN)
     label_smoothing = ctx.arg(5, "label_smoothing", 0.0) or 0.0
     if not ctx.requires_grad:
         return OpCost()
     log_probs = TensorSpec(logits.shape, logits.dtype)
-    if target.dtype.is_floating_point:  # class probabilities: -(target * log_probs).sum()
-        return OpCost(saved=(log_probs, target))
+    if target.dtype.is_floating_point:  # class probabilities: -(log_probs * target * weight)
+        if label_smoothing > 0:  # target * (1 - ls) + ls / C: a new tensor
+            target = TensorSpec(target.shape, target.dtype)
+        return OpCost(saved=(log_probs, target) + ((weight,) if weight is not None else ()))
     saved = [log_probs, target, TensorSpec((), logits.dtype)]  # nll_loss: total_weight
     if weight is not None:
         saved.append(weight)
-    # NB: label smoothing adds a weighted mean of the log-probabilities; nothing else is kept.
-    del label_smoothing
+    if label_smoothing > 0:
+        # -(log_probs [* weight]).sum(class_dim), masked_fill_(target == ignore_index, 0):
+        # the mask is kept; a mean divides by a 0-dim count (int64) or weight sum.
+        saved.append(TensorSpec(target.shape, torch.bool))
+        if reduction == MEAN:
+            saved.append(TensorSpec((), torch.int64 if weight is None else weight.dtype))
     return OpCost(saved=tuple(saved))
 
 
 @register(aten.nll_loss, aten.nll_loss_nd, aten.nll_loss2d)
 def nll_loss_cost(ctx: RuleContext) -> OpCost:
-    x, target = ctx.arg(0, "self"), ctx.arg(1, "target")
-    return OpCost(saved=ctx.saved_if_grad(x, target, TensorSpec((), x.dtype)))
+    x, target, weight = ctx.arg(0, "self"), ctx.arg(1, "target"), ctx.arg(2, "weight")
+    return OpCost(saved=ctx.saved_if_grad(x, target, TensorSpec((), x.dtype), weight))
 
 
-@register(aten.mse_loss, aten.l1_loss, aten.smooth_l1_loss, aten.huber_loss)
+@register(aten.mse_loss, aten.smooth_l1_loss, aten.huber_loss)
 def regression_loss_cost(ctx: RuleContext) -> OpCost:
     return OpCost(saved=ctx.saved_if_grad(*ctx.inputs[:2]))
+
+
+@register(aten.l1_loss)
+def l1_loss_cost(ctx: RuleContext) -> OpCost:
+    """(input - target).abs(), reduced: abs keeps the difference, a new tensor."""
+    x, target = ctx.inputs[0], ctx.inputs[1]
+    diff = TensorSpec(tuple(torch.broadcast_shapes(x.shape, target.shape)),
+                      torch.promote_types(x.dtype, target.dtype))
+    return OpCost(saved=ctx.saved_if_grad(diff))
+
+
+@register(aten.binary_cross_entropy_with_logits, aten.binary_cross_entropy)
+def binary_cross_entropy_cost(ctx: RuleContext) -> OpCost:
+    """Both keep the input, the target and the optional (pos_)weight."""
+    return OpCost(saved=ctx.saved_if_grad(*ctx.inputs))
