@@ -28,6 +28,24 @@ def conv_cost(ctx: RuleContext) -> OpCost:
     return OpCost(forward_flops=forward, backward_flops=backward, saved=ctx.saved_if_grad(x, w))
 
 
+@register(aten.conv_transpose1d, aten.conv_transpose2d, aten.conv_transpose3d)
+def conv_transpose_cost(ctx: RuleContext) -> OpCost:
+    x, w = ctx.arg(0, "input"), ctx.arg(1, "weight")
+    bias = ctx.arg(2, "bias")
+    stride, padding = ctx.arg(3, "stride", 1), ctx.arg(4, "padding", 0)
+    output_padding, groups = ctx.arg(5, "output_padding", 0), ctx.arg(6, "groups", 1)
+    dilation = ctx.arg(7, "dilation", 1)
+    out = ctx.out
+    forward = conv_flop(x.shape, w.shape, bias, stride, padding, dilation, True,
+                        out_val=out.shape)
+    mask = [x.requires_grad, w.requires_grad, bias is not None and bias.requires_grad]
+    backward = (conv_backward_flop(out.shape, x.shape, w.shape, None, stride, padding, dilation,
+                                   True, output_padding, groups, mask,
+                                   out_val=(x.shape, w.shape, None))
+                if ctx.requires_grad else 0)
+    return OpCost(forward_flops=forward, backward_flops=backward, saved=ctx.saved_if_grad(x, w))
+
+
 @register(aten.max_pool1d, aten.max_pool2d, aten.max_pool3d)
 def max_pool_cost(ctx: RuleContext) -> OpCost:
     # With a gradient needed, max_pool runs max_pool*_with_indices: input and int64 indices kept.
