@@ -46,6 +46,14 @@ def div_cost(ctx: RuleContext) -> OpCost:
     return OpCost(saved=ctx.saved_if_grad(*saved))
 
 
+@register(aten.remainder, aten.fmod)
+def remainder_cost(ctx: RuleContext) -> OpCost:
+    """d/da = 1; d/db = -floor(a / b) (remainder) or -trunc(a / b) (fmod): a and b are kept
+    only for b's gradient."""
+    a, b = ctx.arg(0, "self"), ctx.arg(1, "other")
+    return OpCost(saved=ctx.saved_if_grad(a, b) if ctx.needs_grad(b) else ())
+
+
 @register(aten.pow, aten.gelu, aten.silu, aten.log, aten.sin, aten.cos, aten.abs,
           aten.clamp, aten.clamp_min, aten.clamp_max, aten.leaky_relu,
           aten.hardtanh, aten.elu, aten.softplus, aten.mish, aten.hardswish, aten.log1p,

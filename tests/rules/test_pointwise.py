@@ -93,6 +93,8 @@ BINARY = {
     "mul": torch.mul, "div": torch.div, "add": torch.add, "sub": torch.sub,
     "where": lambda x, y: torch.where(x > 0, x, y),
     "broadcast_mul": lambda x, y: x * y[0],
+    "remainder": torch.remainder, "fmod": torch.fmod,
+    "remainder_scalar": lambda x, y: (x % 0.7) * y,
 }
 
 
