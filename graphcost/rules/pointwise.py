@@ -54,14 +54,26 @@ def remainder_cost(ctx: RuleContext) -> OpCost:
     return OpCost(saved=ctx.saved_if_grad(a, b) if ctx.needs_grad(b) else ())
 
 
-@register(aten.pow, aten.gelu, aten.silu, aten.log, aten.sin, aten.cos, aten.abs,
+@register(aten.pow)
+def pow_cost(ctx: RuleContext) -> OpCost:
+    """x ** 2 keeps x; a tensor exponent also needs the result for its gradient:
+    2 ** e keeps e and the result, x ** e keeps x, e and the result."""
+    base, exponent = ctx.arg(0, "self"), ctx.arg(1, "exponent")
+    if not isinstance(exponent, Value):
+        return OpCost(saved=ctx.saved_if_grad(base))
+    if not isinstance(base, Value):
+        return OpCost(saved=ctx.saved_if_grad(exponent, Out(0)))
+    return OpCost(saved=ctx.saved_if_grad(base, exponent, Out(0)))
+
+
+@register(aten.gelu, aten.silu, aten.log, aten.sin, aten.cos, aten.abs,
           aten.clamp, aten.clamp_min, aten.clamp_max, aten.leaky_relu,
           aten.hardtanh, aten.elu, aten.softplus, aten.mish, aten.hardswish, aten.log1p,
           aten.erf, aten.square)
 def saves_input(ctx: RuleContext) -> OpCost:
-    # square runs as pow(self, 2); a tensor exponent of pow.Tensor_Tensor is kept as well.
-    extra = [v for v in ctx.inputs[1:] if v.requires_grad]
-    return OpCost(saved=ctx.saved_if_grad(ctx.inputs[0], *extra))
+    # Every tensor argument: clamp.Tensor keeps its min/max tensors too. square runs as
+    # pow(self, 2).
+    return OpCost(saved=ctx.saved_if_grad(*ctx.inputs))
 
 
 @register(aten.rsqrt, aten.sqrt, aten.exp, aten.tanh, aten.sigmoid, aten.relu, aten.relu_,

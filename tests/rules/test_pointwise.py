@@ -77,11 +77,25 @@ UNARY = {
 }
 
 
-@pytest.mark.parametrize("fn", UNARY.values(), ids=UNARY.keys())
+def beside_sin(fn):
+    """fn(x, ...) and sin of every input: sin keeps its inputs, so beside it an op that keeps its
+    output adds a storage and one that keeps its inputs does not. Alone, an op that keeps
+    nothing is told from one that keeps something. Both ways, a rule that names the wrong tensor
+    is caught."""
+    def fn_and_sin(*xs):
+        return (fn(*xs), *(torch.sin(x) for x in xs))
+    return fn_and_sin
+
+
+def both_ways(table):
+    """Each op of `table` alone and beside sin (see beside_sin)."""
+    return [pytest.param(f, id=f"{name}-{way}") for name, fn in table.items()
+            for f, way in ((fn, "alone"), (beside_sin(fn), "beside_sin"))]
+
+
+@pytest.mark.parametrize("fn", both_ways(UNARY))
 def test_unary_on_activation(fn, dtype):
-    # sin(x) keeps x as well: an op that keeps its output instead adds a storage, one that keeps
-    # its input does not — so a rule that names the wrong one is caught.
-    assert_matches_pytorch(*on_activations(lambda x: (fn(x), torch.sin(x)), (2, 4, 4)), dtype)
+    assert_matches_pytorch(*on_activations(fn, (2, 4, 4)), dtype)
 
 
 @pytest.mark.parametrize("module", [nn.GELU, nn.SiLU, nn.ReLU, nn.Tanh], ids=lambda m: m.__name__)
@@ -94,11 +108,15 @@ BINARY = {
     "where": lambda x, y: torch.where(x > 0, x, y),
     "broadcast_mul": lambda x, y: x * y[0],
     "remainder": torch.remainder, "fmod": torch.fmod,
+    "pow_tensor_exponent": lambda x, y: x.abs() ** y,
+    "pow_constant_exponent_tensor": lambda x, y: x.abs() ** y.detach(),
+    "pow_scalar_base": lambda x, y: 2 ** x + y,
+    "clamp_tensor_bounds": lambda x, y: torch.clamp(x, min=y.detach()),
     "remainder_scalar": lambda x, y: (x % 0.7) * y,
 }
 
 
-@pytest.mark.parametrize("fn", BINARY.values(), ids=BINARY.keys())
+@pytest.mark.parametrize("fn", both_ways(BINARY))
 def test_binary_on_activations(fn, dtype):
     assert_matches_pytorch(*on_activations(fn, SHAPE, SHAPE), dtype)
 
