@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from graphcost import FLOPS_PER_FMA
+from graphcost.rules.layout import dense_dim_order, view_strides
 from tests.helpers import (
     Fn, analyze_meta, assert_matches_pytorch, frozen, on_activations, randn_inputs,
 )
@@ -141,6 +142,8 @@ def test_mm_family_on_activations(case, dtype):
 LINEARS = {
     "2d": (lambda x, w, b: F.linear(x, w, b), (3, 4)),
     "1d": (lambda x, w, b: F.linear(x, w, b), (4,)),
+    "2d_transposed": (lambda x, w, b: F.linear(x.t(), w, b), (4, 3)),
+    "2d_transposed_no_bias": (lambda x, w, b: F.linear(x.t(), w), (4, 3)),
     "3d": (lambda x, w, b: F.linear(x, w, b), (2, 3, 4)),
     "4d": (lambda x, w, b: F.linear(x, w, b), (2, 2, 3, 4)),
     "3d_no_bias": (lambda x, w, b: F.linear(x, w), (2, 3, 4)),
@@ -185,3 +188,46 @@ def test_mlp_with_frozen_layers(prefixes, dtype):
 def test_linear_with_input_that_needs_no_grad(dtype):
     assert_matches_pytorch(lambda: nn.Linear(D_IN, D_OUT),
                            randn_inputs((B, T, D_IN), requires_grad=False), dtype)
+
+
+# ---- the layout arithmetic the rules rely on, against PyTorch's own --------------------------
+
+BASE = torch.empty(2, 3, 4, device="meta")
+STRIDED = {  # meta tensors with permuted, sliced and broadcast layouts
+    "contiguous": BASE,
+    "transposed": BASE.transpose(0, 1),
+    "permuted": BASE.permute(2, 0, 1),
+    "sliced": BASE[:, 1:],
+    "stepped": BASE[..., ::2],
+    "size_one_slice": BASE[:, :1],
+    "transposed_sliced": BASE.transpose(1, 2)[:, :2],
+    "expanded_front": BASE[None].expand(3, 2, 3, 4),
+    "expanded_middle": BASE[:, None].expand(2, 5, 3, 4),
+    "size_one_dims_swapped": torch.empty(1, 3, 1, 4, device="meta").transpose(0, 2),
+}
+
+
+@pytest.mark.parametrize("x", STRIDED.values(), ids=STRIDED.keys())
+def test_view_strides_agree_with_tensor_view(x):
+    n = x.numel()
+    shapes = {(n,), (1, n, 1), tuple(x.shape), (x.shape[0] * x.shape[1], *x.shape[2:]),
+              (*x.shape[:-2], x.shape[-2] * x.shape[-1])}
+    for shape in shapes:
+        try:
+            want = tuple(x.view(shape).stride())
+        except RuntimeError:
+            want = None
+        got = view_strides(x.shape, x.stride(), shape)
+        assert (got is None) == (want is None), (shape, got, want)
+        if want is not None:  # strides of size-1 dims are arbitrary
+            assert [s for s, d in zip(got, shape) if d > 1] == [
+                s for s, d in zip(want, shape) if d > 1]
+
+
+@pytest.mark.parametrize("x", STRIDED.values(), ids=STRIDED.keys())
+def test_dense_dim_order_agrees_with_empty_like(x):
+    like = torch.empty_like(x)
+    order = dense_dim_order(x.shape, x.stride())
+    # empty_like's strides decrease along `order` (dims of size 1 may sit anywhere).
+    strides = [like.stride(d) for d in order if x.shape[d] > 1]
+    assert strides == sorted(strides, reverse=True)
