@@ -112,6 +112,8 @@ def sdpa_cost(ctx: RuleContext) -> OpCost:
         # The math path's output is its last bmm's: contiguous, as traced.
         saved = _math_saved(ctx, q, k, v, dropout_p, enable_gqa) if ctx.requires_grad else ()
         return OpCost(forward_flops=forward, backward_flops=backward, saved=tuple(saved))
+    # NB: on CUDA the output is taken to be (B, T, H, D)-ordered, as for a q viewed from
+    # (B, T, H, D) (GPT-2, Llama); what the CUDA kernels keep cannot be checked on this machine.
     order = _like_query_order(q) if kind == "cpu" else (0, 2, 1, 3)
     if not ctx.requires_grad:
         return OpCost(forward_flops=forward, output_dim_order=order)

@@ -94,7 +94,10 @@ def where_cost(ctx: RuleContext) -> OpCost:
     return OpCost(saved=ctx.saved_if_grad(ctx.arg(0, "condition")))
 
 
-@register(aten.dropout, aten.feature_dropout, aten.alpha_dropout)
+FEATURE_DROPOUTS = (aten.feature_dropout.default, aten.feature_alpha_dropout.default)
+
+
+@register(aten.dropout, aten.feature_dropout, aten.alpha_dropout, aten.feature_alpha_dropout)
 def dropout_cost(ctx: RuleContext) -> OpCost:
     p, train = ctx.arg(1, "p"), ctx.arg(2, "train")
     x = ctx.inputs[0]
@@ -102,8 +105,14 @@ def dropout_cost(ctx: RuleContext) -> OpCost:
         return OpCost(output_is_input=0)  # eager returns the input itself (traced: a copy)
     if not ctx.requires_grad:
         return OpCost()
-    if ctx.device.kind == "cpu" or p == 1:
-        # CPU: input * noise, where noise = bernoulli(1 - p) / (1 - p) in the input's dtype.
-        return OpCost(saved=(TensorSpec(x.shape, x.dtype),))
-    # CUDA: the fused native_dropout kernel keeps a boolean mask.
-    return OpCost(saved=(TensorSpec(x.shape, torch.bool),))
+    if p == 1:
+        return OpCost(saved=(TensorSpec((), x.dtype),))  # input * zeros(()): a 0-dim zero
+    if ctx.op == aten.dropout.default and ctx.device.kind == "cuda":
+        # CUDA dropout is the fused native_dropout kernel: it keeps a boolean mask.
+        return OpCost(saved=(TensorSpec(x.shape, torch.bool),))
+    # Otherwise input * noise, the noise (bernoulli(1 - p) / (1 - p), alpha-scaled for alpha
+    # dropout) in the input's dtype; feature dropout draws one value per (sample, channel).
+    shape = x.shape
+    if ctx.op in FEATURE_DROPOUTS:
+        shape = x.shape[:2] + (1,) * (len(x.shape) - 2)
+    return OpCost(saved=(TensorSpec(shape, x.dtype),))

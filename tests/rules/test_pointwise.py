@@ -151,6 +151,13 @@ DROPOUTS = {
     "eval": lambda x: F.dropout(x, 0.5, training=False),
     "p0_between_relus": lambda x: F.relu(F.dropout(F.relu(x), 0.0)) * 2,
     "p05_between_relus": lambda x: F.relu(F.dropout(F.relu(x), 0.5)) * 2,
+    "alpha": lambda x: F.alpha_dropout(x, 0.5, training=True),
+    "feature_1d": lambda x: F.dropout1d(x, 0.5),
+    "feature_2d": lambda x: F.dropout2d(x.unsqueeze(-1), 0.5),
+    "feature_alpha": lambda x: F.feature_alpha_dropout(x, 0.5, training=True),
+    "feature_2d_eval": lambda x: F.dropout2d(x.unsqueeze(-1), 0.5, training=False) * 2,
+    "p1": lambda x: F.dropout(x, 1.0),
+    "feature_p1": lambda x: F.dropout1d(x, 1.0),
 }
 
 
