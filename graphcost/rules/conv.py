@@ -66,6 +66,9 @@ def adaptive_avg_pool_cost(ctx: RuleContext) -> OpCost:
     return OpCost(saved=ctx.saved_if_grad(ctx.inputs[0]))
 
 
-@register(aten.adaptive_max_pool2d)
-def adaptive_max_pool_cost(ctx: RuleContext) -> OpCost:
+@register(aten.adaptive_max_pool1d, aten.adaptive_max_pool2d, aten.adaptive_max_pool3d,
+          aten.max_pool1d_with_indices, aten.max_pool2d_with_indices,
+          aten.max_pool3d_with_indices)
+def max_pool_with_indices_cost(ctx: RuleContext) -> OpCost:
+    """The input and the int64 indices (the op's second output) are kept."""
     return OpCost(saved=ctx.saved_if_grad(ctx.inputs[0], Out(1)))

@@ -67,6 +67,24 @@ def batch_norm_cost(ctx: RuleContext) -> OpCost:
     return OpCost(saved=ctx.saved_if_grad(*(s for s in saved if s is not None)))
 
 
+@register(aten.instance_norm)
+def instance_norm_cost(ctx: RuleContext) -> OpCost:
+    """batch_norm of x viewed as (1, N*C, ...): the affine and running-stat tensors are repeated
+    N times (new tensors batch_norm keeps), the statistics are per (sample, channel)."""
+    x = ctx.inputs[0]
+    weight = ctx.arg(1, "weight")
+    running_mean, running_var = ctx.arg(3, "running_mean"), ctx.arg(4, "running_var")
+    use_input_stats = ctx.arg(5, "use_input_stats")
+    folded = x.shape[0] * x.shape[1]
+    kept_x = x if x.contiguous else TensorSpec(x.shape, x.dtype)  # input.contiguous().view(...)
+    repeated = [TensorSpec((folded,), t.dtype) for t in (weight, running_mean, running_var)
+                if t is not None]
+    dtype = x.dtype if ctx.device.kind == "cpu" else _acc_dtype(x.dtype)
+    stats = TensorSpec((folded,) if use_input_stats else (0,), dtype)
+    return OpCost(saved=ctx.saved_if_grad(kept_x, *repeated, stats,
+                                          TensorSpec(stats.shape, stats.dtype)))
+
+
 @register(aten.group_norm)
 def group_norm_cost(ctx: RuleContext) -> OpCost:
     x = ctx.inputs[0]

@@ -96,6 +96,13 @@ POOLS = {
     "adaptive_avg_3x3": lambda x: F.adaptive_avg_pool2d(x, 3),
     "adaptive_avg_same_size": lambda x: F.adaptive_avg_pool2d(x, 5),
     "adaptive_max": lambda x: F.adaptive_max_pool2d(x, 2),
+    "adaptive_max1d": lambda x: F.adaptive_max_pool1d(x.flatten(2), 2),
+    "adaptive_max3d": lambda x: F.adaptive_max_pool3d(x[:, None], 2),
+    "max_pool_with_indices": lambda x: F.max_pool2d(x, 2, return_indices=True)[0],
+    "max_pool1d_with_indices": lambda x: F.max_pool1d(x.flatten(2), 2, return_indices=True)[0],
+    "max_pool3d_with_indices": lambda x: F.max_pool3d(x[:, None], 2, return_indices=True)[0],
+    "avg_pool_no_pad_count": lambda x: F.avg_pool2d(x, 3, 2, 1, count_include_pad=False),
+    "adaptive_avg_1x2": lambda x: F.adaptive_avg_pool2d(x, (1, 2)),
 }
 
 

@@ -93,6 +93,25 @@ def test_group_norm(make, dtype):
     assert_matches_pytorch(make, randn_inputs((B, 4, 3, 3)), dtype)
 
 
+INSTANCE_NORMS = {
+    "plain": (lambda: nn.InstanceNorm2d(3), (B, 3, 4, 4)),
+    "affine": (lambda: nn.InstanceNorm2d(3, affine=True), (B, 3, 4, 4)),
+    "running_stats": (lambda: nn.InstanceNorm2d(3, track_running_stats=True), (B, 3, 4, 4)),
+    "running_stats_eval": (lambda: nn.InstanceNorm2d(3, affine=True,
+                                                     track_running_stats=True).eval(),
+                           (B, 3, 4, 4)),
+    "frozen_affine_1d": (frozen(lambda: nn.InstanceNorm1d(3, affine=True), ""), (B, 3, 5)),
+    "non_contiguous": (lambda: Fn(lambda x: F.instance_norm(x.transpose(2, 3))), (B, 3, 4, 5)),
+}
+
+
+@pytest.mark.parametrize("case", INSTANCE_NORMS.values(), ids=INSTANCE_NORMS.keys())
+@pytest.mark.parametrize("input_grad", [True, False], ids=["input_grad", "input_no_grad"])
+def test_instance_norm(case, input_grad, dtype):
+    make, shape = case
+    assert_matches_pytorch(make, randn_inputs(shape, requires_grad=input_grad), dtype)
+
+
 RMS_NORMS = {
     "nn": lambda: nn.RMSNorm(C),
     "nn_eps": lambda: nn.RMSNorm(C, eps=1e-5),

@@ -82,7 +82,7 @@ def test_cat_of_inputs_that_need_grad(dtype):
 def test_factories_in_the_forward(dtype):
     def fn(x):
         mask = torch.ones(3, 3, dtype=torch.bool, device=x.device).tril()
-        pos = torch.arange(3, device=x.device)
+        pos = torch.arange(3, device=x.device) + torch.tensor([0, 1, 2], device=x.device)
         return torch.sin(x.masked_fill(~mask, 0.0) + pos.to(x.dtype) + torch.zeros_like(x))
 
     assert_matches_pytorch(*on_activations(fn, (2, 3, 3)), dtype)
