@@ -34,6 +34,7 @@ class OpRow:
     bytes_read: int
     bytes_written: int
     supported: bool
+    source: str = ""  # the model's source line that produced the op
 
 
 @dataclass(frozen=True)
@@ -162,7 +163,8 @@ def summarize(g: nx.DiGraph) -> Analysis:
             saved_bytes=produced.get(name, 0),
             output_bytes=sum(s.nbytes for s in d["outputs"] if s is not None),
             weight_bytes=d["weight_bytes"], bytes_read=d["bytes_read"],
-            bytes_written=d["bytes_written"], supported=d["cost"] is not None))
+            bytes_written=d["bytes_written"], supported=d["cost"] is not None,
+            source=d.get("source", "")))
     params = [d for _, d in g.nodes(data=True) if d["kind"] == "param"]
     return Analysis(
         model_name=g.graph["model_name"],

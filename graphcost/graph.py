@@ -19,6 +19,7 @@ Graph attributes: model_name, outputs (the Values the model returns), storage_by
 from __future__ import annotations
 
 import operator
+import os
 from typing import Any
 
 import networkx as nx
@@ -66,11 +67,19 @@ def _module_of(node: torch.fx.Node) -> tuple[str, str]:
 
 
 def _source(node: torch.fx.Node) -> str:
+    """The innermost frame of the model's own code ('file:line: code'), skipping torch's files
+    (nn.Linear's `F.linear(...)` says less than the model line that called the Linear)."""
     lines = (node.meta.get("stack_trace") or "").strip().splitlines()
-    for i in range(len(lines) - 1, -1, -1):
-        if lines[i].lstrip().startswith("File "):
-            return lines[i].strip() + ": " + (lines[i + 1].strip() if i + 1 < len(lines) else "")
-    return ""
+    frames = [(lines[i].strip(), lines[i + 1].strip() if i + 1 < len(lines) else "")
+              for i in range(len(lines)) if lines[i].lstrip().startswith("File ")]
+    own = [f for f in frames if f"{os.sep}torch{os.sep}" not in f[0]] or frames
+    if not own:
+        return ""
+    where, code = own[-1]
+    parts = where.split('"')
+    filename = parts[1] if len(parts) > 2 else where
+    lineno = where.split("line ")[-1].split(",")[0] if "line " in where else "?"
+    return f"{filename}:{lineno}: {code}"
 
 
 def build_graph(tr: Trace) -> nx.DiGraph:

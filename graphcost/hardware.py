@@ -16,6 +16,7 @@ from graphcost.errors import ConfigError
 
 TERA = 1e12
 GB = 1e9
+GIB = 2**30
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,7 @@ class Device:
     description: str = ""
 
 
-def _gpu(name, memory_gb, bandwidth_gb_s, fp32_tflops, tf32_tflops, bf16_tflops, fp8_tflops, description):
+def _gpu(name, memory_gib, bandwidth_gb_s, fp32_tflops, tf32_tflops, bf16_tflops, fp8_tflops, description):
     peaks = {
         torch.float32: fp32_tflops * TERA,
         torch.bfloat16: bf16_tflops * TERA,
@@ -38,7 +39,9 @@ def _gpu(name, memory_gb, bandwidth_gb_s, fp32_tflops, tf32_tflops, bf16_tflops,
     if fp8_tflops:
         peaks[torch.float8_e4m3fn] = fp8_tflops * TERA
     # NB: TF32 is kept in the description only; fp32 matmuls default to full fp32 in PyTorch.
-    return Device(name, "cuda", memory_gb * GB, bandwidth_gb_s * GB, peaks,
+    # Datasheet capacities ("80 GB") are binary: the card holds about 80 GiB (nvidia-smi: 81,920
+    # MiB on an A100 80GB); bandwidths are decimal GB/s.
+    return Device(name, "cuda", memory_gib * GIB, bandwidth_gb_s * GB, peaks,
                   f"{description}; TF32 {tf32_tflops} TFLOP/s")
 
 
