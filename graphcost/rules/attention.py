@@ -182,7 +182,7 @@ def _math_value_operand(v: Value, batch: tuple[int, ...], acc: torch.dtype,
     """v as the last bmm sees it: expanded to the query batch and reshaped to 3D. A repeated
     (grouped-query) or upcast v is a new tensor; otherwise v itself unless the reshape copies."""
     shape = (*batch, v.shape[-2], v.shape[-1])
-    if grouped or acc != v.dtype or strides_of(v) is None:
+    if grouped or acc != v.dtype:
         return TensorSpec(shape, acc)
-    return reshaped(v, shape, expand_strides(v.shape, strides_of(v), shape),
-                    (math.prod(batch), *shape[-2:]))
+    return reshaped(v, (math.prod(batch), *shape[-2:]), shape,
+                    expand_strides(v.shape, strides_of(v), shape))

@@ -59,9 +59,11 @@ def view_strides(shape: Sequence[int], strides: Sequence[int],
     return tuple(new_strides) if view_d == -1 else None
 
 
-def expand_strides(shape: Sequence[int], strides: Sequence[int],
-                   new_shape: Sequence[int]) -> tuple[int, ...]:
-    """Strides of `tensor.expand(new_shape)`: broadcast dims get stride 0."""
+def expand_strides(shape: Sequence[int], strides: Sequence[int] | None,
+                   new_shape: Sequence[int]) -> tuple[int, ...] | None:
+    """Strides of `tensor.expand(new_shape)`: broadcast dims get stride 0 (None if unknown)."""
+    if strides is None:
+        return None
     lead = len(new_shape) - len(shape)
     out = [0] * lead
     for size, stride, new in zip(shape, strides, new_shape[lead:]):

@@ -10,7 +10,7 @@ storage; one that cannot (a non-contiguous or broadcast operand) makes a copy, a
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch.utils.flop_counter import bmm_flop, mm_flop
@@ -21,14 +21,15 @@ from graphcost.rules.registry import OpCost, RuleContext, TensorSpec, Value, reg
 aten = torch.ops.aten
 
 
-def reshaped(x: Value, shape: tuple[int, ...], strides: tuple[int, ...] | None = None,
-             new_shape: tuple[int, ...] | None = None) -> Value | TensorSpec:
-    """`x` (seen with `shape`/`strides`, e.g. expanded) reshaped to `new_shape`: x's own storage
-    when the reshape is a view, else the copy it makes."""
-    strides = strides_of(x) if strides is None else strides
+def reshaped(x: Value, new_shape: tuple[int, ...], shape: tuple[int, ...] | None = None,
+             strides: tuple[int, ...] | None = None) -> Value | TensorSpec:
+    """`x` — or a view of it with `shape` and `strides` (expanded, transposed) — reshaped to
+    `new_shape`: x's own storage when the reshape is a view, else the copy it makes."""
+    if shape is None:
+        shape, strides = x.shape, strides_of(x)
     if strides is not None and view_strides(shape, strides, new_shape) is not None:
         return x
-    return TensorSpec(tuple(new_shape), x.dtype)
+    return TensorSpec(tuple(new_shape), x.dtype)  # (unknown strides: taken to copy)
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,7 @@ def matmul_plan(a: Value, b: Value) -> MatmulPlan:
         big, small = (b, a) if transpose else (a, b)
         shape, strides = _mT(b.shape, strides_of(b)) if transpose else (a.shape, strides_of(a))
         rows = math.prod(shape[:-1])
-        folded = reshaped(big, shape, strides, (rows, shape[-1]))
+        folded = reshaped(big, (rows, shape[-1]), shape, strides)
         # The other operand (a.t() when transposed) is a view: mm for a matrix, mv (no FLOPs)
         # for a vector.
         cols = small.shape[0] if transpose else small.shape[-1]
@@ -107,26 +108,20 @@ def matmul_plan(a: Value, b: Value) -> MatmulPlan:
     p = b.shape[-1] if db > 1 else 1
     batch = tuple(torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]))
     size = math.prod(batch)
-    a_shape = batch + (n, m)
-    a_strides = strides_of(a)
-    if a_strides is not None:
-        a_strides = expand_strides((1,) + a.shape if da == 1 else a.shape,
-                                   (0,) + a_strides if da == 1 else a_strides, a_shape)
-    b_shape = batch + ((m,) if db == 1 else (m, p))
-    b_strides = strides_of(b)
-    if b_strides is not None:
-        b_strides = expand_strides(b.shape, b_strides, b_shape)
-    a_kept = reshaped(a, a_shape, a_strides, (size, n, m))
-    b_kept = reshaped(b, b_shape, b_strides, (size, m) if db == 1 else (size, m, p))
-    if isinstance(b_kept, TensorSpec) and db == 1:
-        b_kept = TensorSpec((size, m, 1), b.dtype)
+    # Each operand is expanded to the broadcast batch, then reshaped to 3D (b to 2D if a vector).
+    a_expanded, b_matrix = batch + (n, m), (m,) if db == 1 else (m, p)
+    b_expanded = batch + b_matrix
+    a_kept = reshaped(a, (size, n, m), a_expanded,
+                      expand_strides(a.shape, strides_of(a), a_expanded))
+    b_kept = reshaped(b, (size, *b_matrix), b_expanded,
+                      expand_strides(b.shape, strides_of(b), b_expanded))
     return MatmulPlan(bmm_flop((size, n, m), (size, m, p)), a_kept, b_kept, rg_a, rg_b)
 
 
 def _squeeze0(x: Value) -> Value:
     strides = strides_of(x)
-    return Value(x.node, x.index, TensorSpec(x.shape[1:], x.dtype), x.requires_grad, x.kind,
-                 x.storage, x.contiguous, None if strides is None else strides[1:])
+    return replace(x, spec=TensorSpec(x.shape[1:], x.dtype),
+                   strides=None if strides is None else strides[1:])
 
 
 def _cost(ctx: RuleContext, plan: MatmulPlan) -> OpCost:
@@ -147,13 +142,10 @@ def linear_cost(ctx: RuleContext) -> OpCost:
     k = x.shape[-1]
     m = math.prod(x.shape[:-1])
     flops = mm_flop((m, k), (k, w.shape[0]))
-    kept_x = x
-    if len(x.shape) > 2 and w.requires_grad:
-        kept_x = reshaped(x, x.shape, None, (m, k))
-    plan = MatmulPlan(flops, kept_x, w, x.requires_grad, w.requires_grad)
-    # NB: with a frozen weight and a non-contiguous, unfoldable 3D+ input, matmul takes its
-    # batched path (bmm); FLOPs and what is saved are the same.
-    return _cost(ctx, plan)
+    # x is kept (for w's gradient) as the matrix the fold makes. With a frozen weight, an
+    # unfoldable input takes matmul's batched path instead: the same FLOPs, and x is not kept.
+    kept_x = reshaped(x, (m, k)) if len(x.shape) > 2 else x
+    return _cost(ctx, MatmulPlan(flops, kept_x, w, x.requires_grad, w.requires_grad))
 
 
 @register(aten.mm)
