@@ -2,11 +2,11 @@
 matmuls, no causal halving, grouped-query heads expanded), which is what FlopCounterMode counts on
 the meta device. What autograd saves depends on the kernel the target device picks:
 
-- cpu: exactly PyTorch's own choice (torch._fused_sdp_choice on tiny CPU tensors of the same
-  dtypes, ranks, head counts and mask needing a gradient; any q/k/v whose last dim is not
-  unit-stride takes the math path):
-  the CPU flash kernel saves q, k, v, the output, the logsumexp in the accumulation dtype and the
-  mask (a boolean mask as its additive float version); otherwise the math path (`_math_saved`).
+- cpu: PyTorch's own choice (torch._fused_sdp_choice on tiny CPU tensors with the same dtypes,
+  ranks, head counts, mask kind, dropout and causality; a q, k or v whose head dim is not
+  unit-stride always takes the math path). The CPU flash kernel saves q, k, v, the output (laid
+  out like q), the logsumexp in the accumulation dtype and the mask (a boolean one as its
+  additive float version); the math path saves what `_math_saved` lists, all of it exact.
 - cuda presets: flash attention for fp16/bf16 without an arbitrary mask, memory-efficient
   attention otherwise (logsumexp padded to 32 rows, the mask kept), as PyTorch 2.x selects them.
 - meta: the math path.

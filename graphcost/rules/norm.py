@@ -24,6 +24,7 @@ def layer_norm_cost(ctx: RuleContext) -> OpCost:
     normalized = ctx.arg(1, "normalized_shape")
     weight, bias = ctx.arg(2, "weight"), ctx.arg(3, "bias")
     # The CPU kernel keeps mean and rstd in the input dtype, CUDA in float32.
+    # NB: the CUDA dtypes in this file are PyTorch's documented kernels, not checked here (CPU).
     dtype = x.dtype if ctx.device.kind == "cpu" else _acc_dtype(x.dtype)
     stats = _stats(x, len(normalized), dtype)
     return OpCost(saved=ctx.saved_if_grad(x, weight, bias, stats, stats))
@@ -90,5 +91,6 @@ def group_norm_cost(ctx: RuleContext) -> OpCost:
     x = ctx.inputs[0]
     groups = ctx.arg(1, "num_groups")
     weight = ctx.arg(2, "weight")
+    # NB: mean and rstd in the input dtype, as the CPU kernel keeps them (CUDA not checked).
     stats = TensorSpec((x.shape[0], groups), x.dtype)
     return OpCost(saved=ctx.saved_if_grad(x, weight, stats, TensorSpec(stats.shape, stats.dtype)))

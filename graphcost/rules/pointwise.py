@@ -109,6 +109,7 @@ def dropout_cost(ctx: RuleContext) -> OpCost:
         return OpCost(saved=(TensorSpec((), x.dtype),))  # input * zeros(()): a 0-dim zero
     if ctx.op == aten.dropout.default and ctx.device.kind == "cuda":
         # CUDA dropout is the fused native_dropout kernel: it keeps a boolean mask.
+        # NB: not checked here (no GPU); the CPU branches below are.
         return OpCost(saved=(TensorSpec(x.shape, torch.bool),))
     # Otherwise input * noise, the noise (bernoulli(1 - p) / (1 - p), alpha-scaled for alpha
     # dropout) in the input's dtype; feature dropout draws one value per (sample, channel).
