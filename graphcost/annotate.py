@@ -24,7 +24,8 @@ from graphcost.errors import GraphcostError, UnsupportedOpError
 from graphcost.graph import op_nodes
 from graphcost.hardware import Device, get_device
 from graphcost.rules import REGISTRY
-from graphcost.rules.registry import OpCost, Out, RuleContext, RuleRegistry, TensorSpec, Value
+from graphcost.rules.registry import (OpCost, Out, RuleContext, RuleRegistry, TensorSpec, Value,
+                                      values_in)
 
 aten = torch.ops.aten
 NOT_ACTIVATIONS = ("param", "buffer", "input", "constant")
@@ -52,7 +53,7 @@ def annotate(graph: nx.DiGraph, *, device: str | Device = "cpu", rules: RuleRegi
     for name in op_nodes(g):
         data = g.nodes[name]
         rule = rules.lookup(data["target"])
-        inputs = tuple(_flat(data["args"]) + _flat(list(data["kwargs"].values())))
+        inputs = tuple(values_in(data["args"]) + values_in(list(data["kwargs"].values())))
         layouts.follow(name, data, inputs)
         if rule is None:
             unsupported[data["op"]] += 1
@@ -157,10 +158,3 @@ class _Layouts:
             if own is not None and own != x.storage:
                 self.alias[own] = self.find(x.storage)
 
-
-def _flat(x) -> list[Value]:
-    if isinstance(x, Value):
-        return [x]
-    if isinstance(x, (list, tuple)):
-        return [v for item in x for v in _flat(item)]
-    return []

@@ -20,7 +20,7 @@ from typing import Any
 import networkx as nx
 from torch import nn
 
-from graphcost.rules.registry import Value
+from graphcost.rules.registry import Value, values_in
 
 MIN_BLOCKS = 4  # below this, copying saves too little to be worth it
 
@@ -157,7 +157,7 @@ def expand_blocks(g: nx.DiGraph, blocks: RepeatedBlocks) -> nx.DiGraph | None:
                 data["module_path"] = _rename(data["module_path"], blocks.path, 1, i)
                 copies.append(nodes[n])
             out.add_node(nodes[n], **data)
-            for v in _values(data.get("args", ())) + _values(list(data.get("kwargs", {}).values())):
+            for v in values_in((data.get("args", ()), list(data.get("kwargs", {}).values()))):
                 out.add_edge(v.node, nodes[n])
         prev_nodes, prev_storages = nodes, storages
 
@@ -179,7 +179,7 @@ def expand_blocks(g: nx.DiGraph, blocks: RepeatedBlocks) -> nx.DiGraph | None:
             out.remove_edge(u, n)
         data["args"] = _map_values(data["args"], to_last)
         data["kwargs"] = {k: _map_values(v, to_last) for k, v in data["kwargs"].items()}
-        for v in _values(data["args"]) + _values(list(data["kwargs"].values())):
+        for v in values_in(data["args"]) + values_in(list(data["kwargs"].values())):
             out.add_edge(v.node, n)
     out.graph["outputs"] = [to_last(v) for v in g.graph.get("outputs", [])]
 
@@ -215,10 +215,3 @@ def _map_values(x: Any, fn) -> Any:
         return type(x)(_map_values(v, fn) for v in x)
     return x
 
-
-def _values(x: Any) -> list[Value]:
-    if isinstance(x, Value):
-        return [x]
-    if isinstance(x, (list, tuple)):
-        return [v for item in x for v in _values(item)]
-    return []

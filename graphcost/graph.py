@@ -27,7 +27,7 @@ import torch
 from torch.export.graph_signature import InputKind
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from graphcost.rules.registry import TensorSpec, Value, op_name
+from graphcost.rules.registry import TensorSpec, Value, op_name, values_in
 from graphcost.trace import Trace
 
 aten = torch.ops.aten
@@ -149,7 +149,7 @@ def build_graph(tr: Trace) -> nx.DiGraph:
                 continue
             args = to_value(node.args)
             kwargs = {k: to_value(v) for k, v in node.kwargs.items()}
-            inputs = [v for v in _flat_values(args) + _flat_values(list(kwargs.values()))]
+            inputs = [v for v in values_in(args) + values_in(list(kwargs.values()))]
             tensors = _tensors(val)
             specs = tuple(TensorSpec.of(t) if t is not None else None for t in tensors)
             sids = tuple(storage_of(t, node.name) if t is not None else None for t in tensors)
@@ -170,16 +170,8 @@ def build_graph(tr: Trace) -> nx.DiGraph:
                                                    tensors[i].is_contiguous(),
                                                    tuple(map(int, tensors[i].stride())))
         elif node.op == "output":
-            g.graph["outputs"] = [v for v in _flat_values(to_value(node.args[0]))]
+            g.graph["outputs"] = [v for v in values_in(to_value(node.args[0]))]
     return g
-
-
-def _flat_values(x: Any) -> list[Value]:
-    if isinstance(x, Value):
-        return [x]
-    if isinstance(x, (list, tuple)):
-        return [v for item in x for v in _flat_values(item)]
-    return []
 
 
 def op_nodes(g: nx.DiGraph) -> list[str]:

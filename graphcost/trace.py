@@ -6,7 +6,6 @@ Every node of the result keeps `meta["val"]` (a fake tensor: shape, dtype, strid
 
 from __future__ import annotations
 
-import sys
 import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass

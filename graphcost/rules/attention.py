@@ -152,7 +152,7 @@ def _math_saved(ctx: RuleContext, q: Value, k: Value, v: Value, dropout_p: float
     if not grouped:
         batch = torch.broadcast_shapes(tuple(batch), tuple(k.shape[:-2]))
     batch = tuple(batch)
-    len_k, dim_v = k.shape[-2], v.shape[-1]
+    len_k = k.shape[-2]
     q_grad, k_grad, v_grad = q.requires_grad, k.requires_grad, v.requires_grad
     scores = TensorSpec((*batch, len_q, len_k), acc)
     saved: list = []

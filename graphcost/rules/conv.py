@@ -11,39 +11,32 @@ from graphcost.rules.registry import OpCost, Out, RuleContext, TensorSpec, regis
 aten = torch.ops.aten
 
 
-@register(aten.conv1d, aten.conv2d, aten.conv3d)
-def conv_cost(ctx: RuleContext) -> OpCost:
+def _conv(ctx: RuleContext, transposed: bool, output_padding, dilation, groups) -> OpCost:
     x, w = ctx.arg(0, "input"), ctx.arg(1, "weight")
     bias = ctx.arg(2, "bias")
     stride, padding = ctx.arg(3, "stride", 1), ctx.arg(4, "padding", 0)
-    dilation, groups = ctx.arg(5, "dilation", 1), ctx.arg(6, "groups", 1)
     out = ctx.out
-    forward = conv_flop(x.shape, w.shape, bias, stride, padding, dilation, False,
+    forward = conv_flop(x.shape, w.shape, bias, stride, padding, dilation, transposed,
                         out_val=out.shape)
     mask = [x.requires_grad, w.requires_grad, bias is not None and bias.requires_grad]
     backward = (conv_backward_flop(out.shape, x.shape, w.shape, None, stride, padding, dilation,
-                                   False, None, groups, mask,
+                                   transposed, output_padding, groups, mask,
                                    out_val=(x.shape, w.shape, None))
                 if ctx.requires_grad else 0)
     return OpCost(forward_flops=forward, backward_flops=backward, saved=ctx.saved_if_grad(x, w))
+
+
+@register(aten.conv1d, aten.conv2d, aten.conv3d)
+def conv_cost(ctx: RuleContext) -> OpCost:
+    # conv(input, weight, bias, stride, padding, dilation, groups)
+    return _conv(ctx, False, None, ctx.arg(5, "dilation", 1), ctx.arg(6, "groups", 1))
 
 
 @register(aten.conv_transpose1d, aten.conv_transpose2d, aten.conv_transpose3d)
 def conv_transpose_cost(ctx: RuleContext) -> OpCost:
-    x, w = ctx.arg(0, "input"), ctx.arg(1, "weight")
-    bias = ctx.arg(2, "bias")
-    stride, padding = ctx.arg(3, "stride", 1), ctx.arg(4, "padding", 0)
-    output_padding, groups = ctx.arg(5, "output_padding", 0), ctx.arg(6, "groups", 1)
-    dilation = ctx.arg(7, "dilation", 1)
-    out = ctx.out
-    forward = conv_flop(x.shape, w.shape, bias, stride, padding, dilation, True,
-                        out_val=out.shape)
-    mask = [x.requires_grad, w.requires_grad, bias is not None and bias.requires_grad]
-    backward = (conv_backward_flop(out.shape, x.shape, w.shape, None, stride, padding, dilation,
-                                   True, output_padding, groups, mask,
-                                   out_val=(x.shape, w.shape, None))
-                if ctx.requires_grad else 0)
-    return OpCost(forward_flops=forward, backward_flops=backward, saved=ctx.saved_if_grad(x, w))
+    # conv_transpose(input, weight, bias, stride, padding, output_padding, groups, dilation)
+    return _conv(ctx, True, ctx.arg(5, "output_padding", 0), ctx.arg(7, "dilation", 1),
+                 ctx.arg(6, "groups", 1))
 
 
 @register(aten.max_pool1d, aten.max_pool2d, aten.max_pool3d)

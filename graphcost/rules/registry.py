@@ -69,6 +69,15 @@ class Value:
         return self.spec.dtype
 
 
+def values_in(x: Any) -> list[Value]:
+    """Every Value in an argument tree (tuples and lists of Values, numbers, None)."""
+    if isinstance(x, Value):
+        return [x]
+    if isinstance(x, (list, tuple)):
+        return [v for item in x for v in values_in(item)]
+    return []
+
+
 @dataclass(frozen=True)
 class Out:
     """The op's own output number `index`, as an entry of OpCost.saved."""
