@@ -183,9 +183,13 @@ def expand_blocks(g: nx.DiGraph, blocks: RepeatedBlocks) -> nx.DiGraph | None:
             out.add_edge(v.node, n)
     out.graph["outputs"] = [to_last(v) for v in g.graph.get("outputs", [])]
 
+    # Parameters stay in the module's order (the optimizer walks them in it): the copies' right
+    # after block 1's.
     placeholders = [n for n in order if g.nodes[n]["kind"] != "op"]
+    cut = max(placeholders.index(n) for n in p1) + 1
+    placeholders = placeholders[:cut] + new_params + placeholders[cut:]
     before = ops[: ops.index(b1[-1]) + 1]
-    for k, n in enumerate(placeholders + new_params + before + copies + after):
+    for k, n in enumerate(placeholders + before + copies + after):
         out.nodes[n]["order"] = k
     return out
 
