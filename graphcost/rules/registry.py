@@ -101,6 +101,10 @@ class OpCost:
     # from outermost to innermost in memory. Flash attention writes (B, T, H, D) for a logical
     # (B, H, T, D) output: (0, 2, 1, 3). A later `.transpose(1, 2).contiguous()` is then free.
     output_dim_order: tuple[int, ...] | None = None
+    # Memory the kernels allocate and free inside the op, beyond its outputs, saved tensors and
+    # input gradients: at the forward op, and at its backward (graphcost.passes.schedule).
+    forward_workspace_bytes: int = 0
+    backward_workspace_bytes: int = 0
     # The op returns this input (an index into RuleContext.inputs) itself, not a new tensor,
     # where the traced graph shows a copy: eager dropout with p=0 or train=False returns its
     # input. Its output storage is then that input's.

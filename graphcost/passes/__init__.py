@@ -1,0 +1,1 @@
+"""Passes over a costed graph: plain functions, graph first, returning frozen results."""

@@ -1,0 +1,322 @@
+"""The memory timeline of training steps, walked over the costed graph in execution order.
+
+Eager PyTorch semantics, event by event (an event is one op of the forward, the backward of one
+op, or the update of one parameter):
+
+- forward: an op's new outputs (and the tensors its kernel creates to save) are allocated; an
+  output is freed after its last reader unless autograd saved it for backward;
+- backward, in reverse: an op's backward allocates the gradient of each input storage that needs
+  one (accumulating into an existing gradient costs a temporary of its size), frees the gradient
+  of its own output, and releases what it saved once no other backward still needs it;
+  parameter gradients stay until the next `zero_grad`;
+- optimizer: PyTorch's default CPU implementation (single-tensor): Adam/AdamW create
+  exp_avg, exp_avg_sq (param dtype) and a 0-dim fp32 `step` per trainable parameter in the first
+  step, then per parameter `(exp_avg_sq.sqrt() / c).add_(eps)` holds two parameter-sized
+  temporaries while the previous parameter's `denom` is still referenced; SGD with momentum
+  clones the gradient into its buffer; plain SGD allocates nothing.
+
+The reported peak is the maximum over the first `steps` steps (the optimizer state appears in
+the first one), as a real run's would be. NB: memory a kernel allocates and frees inside one op
+(scratch buffers, composite ops' intermediates such as nn.RMSNorm's) is not modelled; neither
+is the allocator's rounding or caching.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import networkx as nx
+
+from graphcost.analysis import Analysis
+from graphcost.errors import ConfigError
+from graphcost.graph import op_nodes
+from graphcost.rules.registry import OpCost, values_in
+
+OPTIMIZERS = ("adamw", "adam", "sgd", "sgd-momentum")
+STEP_TENSOR_BYTES = 4  # Adam's per-parameter `step`: a 0-dim float32 tensor on the CPU
+CATEGORIES = ("params", "grads", "optimizer_state", "activations", "transient")
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    optimizer: str = "adamw"
+    steps: int = 2
+    grad_accumulation: int = 1  # micro-batches per optimizer step
+    set_to_none: bool = True  # zero_grad(set_to_none=True), PyTorch's default
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose one of "
+                              f"{', '.join(OPTIMIZERS)}")
+        if self.steps < 1 or self.grad_accumulation < 1:
+            raise ConfigError("steps and grad_accumulation must be at least 1")
+
+
+@dataclass(frozen=True)
+class MemoryEvent:
+    """Bytes alive right after one event, by category."""
+
+    index: int
+    step: int
+    phase: str  # "forward", "backward", "optimizer"
+    node: str  # op node (forward/backward) or parameter node (optimizer)
+    op: str
+    module_path: str
+    params: int
+    grads: int
+    optimizer_state: int
+    activations: int
+    transient: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.params + self.grads + self.optimizer_state + self.activations + self.transient
+
+    def breakdown(self) -> dict[str, int]:
+        return {c: getattr(self, c) for c in CATEGORIES}
+
+
+@dataclass(frozen=True)
+class MemoryTimeline:
+    config: TrainingConfig
+    events: tuple[MemoryEvent, ...] = field(repr=False)
+    peak: MemoryEvent
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.peak.total_bytes
+
+    def phase_peaks(self) -> dict[tuple[int, str], int]:
+        peaks: dict[tuple[int, str], int] = {}
+        for e in self.events:
+            key = (e.step, e.phase)
+            peaks[key] = max(peaks.get(key, 0), e.total_bytes)
+        return peaks
+
+
+class _Live:
+    """Storages alive now, by category."""
+
+    def __init__(self) -> None:
+        self.bytes: dict[str, int] = defaultdict(int)
+        self.where: dict[object, tuple[str, int]] = {}
+
+    def add(self, key: object, nbytes: int, category: str) -> None:
+        if key not in self.where:
+            self.where[key] = (category, nbytes)
+            self.bytes[category] += nbytes
+
+    def drop(self, key: object) -> None:
+        if key in self.where:
+            category, nbytes = self.where.pop(key)
+            self.bytes[category] -= nbytes
+
+    def move(self, key: object, category: str) -> None:
+        if key in self.where and self.where[key][0] != category:
+            nbytes = self.where[key][1]
+            self.drop(key)
+            self.add(key, nbytes, category)
+
+
+def training_timeline(analysis: Analysis, config: TrainingConfig | None = None) -> MemoryTimeline:
+    """Walk `config.steps` training steps over `analysis.graph`; return every event and the peak.
+
+    >>> from graphcost import analyze
+    >>> from graphcost.models import load
+    >>> t = training_timeline(analyze(*load("gpt2", seq=64, n_layer=2, with_targets=True)))
+    >>> t.peak.phase
+    'optimizer'
+    """
+    config = config or TrainingConfig()
+    return _Walk(analysis.graph, config).run()
+
+
+class _Walk:
+    def __init__(self, g: nx.DiGraph, config: TrainingConfig) -> None:
+        self.g, self.config = g, config
+        alias = g.graph.get("storage_alias", {})
+        owner, nbytes = g.graph["storage_owner"], g.graph["storage_bytes"]
+
+        def find(sid: int) -> int:
+            while sid in alias:
+                sid = alias[sid]
+            return sid
+
+        self.find, self.nbytes, self.owner = find, nbytes, owner
+        self.ops = op_nodes(g)
+        self.persistent = {}  # storage -> category: params and buffers (inputs: transient)
+        self.params: list[tuple[int, int]] = []  # trainable parameter storages and bytes, in order
+        for n in sorted(g.nodes, key=lambda n: g.nodes[n]["order"]):
+            d = g.nodes[n]
+            if d["kind"] == "op":
+                continue
+            sid = d["storages"][0]
+            self.persistent[sid] = "params" if d["kind"] in ("param", "buffer") else "transient"
+            if d["kind"] == "param" and d["requires_grad"]:
+                self.params.append((sid, nbytes[sid]))
+        self.trainable = {sid for sid, _ in self.params}
+
+        self.reads: dict[str, set[int]] = {}
+        self.new: dict[str, list[int]] = {}
+        last_read: dict[int, str] = {}
+        for n in self.ops:
+            d = g.nodes[n]
+            reads = {find(v.storage) for v in _inputs(d)}
+            self.reads[n] = reads
+            for sid in reads:
+                last_read[sid] = n
+            made = [s for s in d["storages"] if s is not None and owner.get(s) == n
+                    and s not in alias]
+            made += [s for s in d["saved"] if owner.get(s) == n and s not in d["storages"]]
+            self.new[n] = list(dict.fromkeys(made))
+        self.frees_after: dict[str, list[int]] = defaultdict(list)
+        for sid, n in last_read.items():
+            self.frees_after[n].append(sid)
+
+        outputs = [v for v in g.graph.get("outputs", [])]
+        self.outputs = {find(v.storage) for v in outputs}
+        grad_outputs = [v.node for v in outputs if v.requires_grad]
+        reached = set(grad_outputs).union(*(nx.ancestors(g, n) for n in grad_outputs)) \
+            if grad_outputs else set()
+        self.backward_ops = [n for n in reversed(self.ops)
+                             if n in reached and g.nodes[n]["requires_grad"]]
+        self.savers: dict[int, int] = defaultdict(int)
+        for n in self.backward_ops:
+            for sid in g.nodes[n]["saved"]:
+                self.savers[sid] += 1
+        self.grad_output_roots = {find(v.storage) for v in outputs if v.requires_grad}
+        self.events: list[MemoryEvent] = []
+        self.live = _Live()
+
+    # -- events -------------------------------------------------------------------------------
+
+    def sample(self, step: int, phase: str, node: str) -> None:
+        d = self.g.nodes[node]
+        b = self.live.bytes
+        if d["kind"] == "op":
+            op, where = d["op"], d["module_path"]
+        else:  # the optimizer's update of one parameter
+            op, where = f"{self.config.optimizer} update", d["names"][0]
+        self.events.append(MemoryEvent(
+            index=len(self.events), step=step, phase=phase, node=node, op=op,
+            module_path=where, params=b["params"], grads=b["grads"],
+            optimizer_state=b["optimizer_state"], activations=b["activations"],
+            transient=b["transient"]))
+
+    def run(self) -> MemoryTimeline:
+        for sid, category in self.persistent.items():
+            self.live.add(sid, self.nbytes[sid], category)
+        state_created = False
+        for step in range(self.config.steps):
+            if self.config.set_to_none:
+                for sid, _ in self.params:
+                    self.live.drop(("grad", sid))
+            for _ in range(self.config.grad_accumulation):
+                self.forward(step)
+                self.backward(step)
+            self.optimizer(step, create_state=not state_created)
+            state_created = True
+        peak = max(self.events, key=lambda e: e.total_bytes)  # the first event at the maximum
+        return MemoryTimeline(self.config, tuple(self.events), peak)
+
+    def forward(self, step: int) -> None:
+        saved = set(self.savers)
+        for n in self.ops:
+            for sid in self.new[n]:
+                self.live.add(sid, self.nbytes[sid], "activations" if sid in saved
+                              else "transient")
+            self.live.add("workspace", _cost(self.g.nodes[n]).forward_workspace_bytes, "transient")
+            self.sample(step, "forward", n)
+            self.live.drop("workspace")
+            for sid in self.frees_after.get(n, []) + [s for s in self.new[n]
+                                                      if s not in self._read_later(n, s)]:
+                if sid not in saved and sid not in self.outputs and sid not in self.persistent:
+                    self.live.drop(sid)
+        for sid in list(self.live.where):
+            if sid in self.outputs and sid not in self.grad_output_roots and sid not in saved:
+                self.live.drop(sid)  # the model's output, once the loss is taken from it
+
+    def _read_later(self, n: str, sid: int) -> set[int]:
+        # An output nobody reads is dead right after its op; one that is read is freed by
+        # `frees_after` at its last reader.
+        return {sid} if any(sid in self.reads[m] for m in self.g.successors(n)) or \
+            sid in self._read_anywhere else set()
+
+    @property
+    def _read_anywhere(self) -> set[int]:
+        if not hasattr(self, "_reads_all"):
+            self._reads_all = set().union(*self.reads.values()) if self.reads else set()
+        return self._reads_all
+
+    def backward(self, step: int) -> None:
+        remaining = dict(self.savers)
+        for sid in self.grad_output_roots:
+            self.live.add(("grad", sid), self.nbytes[sid], "transient")  # d loss / d loss = 1
+        for n in self.backward_ops:
+            d = self.g.nodes[n]
+            temporary = _cost(d).backward_workspace_bytes
+            seen = set()
+            for v in _inputs(d):
+                root = self.find(v.storage)
+                if not v.requires_grad or root in seen:
+                    continue
+                seen.add(root)
+                key = ("grad", root)
+                if key not in self.live.where:
+                    self.live.add(key, self.nbytes[root],
+                                  "grads" if root in self.trainable else "transient")
+                elif root in self.trainable:
+                    temporary += self.nbytes[root]  # the new gradient, then added in place
+                elif self.owner.get(root) == v.node:
+                    # A second gradient for an activation: autograd sums out of place, so the
+                    # new contribution and the sum exist beside the old one for a moment.
+                    temporary += 2 * v.spec.nbytes
+            self.live.add("temporary", temporary, "transient")
+            self.sample(step, "backward", n)
+            self.live.drop("temporary")
+            for sid in self.new[n]:
+                if sid not in self.trainable:
+                    self.live.drop(("grad", sid))
+            for sid in d["saved"]:
+                remaining[sid] -= 1
+                if remaining[sid] == 0 and sid not in self.persistent:
+                    self.live.drop(sid)
+        for sid in self.grad_output_roots:
+            self.live.drop(("grad", sid))
+            self.live.drop(sid)  # the loss
+        for key in [k for k in self.live.where if isinstance(k, tuple) and k[0] == "grad"
+                    and k[1] not in self.trainable]:
+            self.live.drop(key)  # gradients of inputs that never reached a producer
+
+    def optimizer(self, step: int, create_state: bool) -> None:
+        name = self.config.optimizer
+        if create_state and name in ("adam", "adamw"):
+            for sid, nbytes in self.params:
+                self.live.add(("exp_avg", sid), nbytes, "optimizer_state")
+                self.live.add(("exp_avg_sq", sid), nbytes, "optimizer_state")
+                self.live.add(("step", sid), STEP_TENSOR_BYTES, "optimizer_state")
+        previous_denom = 0
+        for sid, nbytes in self.params:
+            node = self.owner[sid]
+            if name in ("adam", "adamw"):
+                # sqrt and its quotient live together; the last parameter's denom is still held
+                self.live.add("temp", 2 * nbytes + previous_denom, "transient")
+                self.sample(step, "optimizer", node)
+                self.live.drop("temp")
+                previous_denom = nbytes
+            else:
+                if name == "sgd-momentum" and create_state:
+                    self.live.add(("momentum", sid), nbytes, "optimizer_state")
+                self.sample(step, "optimizer", node)
+
+
+def _inputs(d: dict) -> list:
+    return values_in((d["args"], list(d["kwargs"].values())))
+
+
+def _cost(d: dict) -> OpCost:
+    return d["cost"] or _NO_COST
+
+
+_NO_COST = OpCost()
