@@ -35,6 +35,7 @@ from graphcost.analysis import analyze
 from graphcost.errors import GraphcostError
 from graphcost.hardware import DEFAULT_DEVICE, PRESETS, get_device
 from graphcost.models import UnknownModelError, list_models, load
+from graphcost.passes.schedule import OPTIMIZERS, TrainingConfig, training_timeline
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16",
@@ -280,13 +281,7 @@ def _quiet_torch():
 
 def cmd_analyze(args: argparse.Namespace) -> int:
     dtype = parse_dtype(args.dtype) if args.dtype is not None else None
-    device = get_device(args.device)
-    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
-        with _quiet_torch():  # --json: whatever the model file prints must not reach stdout
-            model = load_model(args.model, batch=args.batch, seq=args.seq, dtype=dtype,
-                               targets=not args.no_targets, overrides=parse_overrides(args.set))
-            analysis = analyze(model.module, model.inputs, device=device, strict=args.strict,
-                               model_name=model.name)
+    model, analysis = _analysis(args, dtype)
     if args.json:
         out = {**analysis.to_dict(module_depth=args.depth), "batch": model.batch,
                "seq": model.seq, "dtype": model.dtype, "tokens": model.tokens}
@@ -294,6 +289,54 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     else:
         print(report.render(analysis, depth=args.depth, top=args.top, tokens=model.tokens,
                             dtype=model.dtype), end="")
+    return 0
+
+
+def _analysis(args: argparse.Namespace, dtype: str | None):
+    """Load MODEL from the shared options and analyze it: (LoadedModel, Analysis)."""
+    device = get_device(args.device)
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        with _quiet_torch():  # --json: whatever the model file prints must not reach stdout
+            model = load_model(args.model, batch=args.batch, seq=args.seq, dtype=dtype,
+                               targets=not args.no_targets, overrides=parse_overrides(args.set))
+            analysis = analyze(model.module, model.inputs, device=device, strict=args.strict,
+                               model_name=model.name)
+    return model, analysis
+
+
+def cmd_memory(args: argparse.Namespace) -> int:
+    dtype = parse_dtype(args.precision) if args.precision is not None else None
+    config = TrainingConfig(optimizer=args.optimizer, steps=args.steps,
+                            grad_accumulation=args.grad_accumulation)
+    model, analysis = _analysis(args, dtype)
+    timeline = training_timeline(analysis, config)
+    if args.plot:
+        try:
+            from graphcost.plot import memory_timeline_png
+            memory_timeline_png(timeline, args.plot, title=f"{model.name}: training memory")
+        except ImportError:
+            raise CliError("--plot needs matplotlib: pip install matplotlib") from None
+        except OSError as exc:
+            raise CliError(f"cannot write --plot {args.plot!r}: {exc.strerror}") from None
+    peak = timeline.peak
+    if args.json:
+        print(json.dumps({
+            "model": model.name, "device": analysis.device.name, "batch": model.batch,
+            "seq": model.seq, "dtype": model.dtype, "optimizer": config.optimizer,
+            "steps": config.steps, "grad_accumulation": config.grad_accumulation,
+            "peak_bytes": peak.total_bytes,
+            "peak_at": {"step": peak.step, "phase": peak.phase, "op": peak.op,
+                        "module": peak.module_path, "node": peak.node},
+            "breakdown_at_peak": peak.breakdown(),
+            "phase_peaks": [{"step": s, "phase": p, "peak_bytes": b}
+                            for (s, p), b in timeline.phase_peaks().items()],
+            "unsupported_ops": analysis.unsupported_ops,
+        }))
+    else:
+        print(report.memory_report(timeline, model=model.name, device=analysis.device.name),
+              end="")
+        if args.plot:
+            print(f"\nplot: {args.plot}")
     return 0
 
 
@@ -326,6 +369,30 @@ class _Parser(argparse.ArgumentParser):
         raise CliError(f"{message}; see '{self.prog} --help'")
 
 
+def _model_options(p: argparse.ArgumentParser, *, dtype: bool = True) -> None:
+    """MODEL and the options that pick its shape, dtype and device (shared by the verbs)."""
+    p.add_argument("model", metavar="MODEL", help="zoo name or path/to/file.py:factory")
+    p.add_argument("--batch", type=_positive, default=None, help="batch size (default 1)")
+    p.add_argument("--seq", type=_positive, default=None,
+                   help="sequence length, or image size for the CNN (default: the zoo "
+                   "model's own; LLaMA presets: 2048)")
+    if dtype:
+        p.add_argument("--dtype", default=None,
+                       help="cast the model's floating parameters: fp32, bf16 or fp16 "
+                       "(default: fp32 for zoo models, as built for file models)")
+    p.add_argument("--device", default=DEFAULT_DEVICE,
+                   help=f"device preset (default {DEFAULT_DEVICE!r}: the CPU kernels' saved "
+                   "tensors); a GPU preset name such as h100-sxm sizes saved activations for "
+                   "that GPU's kernels. See 'graphcost devices'")
+    p.add_argument("--strict", action="store_true",
+                   help="an op without a cost rule is an error (default: listed and warned)")
+    p.add_argument("--no-targets", action="store_true",
+                   help="zoo models: no targets, so the backward starts from the sum of the "
+                   "outputs instead of the model's own cross-entropy loss")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="zoo models: override a config field, e.g. --set n_layers=2 (repeatable)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="graphcost", description=(
         "A graph-based cost model for PyTorch: parameters, FLOPs per step and per token, what "
@@ -344,32 +411,36 @@ def build_parser() -> argparse.ArgumentParser:
         "torch.device('meta') so nothing is allocated; a factory with batch/seq parameters "
         "receives --batch/--seq. Exit status 2 on a user error (bad option, unknown model or "
         "device, untraceable model, --strict with an unsupported op).")
-    a.add_argument("model", metavar="MODEL", help="zoo name or path/to/file.py:factory")
-    a.add_argument("--batch", type=_positive, default=None, help="batch size (default 1)")
-    a.add_argument("--seq", type=_positive, default=None,
-                   help="sequence length, or image size for the CNN (default: the zoo "
-                   "model's own; LLaMA presets: 2048)")
-    a.add_argument("--dtype", default=None,
-                   help="cast the model's floating parameters: fp32, bf16 or fp16 "
-                   "(default: fp32 for zoo models, as built for file models)")
-    a.add_argument("--device", default=DEFAULT_DEVICE,
-                   help=f"device preset (default {DEFAULT_DEVICE!r}: the CPU kernels' saved "
-                   "tensors); a GPU preset name such as h100-sxm sizes saved activations for "
-                   "that GPU's kernels. See 'graphcost devices'")
+    _model_options(a)
     a.add_argument("--json", action="store_true",
                    help="print one JSON object on stdout instead of the text report")
-    a.add_argument("--strict", action="store_true",
-                   help="an op without a cost rule is an error (default: listed and warned)")
     a.add_argument("--depth", type=_positive, default=2,
                    help="module path depth of the per-module table/JSON (default 2)")
     a.add_argument("--top", type=_positive, default=10,
                    help="rows of the per-op table (default 10)")
-    a.add_argument("--no-targets", action="store_true",
-                   help="zoo models: no targets, so the backward starts from the sum of the "
-                   "outputs instead of the model's own cross-entropy loss")
-    a.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="zoo models: override a config field, e.g. --set n_layers=2 (repeatable)")
     a.set_defaults(run=cmd_analyze)
+
+    mem = verbs.add_parser(
+        "memory", help="peak memory of training steps of MODEL, when it happens, what is alive",
+        description="Walk two training steps of MODEL over its costed graph (forward, backward, "
+        "optimizer step; the optimizer state appears in the first step) and report the peak "
+        "bytes, the event at which it happens, and what is alive then by category.",
+        epilog="--precision fp32/bf16 casts the model (default: its own parameter dtypes). "
+        "Memory a kernel allocates and frees inside one op and allocator rounding are not "
+        "modelled. Exit status 2 on a user error.")
+    _model_options(mem, dtype=False)
+    mem.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS,
+                     help="optimizer with PyTorch's defaults (default adamw)")
+    mem.add_argument("--precision", default=None, choices=["fp32", "bf16"],
+                     help="cast the model: fp32 or pure bf16 (default: the model's own dtypes)")
+    mem.add_argument("--grad-accumulation", type=_positive, default=1,
+                     help="micro-batches per optimizer step (default 1)")
+    mem.add_argument("--steps", type=_positive, default=2,
+                     help="training steps to walk (default 2: the state appears in step 1)")
+    mem.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    mem.add_argument("--plot", metavar="FILE.png", default=None,
+                     help="save the memory timeline with the peak marked (needs matplotlib)")
+    mem.set_defaults(run=cmd_memory)
 
     d = verbs.add_parser("devices", help="list device presets",
                          description="Device presets: memory, bandwidth and dense peaks.")

@@ -203,3 +203,28 @@ def devices_table(devices: Iterable[Device]) -> str:
 __all__ = ["format_bandwidth", "format_bytes", "format_count", "format_count_short",
            "format_flops", "format_flops_per_s", "format_share", "devices_table", "module_table",
            "op_table", "render", "summary", "table", "unsupported_line"]
+
+
+def memory_report(timeline, *, model: str, device: str) -> str:
+    """The peak of a training step, when it happens, and what is alive then."""
+    from graphcost.passes.schedule import CATEGORIES
+
+    peak, config = timeline.peak, timeline.config
+    lines = [
+        f"graphcost memory: {model} on {device}, optimizer {config.optimizer}, "
+        f"{config.steps} steps x {config.grad_accumulation} micro-batch(es)",
+        "",
+        f"  peak        {format_bytes(peak.total_bytes)}  ({format_count(peak.total_bytes)} bytes)",
+        f"  when        step {peak.step}, {peak.phase}, {peak.op}"
+        f"{' in ' + peak.module_path if peak.module_path else ''}",
+        "",
+        "alive at the peak:",
+    ]
+    rows = [[c.replace("_", " "), format_bytes(getattr(peak, c)),
+             format_share(getattr(peak, c), peak.total_bytes)] for c in CATEGORIES]
+    lines.append(table(["category", "bytes", "share"], rows, align="lrr"))
+    lines += ["", "peak per phase:"]
+    rows = [[str(step), phase, format_bytes(b)]
+            for (step, phase), b in timeline.phase_peaks().items()]
+    lines.append(table(["step", "phase", "peak"], rows, align="llr"))
+    return "\n".join(lines) + "\n"
