@@ -27,6 +27,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 import networkx as nx
+import torch
 
 from graphcost.analysis import Analysis
 from graphcost.errors import ConfigError
@@ -186,6 +187,17 @@ class _Walk:
             for sid in g.nodes[n]["saved"]:
                 self.savers[sid] += 1
         self.grad_output_roots = {find(v.storage) for v in outputs if v.requires_grad}
+        self.graph_outputs = outputs
+        self.value_bytes: dict[tuple[str, int], int] = {}
+        self.param_consumers: dict[str, int] = defaultdict(int)
+        for n in self.backward_ops:
+            keys = set()
+            for v in _inputs(g.nodes[n]):
+                self.value_bytes[(v.node, v.index)] = v.spec.nbytes
+                if v.requires_grad and v.kind == "param":
+                    keys.add(v.node)
+            for node in keys:
+                self.param_consumers[node] += 1
         self.events: list[MemoryEvent] = []
         self.live = _Live()
 
@@ -250,44 +262,126 @@ class _Walk:
         return self._reads_all
 
     def backward(self, step: int) -> None:
-        remaining = dict(self.savers)
-        for sid in self.grad_output_roots:
-            self.live.add(("grad", sid), self.nbytes[sid], "transient")  # d loss / d loss = 1
+        """Autograd's engine, node by node in reverse forward order (see module docstring)."""
+        self.remaining = dict(self.savers)
+        self.buffer: dict[tuple[str, int], object] = {}  # value -> the gradient buffer it has
+        self.refs: dict[object, int] = defaultdict(int)  # buffer -> values holding it
+        self.pending = dict(self.param_consumers)  # param node -> contributions still to come
+        for v in self.graph_outputs:
+            if v.requires_grad:  # d loss / d loss = 1 (ones_like)
+                self._hold((v.node, v.index), self._new_buffer(v.spec.nbytes))
         for n in self.backward_ops:
-            d = self.g.nodes[n]
-            temporary = _cost(d).backward_workspace_bytes
-            seen = set()
-            for v in _inputs(d):
-                root = self.find(v.storage)
-                if not v.requires_grad or root in seen:
-                    continue
-                seen.add(root)
-                key = ("grad", root)
-                if key not in self.live.where:
-                    self.live.add(key, self.nbytes[root],
-                                  "grads" if root in self.trainable else "transient")
-                elif root in self.trainable:
-                    temporary += self.nbytes[root]  # the new gradient, then added in place
-                elif self.owner.get(root) == v.node:
-                    # A second gradient for an activation: autograd sums out of place, so the
-                    # new contribution and the sum exist beside the old one for a moment.
-                    temporary += 2 * v.spec.nbytes
-            self.live.add("temporary", temporary, "transient")
-            self.sample(step, "backward", n)
-            self.live.drop("temporary")
-            for sid in self.new[n]:
-                if sid not in self.trainable:
-                    self.live.drop(("grad", sid))
-            for sid in d["saved"]:
-                remaining[sid] -= 1
-                if remaining[sid] == 0 and sid not in self.persistent:
-                    self.live.drop(sid)
+            self._backward_node(step, n)
+        for key in list(self.buffer):
+            self._release(key)  # gradients of inputs that never reached a producer
         for sid in self.grad_output_roots:
-            self.live.drop(("grad", sid))
             self.live.drop(sid)  # the loss
-        for key in [k for k in self.live.where if isinstance(k, tuple) and k[0] == "grad"
-                    and k[1] not in self.trainable]:
-            self.live.drop(key)  # gradients of inputs that never reached a producer
+
+    def _new_buffer(self, nbytes: int) -> object:
+        bid = ("gradbuf", len(self.refs), object())
+        self.refs[bid] = 0
+        self.live.add(bid, nbytes, "transient")
+        return bid
+
+    def _hold(self, key: tuple[str, int], bid: object) -> None:
+        self.buffer[key] = bid
+        self.refs[bid] += 1
+
+    def _release(self, key: tuple[str, int]) -> None:
+        bid = self.buffer.pop(key, None)
+        if bid is not None:
+            self.refs[bid] -= 1
+            if self.refs[bid] == 0:
+                self.live.drop(bid)
+
+    def _backward_node(self, step: int, n: str) -> None:
+        d = self.g.nodes[n]
+        outs = [(n, i) for i in range(len(d["outputs"])) if (n, i) in self.buffer]
+        # What the node's function returns, one gradient per input that needs one: a view of
+        # its incoming gradient (views, same-shape add/sub) or a new tensor of the input's size.
+        contributions: list[tuple[tuple[str, int], int, object | None]] = []
+        seen = set()
+        for v in _inputs(d):
+            key = (v.node, v.index)
+            if not v.requires_grad or key in seen:
+                continue
+            seen.add(key)
+            through = self._passes_through(d, v)
+            if through and len(outs) == 1:
+                contributions.append((key, 0, self.buffer[outs[0]]))
+            else:
+                contributions.append((key, v.spec.nbytes, None))
+        new = sum(nbytes for _, nbytes, _ in contributions)
+        self.live.add("temporary", _cost(d).backward_workspace_bytes + new, "transient")
+        self.sample(step, "backward", n)
+        self.live.drop("temporary")
+        made = [(key, alias if alias is not None else self._new_buffer(nbytes))
+                for key, nbytes, alias in contributions]
+        for _, bid in made:
+            self.refs[bid] += 1  # held by the function's result until delivered
+        for key in outs:
+            self._release(key)  # the incoming gradient, unless a result is a view of it
+        for sid in d["saved"]:
+            self.remaining[sid] -= 1
+            if self.remaining[sid] == 0 and sid not in self.persistent:
+                self.live.drop(sid)
+        for key, bid in made:
+            self._deliver(step, n, key, bid)
+
+    def _deliver(self, step: int, n: str, key: tuple[str, int], bid: object) -> None:
+        """Add one gradient to the input buffer of the value's producer. A second one is summed
+        out of place (`old + new`): under a dispatch mode autograd's InputBuffer never adds in
+        place (isTensorSubclassLike is true while a Python mode is active), so for a moment
+        both and their sum exist."""
+        if key in self.buffer:
+            nbytes = self.value_bytes[key]
+            self.live.add("sum", nbytes, "transient")
+            self.sample(step, "backward", n)
+            self.live.drop("sum")
+            self._release(key)
+            self.refs[bid] -= 1
+            if self.refs[bid] == 0:
+                self.live.drop(bid)
+            self._hold(key, self._new_buffer(nbytes))
+        else:
+            self._hold(key, bid)
+            self.refs[bid] -= 1
+        node = key[0]
+        if node in self.pending:
+            self.pending[node] -= 1
+            if self.pending[node] == 0:
+                self._accumulate_grad(step, n, key)
+
+    def _accumulate_grad(self, step: int, n: str, key: tuple[str, int]) -> None:
+        """AccumulateGrad runs as soon as a parameter's last contribution arrives: the first
+        gradient is stolen as `.grad`, later ones are added to it in place."""
+        sid = self.find(self.g.nodes[key[0]]["storages"][0])
+        bid = self.buffer[key]
+        if ("grad", sid) not in self.live.where and self.refs[bid] == 1:
+            nbytes = self.live.where[bid][1]
+            del self.buffer[key]
+            self.refs[bid] = 0
+            self.live.drop(bid)
+            self.live.add(("grad", sid), nbytes, "grads")
+            return
+        if ("grad", sid) not in self.live.where:
+            self.live.add(("grad", sid), self.nbytes[sid], "grads")  # a copy of a shared one
+        self.sample(step, "backward", n)
+        self._release(key)
+
+    def _passes_through(self, d: dict, v) -> bool:
+        """Is this input's gradient a view of the op's incoming gradient (no new memory)?"""
+        out = d["outputs"][0] if d["outputs"] else None
+        if out is None:
+            return False
+        if d.get("target") in _GRAD_IS_INCOMING:
+            return v.spec.shape == out.shape and v.spec.dtype == out.dtype
+        if d.get("target") in _GRAD_IS_VIEW:
+            return v.spec.numel == out.numel
+        # an op that returns its input itself (dropout that does nothing, a same-dtype `to`)
+        return (len(d["outputs"]) == 1 and d["storages"][0] is not None
+                and self.find(d["storages"][0]) == self.find(v.storage)
+                and v.spec.numel == out.numel and v.spec.dtype == out.dtype)
 
     def optimizer(self, step: int, create_state: bool) -> None:
         name = self.config.optimizer
@@ -309,6 +403,20 @@ class _Walk:
                 if name == "sgd-momentum" and create_state:
                     self.live.add(("momentum", sid), nbytes, "optimizer_state")
                 self.sample(step, "optimizer", node)
+
+
+aten = torch.ops.aten
+# ops whose backward hands the incoming gradient on as the input's gradient (same shape)
+_GRAD_IS_INCOMING = {aten.add.Tensor, aten.add_.Tensor, aten.clone.default, aten.alias.default,
+                     aten.contiguous.default, aten.to.dtype, aten.type_as.default,
+                     aten._to_copy.default, aten.to.dtype_layout, aten.to.device}
+# view ops whose backward is a view (reshape) of the incoming gradient
+_GRAD_IS_VIEW = {aten.view.default, aten.reshape.default, aten._unsafe_view.default,
+                 aten.flatten.using_ints, aten.unflatten.int, aten.transpose.int,
+                 aten.permute.default, aten.t.default, aten.unsqueeze.default,
+                 aten.squeeze.dim, aten.squeeze.default, aten.squeeze.dims, aten.view_as.default,
+                 aten.reshape_as.default, aten.alias.default, aten.contiguous.default,
+                 aten.detach.default}
 
 
 def _inputs(d: dict) -> list:
