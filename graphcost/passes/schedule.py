@@ -126,8 +126,8 @@ def training_timeline(analysis: Analysis, config: TrainingConfig | None = None) 
     >>> from graphcost import analyze
     >>> from graphcost.models import load
     >>> t = training_timeline(analyze(*load("gpt2", seq=64, n_layer=2, with_targets=True)))
-    >>> t.peak.phase
-    'optimizer'
+    >>> t.peak.step, t.peak.phase, t.peak.module_path  # the tied embedding's gradients summed
+    (1, 'backward', 'wte')
     """
     config = config or TrainingConfig()
     return _Walk(analysis.graph, config).run()
