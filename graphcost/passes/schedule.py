@@ -301,9 +301,10 @@ class _Walk:
         # its incoming gradient (views, same-shape add/sub) or a new tensor of the input's size.
         contributions: list[tuple[tuple[str, int], int, object | None]] = []
         seen = set()
-        for v in _inputs(d):
+        for position, v in enumerate(_inputs(d)):
             key = (v.node, v.index)
-            if not v.requires_grad or key in seen:
+            if not v.requires_grad or key in seen or position in _NOT_DIFFERENTIABLE.get(
+                    d.get("target"), ()):
                 continue
             seen.add(key)
             through = self._passes_through(d, v)
@@ -417,6 +418,13 @@ _GRAD_IS_VIEW = {aten.view.default, aten.reshape.default, aten._unsafe_view.defa
                  aten.squeeze.dim, aten.squeeze.default, aten.squeeze.dims, aten.view_as.default,
                  aten.reshape_as.default, aten.alias.default, aten.contiguous.default,
                  aten.detach.default}
+
+# tensor inputs (by position among the op's tensor inputs) that get no gradient: they only
+# give a shape or a dtype
+_NOT_DIFFERENTIABLE = {aten.type_as.default: (1,), aten.view_as.default: (1,),
+                       aten.reshape_as.default: (1,), aten.expand_as.default: (1,),
+                       aten.zeros_like.default: (0,), aten.ones_like.default: (0,),
+                       aten.empty_like.default: (0,), aten.full_like.default: (0,)}
 
 
 def _inputs(d: dict) -> list:

@@ -60,7 +60,11 @@ def pow_cost(ctx: RuleContext) -> OpCost:
     2 ** e keeps e and the result, x ** e keeps x, e and the result."""
     base, exponent = ctx.arg(0, "self"), ctx.arg(1, "exponent")
     if not isinstance(exponent, Value):
-        return OpCost(saved=ctx.saved_if_grad(base))
+        # Its backward, grad * (exponent * x.pow(exponent - 1)), holds two x-sized temporaries
+        # beside the gradient it returns (none for exponent 0: zeros_like).
+        temporaries = 2 if ctx.needs_grad(base) and exponent != 0 else 0
+        return OpCost(saved=ctx.saved_if_grad(base),
+                      backward_workspace_bytes=temporaries * ctx.out.nbytes)
     if not isinstance(base, Value):
         return OpCost(saved=ctx.saved_if_grad(exponent, Out(0)))
     return OpCost(saved=ctx.saved_if_grad(base, exponent, Out(0)))
