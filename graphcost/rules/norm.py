@@ -51,7 +51,22 @@ def rms_norm_cost(ctx: RuleContext) -> OpCost:
             saved.append(weight)
     # Keep each extra tensor once: the same Python object stands for the same storage.
     unique = list({id(s): s for s in saved}.values())
-    return OpCost(saved=tuple(unique) if ctx.requires_grad else ())
+    return OpCost(saved=tuple(unique) if ctx.requires_grad else (),
+                  backward_workspace_bytes=_rms_norm_backward_workspace(x, weight, acc))
+
+
+def _rms_norm_backward_workspace(x: Value, weight, acc: torch.dtype) -> int:
+    """The composite's backward, node by node, beyond the gradients it returns. With u = x's
+    size in the accumulation dtype: the incoming gradient upcast (u, when x is not already in
+    it), the weight's product and its gradient before the sum (2u; the saved x * rstd, u, is
+    released after it), then the gradient of x * rstd (u), the mean's gradient (u) and pow's
+    backward (its gradient and two temporaries, 3u) all alive together: 5u at the peak, less
+    the incoming gradient and x * rstd already counted, and x's gradient counted apart."""
+    u = x.spec.numel * acc.itemsize
+    weight_grad = isinstance(weight, Value) and weight.requires_grad
+    if not x.requires_grad:
+        return (u if weight_grad else 0) + (u if acc != x.dtype else 0)
+    return 5 * u - x.spec.nbytes - (u if weight_grad else 0) - x.spec.nbytes
 
 
 @register(aten.batch_norm)
