@@ -188,6 +188,8 @@ class _Walk:
                 self.savers[sid] += 1
         self.grad_output_roots = {find(v.storage) for v in outputs if v.requires_grad}
         self.graph_outputs = outputs
+        self.scalar_roots = {find(v.storage) for v in outputs if v.requires_grad
+                             and not v.spec.shape}
         self.value_bytes: dict[tuple[str, int], int] = {}
         self.param_consumers: dict[str, int] = defaultdict(int)
         for n in self.backward_ops:
@@ -246,8 +248,12 @@ class _Walk:
                 if sid not in saved and sid not in self.outputs and sid not in self.persistent:
                     self.live.drop(sid)
         for sid in list(self.live.where):
-            if sid in self.outputs and sid not in self.grad_output_roots and sid not in saved:
+            if sid in self.outputs and sid not in self.scalar_roots and sid not in saved:
                 self.live.drop(sid)  # the model's output, once the loss is taken from it
+        for v in self.graph_outputs:
+            if v.requires_grad and v.spec.shape:
+                # a tensor output: the loss is its sum, a scalar of its dtype
+                self.live.add(("loss", v.node, v.index), v.spec.dtype.itemsize, "transient")
 
     def _read_later(self, n: str, sid: int) -> set[int]:
         # An output nobody reads is dead right after its op; one that is read is freed by
@@ -268,14 +274,16 @@ class _Walk:
         self.refs: dict[object, int] = defaultdict(int)  # buffer -> values holding it
         self.pending = dict(self.param_consumers)  # param node -> contributions still to come
         for v in self.graph_outputs:
-            if v.requires_grad:  # d loss / d loss = 1 (ones_like)
-                self._hold((v.node, v.index), self._new_buffer(v.spec.nbytes))
+            if v.requires_grad:  # d loss / d loss = 1 (ones_like), expanded for a sum's input
+                self._hold((v.node, v.index), self._new_buffer(v.spec.dtype.itemsize))
         for n in self.backward_ops:
             self._backward_node(step, n)
         for key in list(self.buffer):
             self._release(key)  # gradients of inputs that never reached a producer
-        for sid in self.grad_output_roots:
+        for sid in self.scalar_roots:
             self.live.drop(sid)  # the loss
+        for v in self.graph_outputs:
+            self.live.drop(("loss", v.node, v.index))
 
     def _new_buffer(self, nbytes: int) -> object:
         bid = ("gradbuf", len(self.refs), object())
@@ -377,6 +385,8 @@ class _Walk:
             return False
         if d.get("target") in _GRAD_IS_INCOMING:
             return v.spec.shape == out.shape and v.spec.dtype == out.dtype
+        if d.get("target") in _GRAD_IS_EXPANDED:
+            return True
         if d.get("target") in _GRAD_IS_VIEW:
             return v.spec.numel == out.numel
         # an op that returns its input itself (dropout that does nothing, a same-dtype `to`)
@@ -419,6 +429,8 @@ _GRAD_IS_VIEW = {aten.view.default, aten.reshape.default, aten._unsafe_view.defa
                  aten.reshape_as.default, aten.alias.default, aten.contiguous.default,
                  aten.detach.default}
 
+# reductions whose backward expands the incoming gradient (a view: no new memory)
+_GRAD_IS_EXPANDED = {aten.sum.default, aten.sum.dim_IntList}
 # tensor inputs (by position among the op's tensor inputs) that get no gradient: they only
 # give a shape or a dtype
 _NOT_DIFFERENTIABLE = {aten.type_as.default: (1,), aten.view_as.default: (1,),

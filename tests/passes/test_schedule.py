@@ -1,0 +1,131 @@
+"""The predicted training timeline (graphcost.passes.schedule) against measured real CPU steps
+(graphcost.memtrack.measure_training_peak, equal to PyTorch's MemTracker to the byte)."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from graphcost import analyze
+from graphcost.memtrack import measure_training_peak
+from graphcost.models import load
+from graphcost.passes.schedule import TrainingConfig, training_timeline
+
+torch.set_num_threads(1)
+
+SMALL = {
+    "gpt2": ("gpt2", dict(n_layer=2, n_embd=64, n_head=4, vocab_size=100, block_size=64)),
+    "llama3-8b": ("llama3-8b", dict(n_layers=2, dim=64, n_heads=4, n_kv_heads=2, vocab_size=100,
+                                    ffn_dim=96, max_seq_len=64)),
+    "llama3-8b-torch-rmsnorm": ("llama3-8b", dict(n_layers=2, dim=64, n_heads=4, n_kv_heads=2,
+                                                  vocab_size=100, ffn_dim=96, max_seq_len=64,
+                                                  use_torch_rmsnorm=True)),
+    "cs336-gpt2-xl": ("cs336-gpt2-xl", dict(n_layers=2, d_model=64, n_heads=4, vocab_size=100,
+                                            d_ff=128, context_length=64)),
+    "resnet-cnn": ("resnet-cnn", {}),
+}
+# "frozen": the embedding(s) and the first block do not train
+FROZEN = {"gpt2": ["wte", "wpe", "h.0"], "llama3-8b": ["tok_embeddings", "layers.0"],
+          "llama3-8b-torch-rmsnorm": ["tok_embeddings", "layers.0"],
+          "cs336-gpt2-xl": ["token_embeddings", "position_embeddings", "layers.0"],
+          "resnet-cnn": ["stem", "stages.0.0"]}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+# Predicted peaks (overall, and backward / optimizer per step) are within a few bytes of the
+# measured ones on this matrix; the tolerance leaves room for other shapes.
+PEAK_TOLERANCE = 0.01
+# NB: forward-phase peaks are still underestimated by up to 2.3% (bf16 transformers, frozen
+# models, resnet): eager Python keeps a tensor until its last reference dies (a function's
+# argument until the call returns, `h = f(h)` the old h until f returns), later than its last
+# use in the graph, and the schedule frees at the last use. The forward never holds the
+# overall peak here (backward/optimizer are higher), so the overall peak stays exact.
+FORWARD_TOLERANCE = 0.025
+
+
+def _build(family: str, dtype: torch.dtype, device: str, frozen: bool):
+    zoo, overrides = SMALL[family]
+    seq = 32 if family == "resnet-cnn" else 16
+    model, inputs = load(zoo, batch=2, seq=seq, dtype=dtype, with_targets=True, device=device,
+                         **overrides)
+    if frozen:
+        for path in FROZEN[family]:
+            model.get_submodule(path).requires_grad_(False)
+    return model, inputs
+
+
+@functools.lru_cache(maxsize=None)
+def _analysis(family: str, dtype: str, frozen: bool):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return analyze(*_build(family, DTYPES[dtype], "meta", frozen))
+
+
+def _measure(family, dtype, frozen, **kw):
+    torch.manual_seed(0)
+    model, inputs = _build(family, DTYPES[dtype], "cpu", frozen)
+    return measure_training_peak(model, inputs, precision=dtype, **kw)
+
+
+def _check(family, dtype, frozen, optimizer, grad_accumulation=1, set_to_none=True):
+    config = TrainingConfig(optimizer=optimizer, grad_accumulation=grad_accumulation,
+                            set_to_none=set_to_none)
+    predicted = training_timeline(_analysis(family, dtype, frozen), config)
+    measured = _measure(family, dtype, frozen, optimizer=optimizer,
+                        grad_accumulation=grad_accumulation, set_to_none=set_to_none)
+    assert predicted.peak_bytes == pytest.approx(measured.peak_bytes, rel=PEAK_TOLERANCE)
+    measured_phases = dict(measured.step_phase_peaks)
+    for key, value in predicted.phase_peaks().items():
+        tolerance = FORWARD_TOLERANCE if key[1] == "forward" else PEAK_TOLERANCE
+        assert value == pytest.approx(measured_phases[key], rel=tolerance), key
+    # where: the phase of the predicted peak holds the measured peak too
+    assert measured_phases[(predicted.peak.step, predicted.peak.phase)] == pytest.approx(
+        measured.peak_bytes, rel=PEAK_TOLERANCE)
+
+
+@pytest.mark.parametrize("frozen", [False, True], ids=["trained", "frozen"])
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("optimizer", ["adamw", "adam", "sgd", "sgd-momentum"])
+@pytest.mark.parametrize("family", list(SMALL))
+def test_peak_matches_measured(family, optimizer, dtype, frozen):
+    _check(family, dtype, frozen, optimizer)
+
+
+@pytest.mark.parametrize("frozen", [False, True], ids=["trained", "frozen"])
+@pytest.mark.parametrize("family", list(SMALL))
+@pytest.mark.parametrize("optimizer,grad_accumulation,set_to_none",
+                         [("sgd", 2, True), ("adamw", 2, True), ("sgd", 1, False)])
+def test_accumulation_and_kept_grads(family, optimizer, grad_accumulation, set_to_none, frozen):
+    _check(family, "bf16" if family.startswith("llama") else "fp32", frozen, optimizer,
+           grad_accumulation, set_to_none)
+
+
+B, D_IN, D_OUT = 8, 32, 16
+
+
+def test_single_linear_sgd_by_hand():
+    """nn.Linear(D_IN, D_OUT) on a (B, D_IN) batch, loss = output.sum(), plain SGD, fp32."""
+    params = (D_OUT * D_IN + D_OUT) * 4
+    x = B * D_IN * 4
+    out = B * D_OUT * 4
+    loss = ones = 4
+    forward = params + x + out  # at addmm (the loss's 4 bytes come after the last graph op)
+    # backward: d loss = ones (a scalar, expanded: no memory); d weight, d bias
+    backward = params + x + loss + ones + D_OUT * D_IN * 4 + D_OUT * 4
+    optimizer = params + x + params  # grads stay; SGD updates in place
+    with torch.device("meta"):
+        model = nn.Linear(D_IN, D_OUT)
+    t = training_timeline(analyze(model, (torch.empty(B, D_IN, device="meta"),)),
+                          TrainingConfig(optimizer="sgd"))
+    assert t.phase_peaks()[(0, "forward")] == forward
+    assert t.phase_peaks()[(0, "backward")] == backward
+    assert t.phase_peaks()[(0, "optimizer")] == optimizer
+    assert (t.peak.phase, t.peak_bytes) == ("backward", backward)
+    torch.manual_seed(0)
+    measured = measure_training_peak(nn.Linear(D_IN, D_OUT), (torch.randn(B, D_IN),),
+                                     optimizer="sgd")
+    assert measured.peak_bytes == backward
+    assert measured.step_phase_peaks[(0, "optimizer")] == optimizer
