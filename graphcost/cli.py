@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import ast
 import contextlib
+import dataclasses
 import importlib.util
 import inspect
 import io
@@ -34,7 +35,8 @@ from graphcost import report
 from graphcost.analysis import analyze
 from graphcost.errors import GraphcostError
 from graphcost.hardware import DEFAULT_DEVICE, PRESETS, get_device
-from graphcost.models import UnknownModelError, list_models, load
+from graphcost.models import UnknownModelError, list_models, load, max_context
+from graphcost.passes.fit import DEFAULT_RESERVE_BYTES, fit
 from graphcost.passes.schedule import OPTIMIZERS, TrainingConfig, training_timeline
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -340,6 +342,53 @@ def cmd_memory(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_bytes(text: str) -> int:
+    """'2GiB', '1.5 GB', '512MiB', '1073741824' -> bytes."""
+    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+             "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+    t = text.strip().lower().replace(" ", "")
+    number = t.rstrip("kmgtib")
+    unit = t[len(number):]
+    try:
+        value = float(number)
+    except ValueError:
+        value = -1.0
+    if unit not in units or value < 0:
+        raise CliError(f"bad size {text!r}, in --reserve; write e.g. 2GiB, 1.5GB or 512MiB")
+    return int(value * units[unit])
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    dtype = parse_dtype(args.precision) if args.precision is not None else None
+    config = TrainingConfig(optimizer=args.optimizer)
+    reserve = parse_bytes(args.reserve)
+    overrides = parse_overrides(args.set)
+    first = load_model(args.model, batch=1, seq=args.seq, dtype=dtype, overrides=overrides)
+    if first.seq is None:
+        raise CliError(f"cannot find the sequence length of {args.model!r}'s inputs; fit "
+                       "searches (batch, seq) token inputs")
+    zoo = args.model in list_models()
+    context = max_context(args.model, **overrides) if zoo else None
+
+    def loader(batch: int, seq: int, training: bool):
+        m = load_model(args.model, batch=batch, seq=seq, dtype=dtype, targets=training,
+                       overrides=overrides)
+        return m.module, m.inputs
+
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        with _quiet_torch():
+            result = fit(loader, device=args.device, seq=first.seq, model_max_seq=context,
+                         config=config, reserve_bytes=reserve)
+    if args.json:
+        print(json.dumps({"model": first.name, "dtype": first.dtype,
+                          "optimizer": config.optimizer, **dataclasses.asdict(result),
+                          "max_batch": result.train_max_batch, "max_seq": result.train_max_seq}))
+    else:
+        print(report.fit_report(result, model=first.name, dtype=first.dtype,
+                                optimizer=config.optimizer), end="")
+    return 0
+
+
 def cmd_devices(args: argparse.Namespace) -> int:
     devices = list(PRESETS.values())
     if args.json:
@@ -441,6 +490,32 @@ def build_parser() -> argparse.ArgumentParser:
     mem.add_argument("--plot", metavar="FILE.png", default=None,
                      help="save the memory timeline with the peak marked (needs matplotlib)")
     mem.set_defaults(run=cmd_memory)
+
+    f = verbs.add_parser(
+        "fit", help="largest batch and context of MODEL that fit on a device",
+        description="The largest micro-batch at --seq and the largest context at batch 1 that "
+        "fit in the device's memory less a reserve, for training (two steps with the "
+        "optimizer) and for inference (prefill with a KV cache). Exact for the model: the "
+        "per-event memory polynomials in batch (linear) and length (quadratic) are recovered "
+        "from a few traces, not extrapolated from one.",
+        epilog="The reserve stands for the CUDA context (0.3-1.5 GiB) and allocator slack. "
+        "File models need a factory with batch and seq parameters. Exit status 2 on a user "
+        "error.")
+    f.add_argument("model", metavar="MODEL", help="zoo name or path/to/file.py:factory")
+    f.add_argument("--device", required=True, help="device preset, e.g. a100-80gb")
+    f.add_argument("--seq", type=_positive, default=None,
+                   help="context for the batch search (default: the model's default)")
+    f.add_argument("--precision", default=None, choices=["fp32", "bf16"],
+                   help="cast the model (default: its own parameter dtypes)")
+    f.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS,
+                   help="training optimizer (default adamw)")
+    f.add_argument("--reserve", default=f"{DEFAULT_RESERVE_BYTES // 2**30}GiB",
+                   help="memory kept free for the CUDA context and allocator "
+                   f"(default {DEFAULT_RESERVE_BYTES // 2**30}GiB)")
+    f.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="zoo models: override a config field (repeatable)")
+    f.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    f.set_defaults(run=cmd_fit)
 
     d = verbs.add_parser("devices", help="list device presets",
                          description="Device presets: memory, bandwidth and dense peaks.")

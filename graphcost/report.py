@@ -228,3 +228,26 @@ def memory_report(timeline, *, model: str, device: str) -> str:
             for (step, phase), b in timeline.phase_peaks().items()]
     lines.append(table(["step", "phase", "peak"], rows, align="llr"))
     return "\n".join(lines) + "\n"
+
+
+def fit_report(result, *, model: str, dtype: str | None, optimizer: str) -> str:
+    """What fits on the device: largest batch at the context, largest context at batch 1."""
+    def ctx(n):
+        if n is None:
+            return "-"
+        limit = " (the model's limit)" if n == result.model_max_seq else ""
+        return f"{format_count(n)} tokens{limit}"
+
+    rows = [["training", f"{optimizer}, {dtype or 'model dtype'}", format_count(result.train_max_batch),
+             ctx(result.train_max_seq)],
+            ["inference", "prefill + KV cache", format_count(result.infer_max_batch),
+             ctx(result.infer_max_seq)]]
+    lines = [
+        f"graphcost fit: {model} on {result.device}",
+        f"  memory {format_bytes(result.memory_bytes)} - reserve "
+        f"{format_bytes(result.reserve_bytes)} = budget {format_bytes(result.budget_bytes)}",
+        "",
+        table(["", "setting", f"max batch @ {result.seq}", "max context @ batch 1"], rows,
+              align="llrr"),
+    ]
+    return "\n".join(lines) + "\n"

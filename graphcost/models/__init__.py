@@ -123,6 +123,16 @@ def build_model(name: str, *, dtype=torch.float32, device="meta", **overrides) -
     return _build(get_config(name, **overrides), dtype, device)
 
 
+def max_context(name_or_config, **overrides) -> int | None:
+    """The longest sequence the model accepts (None for models without one, like the CNN)."""
+    config = get_config(name_or_config, **overrides) if isinstance(name_or_config, str) \
+        else name_or_config
+    for field in ("block_size", "context_length", "max_seq_len"):
+        if hasattr(config, field):
+            return getattr(config, field)
+    return None
+
+
 def _seq_len(config, seq):
     if isinstance(config, GPT2Config):
         limit, default = config.block_size, config.block_size
