@@ -155,6 +155,8 @@ def expand_blocks(g: nx.DiGraph, blocks: RepeatedBlocks) -> nx.DiGraph | None:
                 data["args"] = _map_values(data["args"], remap)
                 data["kwargs"] = {k: _map_values(v, remap) for k, v in data["kwargs"].items()}
                 data["module_path"] = _rename(data["module_path"], blocks.path, 1, i)
+                data["module_calls"] = tuple(_rename(c, blocks.path, 1, i)
+                                             for c in data["module_calls"])
                 copies.append(nodes[n])
             out.add_node(nodes[n], **data)
             for v in values_in((data.get("args", ()), list(data.get("kwargs", {}).values()))):

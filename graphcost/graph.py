@@ -11,6 +11,8 @@ Node attributes (the schema is documented in docs/graph.md):
     args, kwargs    op nodes: arguments with tensors replaced by graphcost Values
     module_path     op nodes: "layers.3.attention.wq" ("" for the root module)
     module_type     op nodes: "Linear"
+    module_calls    op nodes: the module calls it runs inside, outermost first ("layers.3",
+                    "layers.3.attention", ...; a second call of one module is "path@1")
     source          op nodes: the model source line that produced it
 Graph attributes: model_name, outputs (the Values the model returns), storage_bytes
 ({storage id: bytes}), storage_owner ({storage id: node that created it}).
@@ -64,6 +66,11 @@ def _module_of(node: torch.fx.Node) -> tuple[str, str]:
     path = path.split("@")[0]  # "blocks.0.ln@1": the second call of the same module
     mtype = mtype if isinstance(mtype, str) else getattr(mtype, "__name__", str(mtype))
     return path, mtype.rsplit(".", 1)[-1]
+
+
+def _calls_of(node: torch.fx.Node) -> tuple[str, ...]:
+    stack = node.meta.get("nn_module_stack") or {}
+    return tuple(path for path, _ in stack.values() if path)
 
 
 def _source(node: torch.fx.Node) -> str:
@@ -160,6 +167,7 @@ def build_graph(tr: Trace) -> nx.DiGraph:
             g.add_node(node.name, kind="op", order=order, target=node.target,
                        op=op_name(node.target), args=args, kwargs=kwargs, outputs=specs,
                        storages=sids, requires_grad=rg, module_path=path, module_type=mtype,
+                       module_calls=_calls_of(node),
                        source=_source(node))
             for v in inputs:
                 g.add_edge(v.node, node.name)

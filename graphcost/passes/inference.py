@@ -16,6 +16,7 @@ import networkx as nx
 
 from graphcost.analysis import Analysis
 from graphcost.graph import op_nodes
+from graphcost.passes.liveness import last_reads
 from graphcost.rules.registry import Value, values_in
 
 SHAPE_ONLY = {"view", "_unsafe_view", "reshape", "expand", "unsqueeze", "squeeze", "transpose",
@@ -78,10 +79,7 @@ def inference_memory(analysis: Analysis) -> InferenceMemory:
         return sid
 
     ops = op_nodes(g)
-    last_read: dict[int, str] = {}
-    for n in ops:
-        for v in values_in((g.nodes[n]["args"], list(g.nodes[n]["kwargs"].values()))):
-            last_read[find(v.storage)] = n
+    last_read = {sid: ops[i] for sid, i in last_reads(g, ops, find).items()}
     outputs = {find(v.storage) for v in g.graph.get("outputs", [])}
     weights = {d["storages"][0] for _, d in g.nodes(data=True) if d["kind"] in ("param", "buffer")}
     inputs = {d["storages"][0] for _, d in g.nodes(data=True)

@@ -42,6 +42,7 @@ import torch
 from graphcost.analysis import Analysis
 from graphcost.errors import ConfigError
 from graphcost.graph import op_nodes
+from graphcost.passes.liveness import last_reads
 from graphcost.rules.registry import OpCost, values_in
 
 OPTIMIZERS = ("adamw", "adam", "sgd", "sgd-momentum")
@@ -170,20 +171,17 @@ class _Walk:
 
         self.reads: dict[str, set[int]] = {}
         self.new: dict[str, list[int]] = {}
-        last_read: dict[int, str] = {}
         for n in self.ops:
             d = g.nodes[n]
             reads = {find(v.storage) for v in _inputs(d)}
             self.reads[n] = reads
-            for sid in reads:
-                last_read[sid] = n
             made = [s for s in d["storages"] if s is not None and owner.get(s) == n
                     and s not in alias]
             made += [s for s in d["saved"] if owner.get(s) == n and s not in d["storages"]]
             self.new[n] = list(dict.fromkeys(made))
         self.frees_after: dict[str, list[int]] = defaultdict(list)
-        for sid, n in last_read.items():
-            self.frees_after[n].append(sid)
+        for sid, i in last_reads(g, self.ops, find).items():
+            self.frees_after[self.ops[i]].append(sid)
 
         outputs = [v for v in g.graph.get("outputs", [])]
         self.outputs = {find(v.storage) for v in outputs}

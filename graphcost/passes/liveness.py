@@ -1,0 +1,50 @@
+"""When eager PyTorch can free a forward value: after its last reader in the graph, or later if
+a Python frame still holds it. A module's forward binds its arguments to parameters, so a value
+passed into a module call stays alive until that call returns (`h = self.norm(h)` keeps the old
+`h` until norm is done). Module calls come from torch.export's nn_module_stack: a container that
+is iterated but never called (a ModuleList) is not one.
+NB: plain function calls and local variables that outlive their last use inside one module's
+forward are not visible in the graph and are not modelled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import networkx as nx
+
+from graphcost.rules.registry import values_in
+
+
+def last_reads(g: nx.DiGraph, ops: list[str], find: Callable[[int], int]) -> dict[int, int]:
+    """{storage: index in `ops` of the op after which it can be freed} for every storage read."""
+    runs_of: list[list[list[int]]] = []  # per op: its enclosing module calls [start, end], outer first
+    open_runs: dict[str, list[int]] = {}
+    for i, n in enumerate(ops):
+        prefixes = g.nodes[n].get("module_calls", ())
+        for q in [q for q in open_runs if q not in prefixes]:
+            del open_runs[q]
+        for q in prefixes:
+            if q not in open_runs:
+                open_runs[q] = [i, i]
+            open_runs[q][1] = i
+        runs_of.append([open_runs[q] for q in prefixes])
+
+    made_at = {}
+    for i, n in enumerate(ops):
+        for s in g.nodes[n]["storages"]:
+            if s is not None:
+                made_at.setdefault(find(s), i)
+    last: dict[int, int] = {}
+    for i, n in enumerate(ops):
+        d = g.nodes[n]
+        for v in values_in((d["args"], list(d["kwargs"].values()))):
+            sid = find(v.storage)
+            j = made_at.get(sid, -1)
+            end = i
+            for start, run_end in runs_of[i]:  # outermost call the value was passed into
+                if start > j:
+                    end = max(end, run_end)
+                    break
+            last[sid] = max(last.get(sid, -1), end)
+    return last
