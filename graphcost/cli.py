@@ -37,6 +37,7 @@ from graphcost.errors import GraphcostError
 from graphcost.hardware import DEFAULT_DEVICE, PRESETS, get_device
 from graphcost.models import UnknownModelError, list_models, load, max_context
 from graphcost.passes.fit import DEFAULT_RESERVE_BYTES, fit
+from graphcost.passes.inference import inference_memory
 from graphcost.passes.schedule import OPTIMIZERS, TrainingConfig, training_timeline
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -306,7 +307,34 @@ def _analysis(args: argparse.Namespace, dtype: str | None):
     return model, analysis
 
 
+def cmd_memory_inference(args: argparse.Namespace) -> int:
+    dtype = parse_dtype(args.precision) if args.precision is not None else None
+    if args.plot:
+        raise CliError("--plot draws the training timeline; drop --plot or --inference")
+    args.seq = args.context or args.seq
+    args.no_targets = True
+    model, analysis = _analysis(args, dtype)
+    mem = inference_memory(analysis)
+    if args.json:
+        print(json.dumps({
+            "model": model.name, "device": analysis.device.name, "batch": model.batch,
+            "context": model.seq, "dtype": model.dtype, "peak_bytes": mem.peak_bytes,
+            "peak_at": {"phase": "prefill", "op": mem.peak_op, "module": mem.peak_module},
+            "breakdown_at_peak": {"params": mem.weight_bytes, "kv_cache": mem.kv_cache_bytes,
+                                  "activations": mem.activation_peak_bytes},
+            "kv_cache_bytes_per_token": mem.kv_cache_bytes_per_token,
+            "unsupported_ops": analysis.unsupported_ops}))
+    else:
+        print(report.inference_report(mem, model=model.name, device=analysis.device.name,
+                                      batch=model.batch, context=model.seq), end="")
+    return 0
+
+
 def cmd_memory(args: argparse.Namespace) -> int:
+    if args.inference:
+        return cmd_memory_inference(args)
+    if args.context is not None:
+        raise CliError("--context is the cached context of --inference; for training use --seq")
     dtype = parse_dtype(args.precision) if args.precision is not None else None
     config = TrainingConfig(optimizer=args.optimizer, steps=args.steps,
                             grad_accumulation=args.grad_accumulation)
@@ -486,6 +514,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="micro-batches per optimizer step (default 1)")
     mem.add_argument("--steps", type=_positive, default=2,
                      help="training steps to walk (default 2: the state appears in step 1)")
+    mem.add_argument("--inference", action="store_true",
+                     help="inference instead: a prefill of --context tokens per sequence with "
+                     "a KV cache holding them (no gradients, no optimizer)")
+    mem.add_argument("--context", type=_positive, default=None,
+                     help="with --inference: tokens per sequence in the KV cache (default --seq)")
     mem.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     mem.add_argument("--plot", metavar="FILE.png", default=None,
                      help="save the memory timeline with the peak marked (needs matplotlib)")

@@ -251,3 +251,26 @@ def fit_report(result, *, model: str, dtype: str | None, optimizer: str) -> str:
               align="llrr"),
     ]
     return "\n".join(lines) + "\n"
+
+
+def inference_report(mem, *, model: str, device: str, batch: int | None,
+                     context: int | None) -> str:
+    """Peak of a prefill with the KV cache, and what is alive then."""
+    rows = [["params", format_bytes(mem.weight_bytes), format_share(mem.weight_bytes,
+                                                                     mem.peak_bytes)],
+            ["kv cache", format_bytes(mem.kv_cache_bytes), format_share(mem.kv_cache_bytes,
+                                                                         mem.peak_bytes)],
+            ["activations", format_bytes(mem.activation_peak_bytes),
+             format_share(mem.activation_peak_bytes, mem.peak_bytes)]]
+    lines = [
+        f"graphcost memory --inference: {model} on {device}, batch {batch} x context {context}",
+        "",
+        f"  peak        {format_bytes(mem.peak_bytes)}  ({format_count(mem.peak_bytes)} bytes)",
+        f"  when        prefill, {mem.peak_op}"
+        f"{' in ' + mem.peak_module if mem.peak_module else ''}",
+        f"  KV cache    {format_bytes(mem.kv_cache_bytes_per_token)} per token (K and V, all "
+        "layers)",
+        "",
+        table(["category", "bytes", "share"], rows, align="lrr"),
+    ]
+    return "\n".join(lines) + "\n"
