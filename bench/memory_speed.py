@@ -1,4 +1,4 @@
-"""Time of `graphcost memory` (analyze + training timeline) and of the fit search, next to
+"""Time of `graphcost memory` (analyze + training timeline) and of `graphcost fit`, next to
 PyTorch's MemTracker running the same training step on the same model under FakeTensorMode.
 
     python bench/memory_speed.py [--repeat N] [--skip-memtracker]
@@ -16,7 +16,8 @@ import warnings
 import torch
 
 import graphcost
-from graphcost.models import load
+from graphcost.models import load, max_context
+from graphcost.passes.fit import fit
 from graphcost.passes.schedule import training_timeline
 
 CASES = [("llama-7b", 1, 2048), ("llama3-405b", 1, 8192)]
@@ -28,6 +29,13 @@ def graphcost_memory(name: str, batch: int, seq: int) -> tuple[float, int]:
     module, inputs = load(name, batch=batch, seq=seq, with_targets=True)
     peak = training_timeline(graphcost.analyze(module, inputs)).peak_bytes
     return time.perf_counter() - start, peak
+
+
+def graphcost_fit(name: str, seq: int) -> tuple[float, object]:
+    start = time.perf_counter()
+    result = fit(lambda b, t, training: load(name, batch=b, seq=t, with_targets=training),
+                 device="h100-sxm", seq=seq, model_max_seq=max_context(name))
+    return time.perf_counter() - start, result
 
 
 def memtracker_step(name: str, batch: int, seq: int) -> tuple[float, int]:
@@ -67,6 +75,12 @@ def main() -> None:
         diff = "-" if isinstance(mt[1], str) else f"{(peak - mt[1]) / mt[1]:+.3%}"
         print(f"{name:<14}{f'{batch}x{seq}':>10}{seconds:>10.2f}{peak / 2**30:>10.1f}"
               f"{mt_s:>14}{mt_peak:>14}{diff:>12}")
+    print(f"\n{'model':<14}{'fit s':>8}  answer (h100-sxm, fp32, adamw)")
+    for name, _, seq in CASES:
+        seconds, r = graphcost_fit(name, seq)
+        print(f"{name:<14}{seconds:>8.2f}  train max batch {r.train_max_batch} @ {seq}, "
+              f"max context {r.train_max_seq}; inference max batch {r.infer_max_batch}, "
+              f"max context {r.infer_max_seq}")
 
 
 if __name__ == "__main__":

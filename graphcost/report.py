@@ -235,12 +235,17 @@ def fit_report(result, *, model: str, dtype: str | None, optimizer: str) -> str:
     def ctx(n):
         if n is None:
             return "-"
+        if n == 0:
+            return "does not fit"
         limit = " (the model's limit)" if n == result.model_max_seq else ""
         return f"{format_count(n)} tokens{limit}"
 
-    rows = [["training", f"{optimizer}, {dtype or 'model dtype'}", format_count(result.train_max_batch),
+    def batch(n):
+        return format_count(n) if n else "does not fit"
+
+    rows = [["training", f"{optimizer}, {dtype or 'model dtype'}", batch(result.train_max_batch),
              ctx(result.train_max_seq)],
-            ["inference", "prefill + KV cache", format_count(result.infer_max_batch),
+            ["inference", "prefill + KV cache", batch(result.infer_max_batch),
              ctx(result.infer_max_seq)]]
     lines = [
         f"graphcost fit: {model} on {result.device}",
