@@ -16,7 +16,7 @@ import torch
 
 import graphcost
 from graphcost.groundtruth import measure_flops, measure_saved_bytes
-from graphcost.models import list_models, load
+from graphcost.models import SMALL_OVERRIDES, list_models, load
 
 PUBLISHED = {
     "gpt2": 124_439_808, "gpt2-medium": 354_823_168, "gpt2-large": 774_030_080,
@@ -24,14 +24,7 @@ PUBLISHED = {
     "llama-13b": 13_015_864_320, "llama-65b": 65_285_660_672, "llama2-70b": 68_976_648_192,
     "llama3-8b": 8_030_261_248, "llama3-70b": 70_553_706_496, "llama3-405b": 405_853_388_800,
 }
-SMALL = {
-    "gpt2": dict(n_layer=2, n_embd=64, n_head=4, vocab_size=100, block_size=64),
-    "llama3-8b": dict(n_layers=2, dim=64, n_heads=4, n_kv_heads=2, vocab_size=100, ffn_dim=96,
-                      max_seq_len=64),
-    "cs336-gpt2-xl": dict(n_layers=2, d_model=64, n_heads=4, vocab_size=100, d_ff=128,
-                          context_length=64),
-    "resnet-cnn": {},
-}
+SMALL = SMALL_OVERRIDES
 
 
 def seq_of(name: str) -> int:

@@ -117,6 +117,19 @@ def annotate(graph: nx.DiGraph, *, device: str | Device = "cpu", rules: RuleRegi
     return g
 
 
+def storage_root(g: nx.DiGraph):
+    """A function mapping a storage id to the storage it really is on the target device (see
+    `storage_alias`: a traced copy that the device's kernel layout makes free)."""
+    alias = g.graph.get("storage_alias", {})
+
+    def find(sid: int) -> int:
+        while sid in alias:
+            sid = alias[sid]
+        return sid
+
+    return find
+
+
 class _Layouts:
     """Tracks outputs whose kernel writes them in a non-contiguous memory order (see
     OpCost.output_dim_order) through transposes and permutes. A traced copy (`contiguous`,

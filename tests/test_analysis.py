@@ -9,17 +9,12 @@ import torch
 
 from graphcost import analyze
 from graphcost.groundtruth import measure_flops, measure_saved_bytes
-from graphcost.models import build_model, list_models, load
+from graphcost.models import SMALL_OVERRIDES, build_model, list_models, load
 
 FULL_DEPTH_SEQ = {"resnet-cnn": 32}
 # Small configs of each family for the real CPU runs (saved-tensor ground truth).
-SMALL = {
-    "gpt2": dict(n_layer=2, n_embd=64, n_head=4, vocab_size=100, block_size=64),
-    "llama": dict(n_layers=2, dim=64, n_heads=4, n_kv_heads=2, vocab_size=100, ffn_dim=96,
-                  max_seq_len=64),
-    "cs336": dict(n_layers=2, d_model=64, n_heads=4, vocab_size=100, d_ff=128, context_length=64),
-    "resnet": {},
-}
+SMALL = {"gpt2": SMALL_OVERRIDES["gpt2"], "llama": SMALL_OVERRIDES["llama3-8b"],
+         "cs336": SMALL_OVERRIDES["cs336-gpt2-xl"], "resnet": SMALL_OVERRIDES["resnet-cnn"]}
 DEPTH_KEY = {"gpt2": "n_layer", "llama": "n_layers", "cs336": "n_layers"}
 
 

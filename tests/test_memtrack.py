@@ -23,19 +23,12 @@ from graphcost.memtrack import (
     measure_training_peak,
     measure_training_peak_memtracker,
 )
-from graphcost.models import load
+from graphcost.models import SMALL_OVERRIDES, load
 
 MiB = 2**20
 F32 = 4  # bytes per float32 element
 
-SMALL = {
-    "gpt2": dict(n_layer=2, n_embd=64, n_head=4, vocab_size=100, block_size=64),
-    "llama3-8b": dict(n_layers=2, dim=64, n_heads=4, n_kv_heads=2, vocab_size=100, ffn_dim=96,
-                      max_seq_len=64),
-    "cs336-gpt2-xl": dict(n_layers=2, d_model=64, n_heads=4, vocab_size=100, d_ff=128,
-                          context_length=64),
-    "resnet-cnn": {},
-}
+SMALL = SMALL_OVERRIDES
 
 
 @pytest.fixture(autouse=True, scope="module")

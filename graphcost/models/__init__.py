@@ -123,6 +123,17 @@ def build_model(name: str, *, dtype=torch.float32, device="meta", **overrides) -
     return _build(get_config(name, **overrides), dtype, device)
 
 
+# Small configs of each family: real CPU runs for the ground-truth tests and benchmarks.
+SMALL_OVERRIDES: dict[str, dict] = {
+    "gpt2": dict(n_layer=2, n_embd=64, n_head=4, vocab_size=100, block_size=64),
+    "llama3-8b": dict(n_layers=2, dim=64, n_heads=4, n_kv_heads=2, vocab_size=100, ffn_dim=96,
+                      max_seq_len=64),
+    "cs336-gpt2-xl": dict(n_layers=2, d_model=64, n_heads=4, vocab_size=100, d_ff=128,
+                          context_length=64),
+    "resnet-cnn": {},
+}
+
+
 def max_context(name_or_config, **overrides) -> int | None:
     """The longest sequence the model accepts (None for models without one, like the CNN)."""
     config = get_config(name_or_config, **overrides) if isinstance(name_or_config, str) \

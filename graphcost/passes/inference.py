@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import networkx as nx
 
 from graphcost.analysis import Analysis
+from graphcost.annotate import storage_root
 from graphcost.graph import op_nodes
 from graphcost.passes.liveness import last_reads
 from graphcost.rules.registry import Value, values_in
@@ -73,10 +74,7 @@ def inference_memory(analysis: Analysis) -> InferenceMemory:
     alias = g.graph.get("storage_alias", {})
     owner, nbytes = g.graph["storage_owner"], g.graph["storage_bytes"]
 
-    def find(sid: int) -> int:
-        while sid in alias:
-            sid = alias[sid]
-        return sid
+    find = storage_root(g)
 
     ops = op_nodes(g)
     last_read = {sid: ops[i] for sid, i in last_reads(g, ops, find).items()}

@@ -41,6 +41,7 @@ import torch
 
 from graphcost.analysis import Analysis
 from graphcost.errors import ConfigError
+from graphcost.annotate import storage_root
 from graphcost.graph import op_nodes
 from graphcost.passes.liveness import last_reads
 from graphcost.rules.registry import OpCost, values_in
@@ -150,10 +151,7 @@ class _Walk:
         alias = g.graph.get("storage_alias", {})
         owner, nbytes = g.graph["storage_owner"], g.graph["storage_bytes"]
 
-        def find(sid: int) -> int:
-            while sid in alias:
-                sid = alias[sid]
-            return sid
+        find = storage_root(g)
 
         self.find, self.nbytes, self.owner = find, nbytes, owner
         self.ops = op_nodes(g)

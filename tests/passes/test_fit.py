@@ -10,14 +10,13 @@ import torch
 from graphcost import analyze
 from graphcost.hardware import Device
 from graphcost.memtrack import LiveTensorTracker
-from graphcost.models import get_config, load
+from graphcost.models import SMALL_OVERRIDES, get_config, load
 from graphcost.passes.fit import fit
 from graphcost.passes.inference import inference_memory, kv_cache_bytes_per_token
 from graphcost.passes.schedule import training_timeline
 
 KIB = 1024
-SMALL_LLAMA = dict(n_layers=2, dim=64, n_heads=4, n_kv_heads=2, vocab_size=100, ffn_dim=96,
-                   max_seq_len=64)
+SMALL_LLAMA = SMALL_OVERRIDES["llama3-8b"]
 
 
 @pytest.mark.parametrize("name, kib", [("llama-7b", 512), ("llama3-8b", 128),

@@ -12,22 +12,14 @@ from torch import nn
 
 from graphcost import analyze
 from graphcost.memtrack import measure_training_peak
-from graphcost.models import load
+from graphcost.models import SMALL_OVERRIDES, load
 from graphcost.passes.schedule import TrainingConfig, training_timeline
 
 torch.set_num_threads(1)
 
-SMALL = {
-    "gpt2": ("gpt2", dict(n_layer=2, n_embd=64, n_head=4, vocab_size=100, block_size=64)),
-    "llama3-8b": ("llama3-8b", dict(n_layers=2, dim=64, n_heads=4, n_kv_heads=2, vocab_size=100,
-                                    ffn_dim=96, max_seq_len=64)),
-    "llama3-8b-torch-rmsnorm": ("llama3-8b", dict(n_layers=2, dim=64, n_heads=4, n_kv_heads=2,
-                                                  vocab_size=100, ffn_dim=96, max_seq_len=64,
-                                                  use_torch_rmsnorm=True)),
-    "cs336-gpt2-xl": ("cs336-gpt2-xl", dict(n_layers=2, d_model=64, n_heads=4, vocab_size=100,
-                                            d_ff=128, context_length=64)),
-    "resnet-cnn": ("resnet-cnn", {}),
-}
+SMALL = {name: (name, overrides) for name, overrides in SMALL_OVERRIDES.items()}
+SMALL["llama3-8b-torch-rmsnorm"] = ("llama3-8b", dict(SMALL_OVERRIDES["llama3-8b"],
+                                                      use_torch_rmsnorm=True))
 # "frozen": the embedding(s) and the first block do not train
 FROZEN = {"gpt2": ["wte", "wpe", "h.0"], "llama3-8b": ["tok_embeddings", "layers.0"],
           "llama3-8b-torch-rmsnorm": ["tok_embeddings", "layers.0"],
