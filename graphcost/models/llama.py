@@ -98,16 +98,27 @@ class Attention(nn.Module):
         self.wv = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(config.n_heads * self.head_dim, config.dim, bias=False)
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, cos, sin, cache=None, start_pos=0):
         B, T, _ = x.shape
         xq = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, nh, hd)
         xk = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, nkv, hd)
         xv = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, nkv, hd)
         xq, xk = apply_rope(xq, cos, sin), apply_rope(xk, cos, sin)
-        xk = repeat_kv(xk, self.n_rep)  # (B, T, nh, hd)
-        xv = repeat_kv(xv, self.n_rep)  # (B, T, nh, hd)
-        q, k, v = xq.transpose(1, 2), xk.transpose(1, 2), xv.transpose(1, 2)  # (B, nh, T, hd)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hd)
+        mask, causal = None, True
+        if cache is not None:  # inference: keep this step's keys/values, attend to all so far
+            cache_k, cache_v = cache  # (B, max_seq, nkv, hd) each
+            end = start_pos + T
+            cache_k[:B, start_pos:end] = xk
+            cache_v[:B, start_pos:end] = xv
+            xk, xv = cache_k[:B, :end], cache_v[:B, :end]  # (B, end, nkv, hd)
+            # query i (at position start_pos + i) sees keys 0 .. start_pos + i
+            mask = torch.arange(end, device=x.device)[None, :] <= \
+                torch.arange(start_pos, end, device=x.device)[:, None]  # (T, end)
+            causal = False
+        xk = repeat_kv(xk, self.n_rep)  # (B, S, nh, hd)
+        xv = repeat_kv(xv, self.n_rep)  # (B, S, nh, hd)
+        q, k, v = xq.transpose(1, 2), xk.transpose(1, 2), xv.transpose(1, 2)  # (B, nh, T|S, hd)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
         y = y.transpose(1, 2).contiguous().view(B, T, -1)  # (B, T, nh * hd)
         return self.wo(y)
 
@@ -132,8 +143,8 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = Norm(config.dim, eps=config.norm_eps)
         self.feed_forward = FeedForward(config.dim, config.ffn_dim)
 
-    def forward(self, x, cos, sin):
-        h = x + self.attention(self.attention_norm(x), cos, sin)
+    def forward(self, x, cos, sin, cache=None, start_pos=0):
+        h = x + self.attention(self.attention_norm(x), cos, sin, cache, start_pos)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -158,6 +169,26 @@ class Llama(nn.Module):
         cos, sin = precompute_rope(c.dim // c.n_heads, c.max_seq_len, c.rope_theta)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
+
+    def new_kv_cache(self, batch: int, max_seq: int | None = None):
+        """Meta-style KV cache: per layer (keys, values), each (batch, max_seq, n_kv_heads,
+        head_dim) in the model's dtype, filled by `decode`."""
+        c, w = self.config, self.output.weight
+        shape = (batch, max_seq or c.max_seq_len, c.n_kv_heads, c.dim // c.n_heads)
+        return [(torch.zeros(shape, dtype=w.dtype, device=w.device),
+                 torch.zeros(shape, dtype=w.dtype, device=w.device)) for _ in self.layers]
+
+    @torch.no_grad()
+    def decode(self, tokens, cache, start_pos: int):
+        """Logits for `tokens` (B, T) at positions start_pos.., reading and extending `cache`:
+        a prefill (start_pos 0, T tokens) and then one token per step."""
+        B, T = tokens.shape
+        h = self.tok_embeddings(tokens)  # (B, T, dim)
+        cos = self.rope_cos[start_pos:start_pos + T]  # (T, head_dim)
+        sin = self.rope_sin[start_pos:start_pos + T]
+        for layer, layer_cache in zip(self.layers, cache):
+            h = layer(h, cos, sin, layer_cache, start_pos)
+        return self.output(self.norm(h))  # (B, T, vocab_size)
 
     def forward(self, tokens, targets=None):
         B, T = tokens.shape
