@@ -38,7 +38,8 @@ from graphcost.hardware import DEFAULT_DEVICE, PRESETS, get_device
 from graphcost.models import UnknownModelError, list_models, load, max_context
 from graphcost.passes.fit import DEFAULT_RESERVE_BYTES, fit
 from graphcost.passes.inference import inference_memory
-from graphcost.passes.schedule import OPTIMIZERS, TrainingConfig, training_timeline
+from graphcost.passes.schedule import (OPTIMIZER_IMPLS, OPTIMIZERS, TrainingConfig,
+                                       training_timeline)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16",
@@ -337,7 +338,8 @@ def cmd_memory(args: argparse.Namespace) -> int:
         raise CliError("--context is the cached context of --inference; for training use --seq")
     dtype = parse_dtype(args.precision) if args.precision is not None else None
     config = TrainingConfig(optimizer=args.optimizer, steps=args.steps,
-                            grad_accumulation=args.grad_accumulation)
+                            grad_accumulation=args.grad_accumulation,
+                            optimizer_impl=args.optimizer_impl)
     model, analysis = _analysis(args, dtype)
     timeline = training_timeline(analysis, config)
     if args.plot:
@@ -353,6 +355,7 @@ def cmd_memory(args: argparse.Namespace) -> int:
         print(json.dumps({
             "model": model.name, "device": analysis.device.name, "batch": model.batch,
             "seq": model.seq, "dtype": model.dtype, "optimizer": config.optimizer,
+            "optimizer_impl": timeline.optimizer_impl,
             "steps": config.steps, "grad_accumulation": config.grad_accumulation,
             "peak_bytes": peak.total_bytes,
             "peak_at": {"step": peak.step, "phase": peak.phase, "op": peak.op,
@@ -388,7 +391,7 @@ def parse_bytes(text: str) -> int:
 
 def cmd_fit(args: argparse.Namespace) -> int:
     dtype = parse_dtype(args.precision) if args.precision is not None else None
-    config = TrainingConfig(optimizer=args.optimizer)
+    config = TrainingConfig(optimizer=args.optimizer, optimizer_impl=args.optimizer_impl)
     reserve = parse_bytes(args.reserve)
     overrides = parse_overrides(args.set)
     first = load_model(args.model, batch=1, seq=args.seq, dtype=dtype, overrides=overrides)
@@ -508,6 +511,9 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(mem, dtype=False)
     mem.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS,
                      help="optimizer with PyTorch's defaults (default adamw)")
+    mem.add_argument("--optimizer-impl", default="auto", choices=OPTIMIZER_IMPLS,
+                     help="optimizer implementation (default auto, PyTorch's: single-tensor on the "
+                     "CPU, foreach on GPU presets)")
     mem.add_argument("--precision", default=None, choices=["fp32", "bf16"],
                      help="cast the model: fp32 or pure bf16 (default: the model's own dtypes)")
     mem.add_argument("--grad-accumulation", type=_positive, default=1,
@@ -542,6 +548,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cast the model (default: its own parameter dtypes)")
     f.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS,
                    help="training optimizer (default adamw)")
+    f.add_argument("--optimizer-impl", default="auto", choices=OPTIMIZER_IMPLS,
+                   help="optimizer implementation (default auto, PyTorch's: single-tensor on the "
+                   "CPU, foreach on GPU presets)")
     f.add_argument("--reserve", default=f"{DEFAULT_RESERVE_BYTES // 2**30}GiB",
                    help="memory kept free for the CUDA context and allocator "
                    f"(default {DEFAULT_RESERVE_BYTES // 2**30}GiB)")

@@ -211,7 +211,8 @@ def memory_report(timeline, *, model: str, device: str) -> str:
 
     peak, config = timeline.peak, timeline.config
     lines = [
-        f"graphcost memory: {model} on {device}, optimizer {config.optimizer}, "
+        f"graphcost memory: {model} on {device}, optimizer {config.optimizer} "
+        f"({timeline.optimizer_impl}), "
         f"{config.steps} steps x {config.grad_accumulation} micro-batch(es)",
         "",
         f"  peak        {format_bytes(peak.total_bytes)}  ({format_count(peak.total_bytes)} bytes)",

@@ -15,7 +15,8 @@ op, or the update of one parameter):
   adds in place). A parameter's AccumulateGrad runs when its last contribution arrives: the
   first gradient becomes `.grad`, a later one is added to it in place. A tensor output's loss
   is its sum, a scalar whose gradient is expanded (no memory);
-- optimizer: PyTorch's default CPU implementation (single-tensor): Adam/AdamW create
+- optimizer: PyTorch's default implementation, single-tensor on the CPU (foreach on CUDA, where
+  `_foreach_sqrt` holds a temporary for every parameter at once; fused: none): Adam/AdamW create
   exp_avg, exp_avg_sq (param dtype) and a 0-dim fp32 `step` per trainable parameter in the first
   step, then per parameter `(exp_avg_sq.sqrt() / c).add_(eps)` holds two parameter-sized
   temporaries while the previous parameter's `denom` is still referenced; SGD with momentum
@@ -47,6 +48,7 @@ from graphcost.passes.liveness import last_reads
 from graphcost.rules.registry import OpCost, values_in
 
 OPTIMIZERS = ("adamw", "adam", "sgd", "sgd-momentum")
+OPTIMIZER_IMPLS = ("auto", "single-tensor", "foreach", "fused")
 STEP_TENSOR_BYTES = 4  # Adam's per-parameter `step`: a 0-dim float32 tensor on the CPU
 CATEGORIES = ("params", "grads", "optimizer_state", "activations", "transient")
 
@@ -57,11 +59,16 @@ class TrainingConfig:
     steps: int = 2
     grad_accumulation: int = 1  # micro-batches per optimizer step
     set_to_none: bool = True  # zero_grad(set_to_none=True), PyTorch's default
+    # "auto" is PyTorch's default: the single-tensor loop on the CPU, foreach on CUDA devices
+    optimizer_impl: str = "auto"
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose one of "
                               f"{', '.join(OPTIMIZERS)}")
+        if self.optimizer_impl not in OPTIMIZER_IMPLS:
+            raise ConfigError(f"unknown optimizer implementation {self.optimizer_impl!r}; choose "
+                              f"one of {', '.join(OPTIMIZER_IMPLS)}")
         if self.steps < 1 or self.grad_accumulation < 1:
             raise ConfigError("steps and grad_accumulation must be at least 1")
 
@@ -95,6 +102,7 @@ class MemoryTimeline:
     config: TrainingConfig
     events: tuple[MemoryEvent, ...] = field(repr=False)
     peak: MemoryEvent
+    optimizer_impl: str = "single-tensor"  # the implementation walked ("auto" resolved)
 
     @property
     def peak_bytes(self) -> int:
@@ -211,13 +219,13 @@ class _Walk:
 
     # -- events -------------------------------------------------------------------------------
 
-    def sample(self, step: int, phase: str, node: str) -> None:
+    def sample(self, step: int, phase: str, node: str, where: str | None = None) -> None:
         d = self.g.nodes[node]
         b = self.live.bytes
         if d["kind"] == "op":
             op, where = d["op"], d["module_path"]
-        else:  # the optimizer's update of one parameter
-            op, where = f"{self.config.optimizer} update", d["names"][0]
+        else:  # the optimizer's update of one parameter (or of all: foreach, fused)
+            op, where = f"{self.config.optimizer} update", where or d["names"][0]
         self.events.append(MemoryEvent(
             index=len(self.events), step=step, phase=phase, node=node, op=op,
             module_path=where, params=b["params"], grads=b["grads"],
@@ -238,7 +246,14 @@ class _Walk:
             self.optimizer(step, create_state=not state_created)
             state_created = True
         peak = max(self.events, key=lambda e: e.total_bytes)  # the first event at the maximum
-        return MemoryTimeline(self.config, tuple(self.events), peak)
+        return MemoryTimeline(self.config, tuple(self.events), peak, self.optimizer_impl)
+
+    @property
+    def optimizer_impl(self) -> str:
+        impl = self.config.optimizer_impl
+        if impl == "auto":  # PyTorch's default: foreach needs a CUDA (or XPU...) device
+            impl = "foreach" if self.g.graph["device"].kind == "cuda" else "single-tensor"
+        return impl
 
     def forward(self, step: int) -> None:
         saved = set(self.savers)
@@ -407,6 +422,17 @@ class _Walk:
                 self.live.add(("exp_avg", sid), nbytes, "optimizer_state")
                 self.live.add(("exp_avg_sq", sid), nbytes, "optimizer_state")
                 self.live.add(("step", sid), STEP_TENSOR_BYTES, "optimizer_state")
+        impl = self.optimizer_impl
+        if name in ("adam", "adamw") and impl != "single-tensor":
+            # foreach: `_foreach_sqrt(exp_avg_sqs)` holds one temporary per parameter at once;
+            # fused: one kernel, no temporaries
+            if impl == "foreach":
+                self.live.add("temp", sum(n for _, n in self.params), "transient")
+            if self.params:
+                self.sample(step, "optimizer", self.owner[self.params[-1][0]],
+                            where=f"all parameters ({impl})")
+            self.live.drop("temp")
+            return
         previous_denom = 0
         for sid, nbytes in self.params:
             node = self.owner[sid]

@@ -121,3 +121,17 @@ def test_single_linear_sgd_by_hand():
                                      optimizer="sgd")
     assert measured.peak_bytes == backward
     assert measured.step_phase_peaks[(0, "optimizer")] == optimizer
+
+
+@pytest.mark.parametrize("impl", ["foreach", "fused"])
+@pytest.mark.parametrize("family", ["llama3-8b", "gpt2"])
+def test_multi_tensor_adamw_matches_measured(family, impl):
+    """PyTorch's foreach (CUDA's default) and fused AdamW, run on the CPU when asked for."""
+    config = TrainingConfig(optimizer="adamw", optimizer_impl=impl)
+    predicted = training_timeline(_analysis(family, "fp32", False), config)
+    measured = _measure(family, "fp32", False, optimizer="adamw",
+                        optimizer_kwargs={impl: True})
+    assert measured.optimizer_impl == impl
+    assert predicted.peak_bytes == pytest.approx(measured.peak_bytes, rel=PEAK_TOLERANCE)
+    assert (predicted.peak.step, predicted.peak.phase) == (measured.peak_step,
+                                                           measured.peak_phase)
