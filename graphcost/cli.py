@@ -473,6 +473,17 @@ def _model_options(p: argparse.ArgumentParser, *, dtype: bool = True) -> None:
                    help="zoo models: override a config field, e.g. --set n_layers=2 (repeatable)")
 
 
+def _training_options(p: argparse.ArgumentParser) -> None:
+    """How the model trains: precision and optimizer (shared by memory and fit)."""
+    p.add_argument("--precision", default=None, choices=["fp32", "bf16"],
+                   help="cast the model: fp32 or pure bf16 (default: the model's own dtypes)")
+    p.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS,
+                   help="optimizer with PyTorch's defaults (default adamw)")
+    p.add_argument("--optimizer-impl", default="auto", choices=OPTIMIZER_IMPLS,
+                   help="optimizer implementation (default auto, PyTorch's: single-tensor on the "
+                   "CPU, foreach on GPU presets)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="graphcost", description=(
         "A graph-based cost model for PyTorch: parameters, FLOPs per step and per token, what "
@@ -509,13 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Memory a kernel allocates and frees inside one op and allocator rounding are not "
         "modelled. Exit status 2 on a user error.")
     _model_options(mem, dtype=False)
-    mem.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS,
-                     help="optimizer with PyTorch's defaults (default adamw)")
-    mem.add_argument("--optimizer-impl", default="auto", choices=OPTIMIZER_IMPLS,
-                     help="optimizer implementation (default auto, PyTorch's: single-tensor on the "
-                     "CPU, foreach on GPU presets)")
-    mem.add_argument("--precision", default=None, choices=["fp32", "bf16"],
-                     help="cast the model: fp32 or pure bf16 (default: the model's own dtypes)")
+    _training_options(mem)
     mem.add_argument("--grad-accumulation", type=_positive, default=1,
                      help="micro-batches per optimizer step (default 1)")
     mem.add_argument("--steps", type=_positive, default=2,
@@ -544,13 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--device", required=True, help="device preset, e.g. a100-80gb")
     f.add_argument("--seq", type=_positive, default=None,
                    help="context for the batch search (default: the model's default)")
-    f.add_argument("--precision", default=None, choices=["fp32", "bf16"],
-                   help="cast the model (default: its own parameter dtypes)")
-    f.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS,
-                   help="training optimizer (default adamw)")
-    f.add_argument("--optimizer-impl", default="auto", choices=OPTIMIZER_IMPLS,
-                   help="optimizer implementation (default auto, PyTorch's: single-tensor on the "
-                   "CPU, foreach on GPU presets)")
+    _training_options(f)
     f.add_argument("--reserve", default=f"{DEFAULT_RESERVE_BYTES // 2**30}GiB",
                    help="memory kept free for the CUDA context and allocator "
                    f"(default {DEFAULT_RESERVE_BYTES // 2**30}GiB)")
