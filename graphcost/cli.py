@@ -395,15 +395,13 @@ def cmd_fit(args: argparse.Namespace) -> int:
     reserve = parse_bytes(args.reserve)
     overrides = parse_overrides(args.set)
     first = load_model(args.model, batch=1, seq=args.seq, dtype=dtype, overrides=overrides)
-    if first.seq is None:
-        raise CliError(f"cannot find the sequence length of {args.model!r}'s inputs; fit "
-                       "searches (batch, seq) token inputs")
     zoo = args.model in list_models()
-    context = max_context(args.model, **overrides) if zoo else None
+    # the context is searched for token models only (a CNN's `seq` is its image size)
+    context = max_context(args.model, **overrides) if zoo and first.tokens else None
 
     def loader(batch: int, seq: int, training: bool):
-        m = load_model(args.model, batch=batch, seq=seq, dtype=dtype, targets=training,
-                       overrides=overrides)
+        m = load_model(args.model, batch=batch, seq=seq if first.seq is not None else None,
+                       dtype=dtype, targets=training, overrides=overrides)
         return m.module, m.inputs
 
     with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():

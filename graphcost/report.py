@@ -244,6 +244,7 @@ def fit_report(result, *, model: str, dtype: str | None, optimizer: str) -> str:
     def batch(n):
         return format_count(n) if n else "does not fit"
 
+    at = f"max batch @ {result.seq}" if result.seq else "max batch"
     rows = [["training", f"{optimizer}, {dtype or 'model dtype'}", batch(result.train_max_batch),
              ctx(result.train_max_seq)],
             ["inference", "prefill + KV cache", batch(result.infer_max_batch),
@@ -253,7 +254,7 @@ def fit_report(result, *, model: str, dtype: str | None, optimizer: str) -> str:
         f"  memory {format_bytes(result.memory_bytes)} - reserve "
         f"{format_bytes(result.reserve_bytes)} = budget {format_bytes(result.budget_bytes)}",
         "",
-        table(["", "setting", f"max batch @ {result.seq}", "max context @ batch 1"], rows,
+        table(["", "setting", at, "max context @ batch 1"], rows,
               align="llrr"),
     ]
     return "\n".join(lines) + "\n"
@@ -269,7 +270,8 @@ def inference_report(mem, *, model: str, device: str, batch: int | None,
             ["activations", format_bytes(mem.activation_peak_bytes),
              format_share(mem.activation_peak_bytes, mem.peak_bytes)]]
     lines = [
-        f"graphcost memory --inference: {model} on {device}, batch {batch} x context {context}",
+        f"graphcost memory --inference: {model} on {device}"
+        + (f", batch {batch} x context {context}" if context else ""),
         "",
         f"  peak        {format_bytes(mem.peak_bytes)}  ({format_count(mem.peak_bytes)} bytes)",
         f"  when        prefill, {mem.peak_op}"

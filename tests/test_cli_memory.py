@@ -87,3 +87,24 @@ def test_user_errors_exit_2(capsys, argv, needle):
     assert out == ""
     assert needle in err and "Traceback" not in err
     assert err.count("graphcost: error:") == 1
+
+
+def test_fit_a_model_without_tokens(capsys):
+    """examples/mlp.py: batch only; the answer is the edge of what fits, checked by tracing."""
+    from pathlib import Path
+
+    from graphcost import analyze
+    from graphcost.cli import load_model
+    from graphcost.passes.schedule import training_timeline
+
+    spec = str(Path(__file__).parents[1] / "examples" / "mlp.py") + ":factory"
+    code, out, _ = run(capsys, "fit", spec, "--device", "l4", "--json")
+    assert code == 0
+    result = json.loads(out)
+    assert result["max_seq"] is None
+
+    def peak(batch):
+        m = load_model(spec, batch=batch)
+        return training_timeline(analyze(m.module, m.inputs, device="l4")).peak_bytes
+
+    assert peak(result["max_batch"]) <= result["budget_bytes"] < peak(result["max_batch"] + 1)

@@ -36,7 +36,7 @@ class FitResult:
     memory_bytes: float
     reserve_bytes: int
     budget_bytes: float
-    seq: int  # the context the batch search holds fixed
+    seq: int | None  # the context the batch search holds fixed (None: not a token model)
     batch: int  # the batch the context search holds fixed (1)
     train_max_batch: int  # 0: not even one sequence fits
     train_max_seq: int | None  # None: the model has no sequence dimension to search
@@ -110,7 +110,7 @@ def max_seq(events: _Events, *, batch: int, seq: int, budget_bytes: float, train
     return _largest(peak, budget_bytes, 1, limit)
 
 
-def fit(load: Loader, *, device: str | Device, seq: int, model_max_seq: int | None,
+def fit(load: Loader, *, device: str | Device, seq: int | None, model_max_seq: int | None,
         config: TrainingConfig | None = None,
         reserve_bytes: int = DEFAULT_RESERVE_BYTES) -> FitResult:
     """Largest batch at `seq` and largest context at batch 1, training and inference."""
