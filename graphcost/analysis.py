@@ -135,7 +135,7 @@ def analyze(module: nn.Module, example_inputs: Any, *, kwargs: dict | None = Non
     >>> from graphcost.models import load
     >>> a = analyze(*load("gpt2", seq=128, n_layer=2))
     >>> a.params
-    39762432
+    53561088
     """
     device = get_device(device)
     tr = trace(module, example_inputs, kwargs=kwargs, model_name=model_name,
