@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import networkx as nx
+import torch
 from torch import nn
 
 from graphcost.annotate import annotate
@@ -126,11 +127,12 @@ def _group(rows, key, params, sort=True) -> list[GroupRow]:
 def analyze(module: nn.Module, example_inputs: Any, *, kwargs: dict | None = None,
             device: str | Device = DEFAULT_DEVICE, rules: RuleRegistry | None = None,
             strict: bool = False, model_name: str | None = None,
-            reuse_blocks: bool = True) -> Analysis:
+            reuse_blocks: bool = True, autocast: torch.dtype | None = None) -> Analysis:
     """Trace `module` on `example_inputs` and cost every op.
 
     `reuse_blocks` exports a stack of identical blocks once and copies it (graphcost.blocks);
-    pass False to export every block.
+    pass False to export every block. `autocast=torch.bfloat16` costs the model as it runs
+    under torch.autocast (graphcost.autocast): fp32 weights, ops in bf16, autocast's copies.
 
     >>> from graphcost.models import load
     >>> a = analyze(*load("gpt2", seq=128, n_layer=2))
@@ -139,13 +141,13 @@ def analyze(module: nn.Module, example_inputs: Any, *, kwargs: dict | None = Non
     """
     device = get_device(device)
     tr = trace(module, example_inputs, kwargs=kwargs, model_name=model_name,
-               reuse_blocks=reuse_blocks)
+               reuse_blocks=reuse_blocks, autocast=autocast)
     g = build_graph(tr)
     if tr.blocks is not None:
         g = expand_blocks(g, tr.blocks)
         if g is None:  # the two-block trace did not repeat cleanly: export the whole model
             g = build_graph(trace(module, example_inputs, kwargs=kwargs, model_name=model_name,
-                                  reuse_blocks=False))
+                                  reuse_blocks=False, autocast=autocast))
     return summarize(annotate(g, device=device, rules=rules, strict=strict))
 
 

@@ -14,12 +14,14 @@ constant or model input), `extra_storages` (storages the kernels create: their o
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections import Counter
 
 import networkx as nx
 import torch
 
+from graphcost.autocast import as_cast, cast_dtype, cast_inputs
 from graphcost.errors import GraphcostError, UnsupportedOpError
 from graphcost.graph import op_nodes
 from graphcost.hardware import Device, get_device
@@ -50,17 +52,33 @@ def annotate(graph: nx.DiGraph, *, device: str | Device = "cpu", rules: RuleRegi
 
     saved_storages: dict[int, int] = {}
     layouts = _Layouts()
+    autocast_copies: dict[tuple[int, torch.dtype], int] = {}  # autocast's cache of leaf casts
     for name in op_nodes(g):
         data = g.nodes[name]
         rule = rules.lookup(data["target"])
         inputs = tuple(values_in(data["args"]) + values_in(list(data["kwargs"].values())))
         layouts.follow(name, data, inputs)
+        args, kwargs, copied = data["args"], data["kwargs"], {}
+        run_dtype = cast_dtype(data["target"], g.graph.get("autocast"))
+        for v in cast_inputs(inputs, run_dtype):
+            key = (v.storage, run_dtype)
+            cached = v.kind == "param" and v.requires_grad  # autocast caches these casts
+            if key not in autocast_copies or not cached:
+                autocast_copies[key] = next_storage
+                g.graph["storage_bytes"][next_storage] = v.spec.numel * run_dtype.itemsize
+                g.graph["storage_owner"][next_storage] = name
+                next_storage += 1
+            copied[v] = as_cast(v, run_dtype, autocast_copies[key])
+        if copied:
+            args = _replace_values(args, copied)
+            kwargs = {k: _replace_values(x, copied) for k, x in kwargs.items()}
+            inputs = tuple(copied.get(v, v) for v in inputs)
         if rule is None:
             unsupported[data["op"]] += 1
             cost = None
         else:
-            ctx = RuleContext(name=name, op=data["target"], args=data["args"],
-                              kwargs=data["kwargs"], inputs=inputs, outputs=data["outputs"],
+            ctx = RuleContext(name=name, op=data["target"], args=args,
+                              kwargs=kwargs, inputs=inputs, outputs=data["outputs"],
                               requires_grad=data["requires_grad"], device=device)
             try:
                 cost = rule(ctx)
@@ -69,6 +87,11 @@ def annotate(graph: nx.DiGraph, *, device: str | Device = "cpu", rules: RuleRegi
                     f"rule for {data['op']} failed at node %{name} (module "
                     f"{data['module_path'] or '<root>'}): {type(exc).__name__}: {exc}") from exc
         cost = cost or OpCost()
+        unsaved_copies = sum(g.graph["storage_bytes"][c.storage] for c in copied.values()
+                             if c not in cost.saved and g.graph["storage_owner"][c.storage] == name)
+        if unsaved_copies:  # autocast's copies nobody keeps live and die inside the op
+            cost = dataclasses.replace(
+                cost, forward_workspace_bytes=cost.forward_workspace_bytes + unsaved_copies)
         if cost.output_dim_order is not None:
             layouts.set(name, cost.output_dim_order)
         if cost.output_is_input is not None:
@@ -115,6 +138,14 @@ def annotate(graph: nx.DiGraph, *, device: str | Device = "cpu", rules: RuleRegi
         warnings.warn(f"graphcost: no cost rule for {listing}; their costs are NOT included "
                       "(listed under unsupported_ops)", stacklevel=2)
     return g
+
+
+def _replace_values(x, mapping: dict):
+    if isinstance(x, Value):
+        return mapping.get(x, x)
+    if isinstance(x, (list, tuple)):
+        return type(x)(_replace_values(v, mapping) for v in x)
+    return x
 
 
 def storage_root(g: nx.DiGraph):

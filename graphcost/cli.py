@@ -296,7 +296,14 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
-def _analysis(args: argparse.Namespace, dtype: str | None):
+def _precision(args: argparse.Namespace) -> tuple[str | None, torch.dtype | None]:
+    """--precision as (the dtype to cast the model to, the torch.autocast dtype)."""
+    if args.precision == "bf16-mixed":  # fp32 weights, ops under torch.autocast(bfloat16)
+        return "fp32", torch.bfloat16
+    return (parse_dtype(args.precision) if args.precision is not None else None), None
+
+
+def _analysis(args: argparse.Namespace, dtype: str | None, autocast: torch.dtype | None = None):
     """Load MODEL from the shared options and analyze it: (LoadedModel, Analysis)."""
     device = get_device(args.device)
     with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
@@ -304,17 +311,17 @@ def _analysis(args: argparse.Namespace, dtype: str | None):
             model = load_model(args.model, batch=args.batch, seq=args.seq, dtype=dtype,
                                targets=not args.no_targets, overrides=parse_overrides(args.set))
             analysis = analyze(model.module, model.inputs, device=device, strict=args.strict,
-                               model_name=model.name)
+                               model_name=model.name, autocast=autocast)
     return model, analysis
 
 
 def cmd_memory_inference(args: argparse.Namespace) -> int:
-    dtype = parse_dtype(args.precision) if args.precision is not None else None
+    dtype, autocast = _precision(args)
     if args.plot:
         raise CliError("--plot draws the training timeline; drop --plot or --inference")
     args.seq = args.context or args.seq
     args.no_targets = True
-    model, analysis = _analysis(args, dtype)
+    model, analysis = _analysis(args, dtype, autocast)
     mem = inference_memory(analysis)
     if args.json:
         print(json.dumps({
@@ -336,11 +343,11 @@ def cmd_memory(args: argparse.Namespace) -> int:
         return cmd_memory_inference(args)
     if args.context is not None:
         raise CliError("--context is the cached context of --inference; for training use --seq")
-    dtype = parse_dtype(args.precision) if args.precision is not None else None
+    dtype, autocast = _precision(args)
     config = TrainingConfig(optimizer=args.optimizer, steps=args.steps,
                             grad_accumulation=args.grad_accumulation,
                             optimizer_impl=args.optimizer_impl)
-    model, analysis = _analysis(args, dtype)
+    model, analysis = _analysis(args, dtype, autocast)
     timeline = training_timeline(analysis, config)
     if args.plot:
         try:
@@ -354,7 +361,8 @@ def cmd_memory(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({
             "model": model.name, "device": analysis.device.name, "batch": model.batch,
-            "seq": model.seq, "dtype": model.dtype, "optimizer": config.optimizer,
+            "seq": model.seq, "dtype": model.dtype,
+            "precision": "bf16-mixed" if autocast else model.dtype, "optimizer": config.optimizer,
             "optimizer_impl": timeline.optimizer_impl,
             "steps": config.steps, "grad_accumulation": config.grad_accumulation,
             "peak_bytes": peak.total_bytes,
@@ -390,7 +398,7 @@ def parse_bytes(text: str) -> int:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    dtype = parse_dtype(args.precision) if args.precision is not None else None
+    dtype, autocast = _precision(args)
     config = TrainingConfig(optimizer=args.optimizer, optimizer_impl=args.optimizer_impl)
     reserve = parse_bytes(args.reserve)
     overrides = parse_overrides(args.set)
@@ -407,13 +415,16 @@ def cmd_fit(args: argparse.Namespace) -> int:
     with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
         with _quiet_torch():
             result = fit(loader, device=args.device, seq=first.seq, model_max_seq=context,
+                         autocast=autocast,
                          config=config, reserve_bytes=reserve)
     if args.json:
         print(json.dumps({"model": first.name, "dtype": first.dtype,
+                          "precision": "bf16-mixed" if autocast else first.dtype,
                           "optimizer": config.optimizer, **dataclasses.asdict(result),
                           "max_batch": result.train_max_batch, "max_seq": result.train_max_seq}))
     else:
-        print(report.fit_report(result, model=first.name, dtype=first.dtype,
+        print(report.fit_report(result, model=first.name,
+                                dtype="bf16-mixed" if autocast else first.dtype,
                                 optimizer=config.optimizer), end="")
     return 0
 
@@ -473,8 +484,9 @@ def _model_options(p: argparse.ArgumentParser, *, dtype: bool = True) -> None:
 
 def _training_options(p: argparse.ArgumentParser) -> None:
     """How the model trains: precision and optimizer (shared by memory and fit)."""
-    p.add_argument("--precision", default=None, choices=["fp32", "bf16"],
-                   help="cast the model: fp32 or pure bf16 (default: the model's own dtypes)")
+    p.add_argument("--precision", default=None, choices=["fp32", "bf16", "bf16-mixed"],
+                   help="fp32, pure bf16, or bf16-mixed: fp32 weights with the ops under "
+                   "torch.autocast(bfloat16) (default: the model's own dtypes)")
     p.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS,
                    help="optimizer with PyTorch's defaults (default adamw)")
     p.add_argument("--optimizer-impl", default="auto", choices=OPTIMIZER_IMPLS,

@@ -14,7 +14,8 @@ Node attributes (the schema is documented in docs/graph.md):
     module_calls    op nodes: the module calls it runs inside, outermost first ("layers.3",
                     "layers.3.attention", ...; a second call of one module is "path@1")
     source          op nodes: the model source line that produced it
-Graph attributes: model_name, outputs (the Values the model returns), storage_bytes
+Graph attributes: model_name, autocast (the torch.autocast dtype the op dtypes were taken
+under, or None), outputs (the Values the model returns), storage_bytes
 ({storage id: bytes}), storage_owner ({storage id: node that created it}).
 """
 
@@ -97,7 +98,8 @@ def build_graph(tr: Trace) -> nx.DiGraph:
              for spec in sig.input_specs}
     params = dict(tr.module.named_parameters(remove_duplicate=False))
 
-    g = nx.DiGraph(model_name=tr.model_name, storage_bytes={}, storage_owner={})
+    g = nx.DiGraph(model_name=tr.model_name, storage_bytes={}, storage_owner={},
+                   autocast=tr.autocast)
     storage_ids: dict[int, int] = {}
     values: dict[tuple[str, int], Value] = {}  # (fx node, output index) -> Value
     canonical: dict[str, str] = {}  # placeholder name -> graph node (tied params merge)

@@ -32,6 +32,7 @@ class Trace:
     module: nn.Module
     model_name: str
     blocks: RepeatedBlocks | None = None  # set when only the first two blocks were exported
+    autocast: torch.dtype | None = None  # the ops' dtypes are those under torch.autocast
 
 
 def _module_device(module: nn.Module) -> torch.device:
@@ -47,11 +48,14 @@ def _as_tensor(x: Any, device: torch.device) -> Any:
 
 
 def trace(module: nn.Module, example_inputs: Any, *, kwargs: dict | None = None,
-          model_name: str | None = None, reuse_blocks: bool = True) -> Trace:
+          model_name: str | None = None, reuse_blocks: bool = True,
+          autocast: torch.dtype | None = None) -> Trace:
     """Export `module` called on `example_inputs` (tensors, meta tensors or TensorSpecs).
 
     With `reuse_blocks`, a stack of identical blocks is exported with its first two blocks only
-    (graphcost.blocks); `Trace.blocks` then says how many the model really has."""
+    (graphcost.blocks); `Trace.blocks` then says how many the model really has. With
+    `autocast` (torch.bfloat16 or torch.float16) the ops carry the dtypes they produce under
+    torch.autocast (graphcost.autocast)."""
     if not isinstance(module, nn.Module):
         raise TraceError(f"expected an nn.Module, got {type(module).__name__}")
     name = model_name or type(module).__name__
@@ -70,9 +74,18 @@ def trace(module: nn.Module, example_inputs: Any, *, kwargs: dict | None = None,
     except Exception as exc:  # noqa: BLE001 - re-raised with where and what to do
         if blocks is not None:  # the shortened model may be what failed: try the real one
             return trace(module, example_inputs, kwargs=kwargs, model_name=model_name,
-                         reuse_blocks=False)
+                         reuse_blocks=False, autocast=autocast)
         raise TraceError(_explain_trace_failure(name, module, exc)) from exc
-    return Trace(program, module, name, blocks)
+    if autocast is not None:
+        from graphcost.autocast import rerun
+
+        try:
+            rerun(program, autocast)
+        except Exception as exc:  # noqa: BLE001 - re-raised with what to do
+            raise TraceError(f"cannot run model {name!r} under torch.autocast({autocast}): "
+                             f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}; "
+                             "analyze it without mixed precision") from exc
+    return Trace(program, module, name, blocks, autocast)
 
 
 def _explain_trace_failure(name: str, module: nn.Module, exc: BaseException) -> str:

@@ -108,3 +108,15 @@ def test_fit_a_model_without_tokens(capsys):
         return training_timeline(analyze(m.module, m.inputs, device="l4")).peak_bytes
 
     assert peak(result["max_batch"]) <= result["budget_bytes"] < peak(result["max_batch"] + 1)
+
+
+def test_memory_bf16_mixed_matches_a_real_autocast_run(capsys):
+    code, out, _ = run(capsys, "memory", "gpt2", "--batch", "2", "--seq", "16", *SMALL,
+                       "--precision", "bf16-mixed", "--json")
+    assert code == 0
+    result = json.loads(out)
+    assert result["precision"] == "bf16-mixed" and result["dtype"] == "fp32"
+    torch.manual_seed(0)
+    model, inputs = load("gpt2", batch=2, seq=16, with_targets=True, device="cpu", **SMALL_GPT2)
+    measured = measure_training_peak(model, inputs, precision="bf16-mixed")
+    assert result["peak_bytes"] == pytest.approx(measured.peak_bytes, rel=0.01)

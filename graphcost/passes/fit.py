@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from graphcost.analysis import analyze
 from graphcost.errors import ConfigError
@@ -48,21 +49,23 @@ class FitResult:
 class _Events:
     """Bytes alive after each event of a step traced at (batch, seq); each trace made once."""
 
-    def __init__(self, load: Loader, config: TrainingConfig, device: Device) -> None:
-        self.load, self.config, self.device = load, config, device
+    def __init__(self, load: Loader, config: TrainingConfig, device: Device,
+                 autocast: torch.dtype | None) -> None:
+        self.load, self.config, self.device, self.autocast = load, config, device, autocast
         self.cache: dict[tuple[int, int, bool], np.ndarray] = {}
 
     def __call__(self, batch: int, seq: int, training: bool) -> np.ndarray:
         key = (batch, seq, training)
         if key not in self.cache:
-            self.cache[key] = _events(self.load, batch, seq, training, self.config, self.device)
+            self.cache[key] = _events(self.load, batch, seq, training, self.config, self.device,
+                                      self.autocast)
         return self.cache[key]
 
 
 def _events(load: Loader, batch: int, seq: int, training: bool, config: TrainingConfig,
-            device: Device) -> np.ndarray:
+            device: Device, autocast: torch.dtype | None = None) -> np.ndarray:
     module, inputs = load(batch, seq, training)
-    analysis = analyze(module, inputs, device=device)
+    analysis = analyze(module, inputs, device=device, autocast=autocast)
     if training:
         return np.array([e.total_bytes for e in training_timeline(analysis, config).events],
                         dtype=np.float64)
@@ -112,7 +115,8 @@ def max_seq(events: _Events, *, batch: int, seq: int, budget_bytes: float, train
 
 def fit(load: Loader, *, device: str | Device, seq: int | None, model_max_seq: int | None,
         config: TrainingConfig | None = None,
-        reserve_bytes: int = DEFAULT_RESERVE_BYTES) -> FitResult:
+        reserve_bytes: int = DEFAULT_RESERVE_BYTES,
+        autocast: torch.dtype | None = None) -> FitResult:
     """Largest batch at `seq` and largest context at batch 1, training and inference."""
     device = get_device(device)
     if not device.memory_bytes:
@@ -123,7 +127,7 @@ def fit(load: Loader, *, device: str | Device, seq: int | None, model_max_seq: i
     if budget <= 0:
         raise ConfigError(f"the reserve ({reserve_bytes / GIB:.2f} GiB) leaves nothing of "
                           f"{device.name}'s {device.memory_bytes / GIB:.2f} GiB")
-    events = _Events(load, config, device)
+    events = _Events(load, config, device, autocast)
     result = dict(
         train_max_batch=max_batch(events, seq=seq, budget_bytes=budget, training=True),
         infer_max_batch=max_batch(events, seq=seq, budget_bytes=budget, training=False),

@@ -43,6 +43,7 @@ import torch
 from graphcost.analysis import Analysis
 from graphcost.errors import ConfigError
 from graphcost.annotate import storage_root
+from graphcost.autocast import cast_dtype, cast_inputs
 from graphcost.graph import op_nodes
 from graphcost.passes.liveness import last_reads
 from graphcost.rules.registry import OpCost, values_in
@@ -306,6 +307,9 @@ class _Walk:
         for v in self.graph_outputs:
             self.live.drop(("loss", v.node, v.index))
 
+    def value_dtype_size(self, key: tuple[str, int]) -> int:
+        return self.g.nodes[key[0]]["outputs"][key[1]].dtype.itemsize
+
     def _new_buffer(self, nbytes: int) -> object:
         bid = ("gradbuf", len(self.refs), object())
         self.refs[bid] = 0
@@ -341,7 +345,12 @@ class _Walk:
                 contributions.append((key, 0, self.buffer[outs[0]]))
             else:
                 contributions.append((key, v.spec.nbytes, None))
-        new = sum(nbytes for _, nbytes, _ in contributions)
+        # Under autocast the op's backward makes its gradients in the dtype it ran in; the cast
+        # back to the input's dtype comes after (ToCopyBackward).
+        run_dtype = cast_dtype(d.get("target"), self.g.graph.get("autocast"))
+        casts = {(v.node, v.index) for v in cast_inputs(tuple(_inputs(d)), run_dtype)}
+        new = sum(nbytes // self.value_dtype_size(key) * run_dtype.itemsize if key in casts
+                  else nbytes for key, nbytes, _ in contributions)
         self.live.add("temporary", _cost(d).backward_workspace_bytes + new, "transient")
         self.sample(step, "backward", n)
         self.live.drop("temporary")

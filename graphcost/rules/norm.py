@@ -18,15 +18,21 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+def _stats_dtype(ctx: RuleContext, x: Value, weight) -> torch.dtype:
+    """The CPU kernels keep their statistics in the input dtype, unless the weight's dtype
+    differs (bf16 activations with fp32 weights under autocast: the mixed-type kernel keeps
+    float32); CUDA keeps float32."""
+    mixed = isinstance(weight, Value) and weight.dtype != x.dtype
+    return x.dtype if ctx.device.kind == "cpu" and not mixed else _acc_dtype(x.dtype)
+
+
 @register(aten.layer_norm)
 def layer_norm_cost(ctx: RuleContext) -> OpCost:
     x = ctx.inputs[0]
     normalized = ctx.arg(1, "normalized_shape")
     weight, bias = ctx.arg(2, "weight"), ctx.arg(3, "bias")
-    # The CPU kernel keeps mean and rstd in the input dtype, CUDA in float32.
     # NB: the CUDA dtypes in this file are PyTorch's documented kernels, not checked here (CPU).
-    dtype = x.dtype if ctx.device.kind == "cpu" else _acc_dtype(x.dtype)
-    stats = _stats(x, len(normalized), dtype)
+    stats = _stats(x, len(normalized), _stats_dtype(ctx, x, weight))
     return OpCost(saved=ctx.saved_if_grad(x, weight, bias, stats, stats))
 
 
@@ -76,8 +82,7 @@ def batch_norm_cost(ctx: RuleContext) -> OpCost:
     running_mean, running_var = ctx.arg(3, "running_mean"), ctx.arg(4, "running_var")
     training = ctx.arg(5, "training")
     channels = x.shape[1]
-    # The CPU kernel keeps save_mean / save_invstd in the input dtype, CUDA in float32.
-    dtype = x.dtype if ctx.device.kind == "cpu" else _acc_dtype(x.dtype)
+    dtype = _stats_dtype(ctx, x, weight)  # save_mean / save_invstd
     stats = TensorSpec((channels,), dtype) if training else TensorSpec((0,), x.dtype)
     saved = [x, weight, running_mean, running_var, stats, TensorSpec(stats.shape, stats.dtype)]
     return OpCost(saved=ctx.saved_if_grad(*(s for s in saved if s is not None)))
