@@ -526,7 +526,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Walk two training steps of MODEL over its costed graph (forward, backward, "
         "optimizer step; the optimizer state appears in the first step) and report the peak "
         "bytes, the event at which it happens, and what is alive then by category.",
-        epilog="--precision fp32/bf16 casts the model (default: its own parameter dtypes). "
+        epilog="--precision fp32/bf16 casts the model, bf16-mixed keeps fp32 weights and runs "
+        "the ops under torch.autocast (default: the model's own parameter dtypes). "
         "Memory a kernel allocates and frees inside one op and allocator rounding are not "
         "modelled. Exit status 2 on a user error.")
     _model_options(mem, dtype=False)
