@@ -94,7 +94,7 @@ def test_fit_a_model_without_tokens(capsys):
     from pathlib import Path
 
     from graphcost import analyze
-    from graphcost.cli import load_model
+    from graphcost.loading import load_model
     from graphcost.passes.schedule import training_timeline
 
     spec = str(Path(__file__).parents[1] / "examples" / "mlp.py") + ":factory"
