@@ -3,6 +3,7 @@
 Writes, on a copy of the graph, for each op node:
     cost            the rule's OpCost (None when the op has no rule)
     forward_flops   FLOPs of the forward op
+    runs_backward   does autograd run this op's backward (it needs a gradient and feeds the loss)
     backward_flops  FLOPs of its backward, for the gradients actually required (0 when autograd
                     does not reach it)
     saved           frozenset of storage ids autograd keeps for this op's backward
@@ -114,10 +115,12 @@ def annotate(graph: nx.DiGraph, *, device: str | Device = "cpu", rules: RuleRegi
         new_outputs = {sid for sid in data["storages"] if sid is not None
                        and g.graph["storage_owner"][sid] == name and sid not in layouts.alias}
         params = {v.storage: v.spec.nbytes for v in inputs if v.kind == "param"}
+        runs_backward = name in reached and data["requires_grad"]
         data.update(
             cost=cost if rule else None,
+            runs_backward=runs_backward,
             forward_flops=cost.forward_flops,
-            backward_flops=cost.backward_flops if name in reached and data["requires_grad"] else 0,
+            backward_flops=cost.backward_flops if runs_backward else 0,
             saved=frozenset(saved),
             weight_bytes=sum(params.values()),
             bytes_read=(cost.bytes_read if cost.bytes_read is not None
@@ -138,6 +141,17 @@ def annotate(graph: nx.DiGraph, *, device: str | Device = "cpu", rules: RuleRegi
         warnings.warn(f"graphcost: no cost rule for {listing}; their costs are NOT included "
                       "(listed under unsupported_ops)", stacklevel=2)
     return g
+
+
+def new_storages(g: nx.DiGraph, node: str, *, with_saved: bool = True) -> list[int]:
+    """The storages op `node` creates: its outputs that are neither views nor free on the device
+    (see storage_root), and with `with_saved` the tensors its kernel makes to save."""
+    owner, alias, data = g.graph["storage_owner"], g.graph.get("storage_alias", {}), g.nodes[node]
+    made = [s for s in data["storages"] if s is not None and owner.get(s) == node
+            and s not in alias]
+    if with_saved:
+        made += [s for s in data["saved"] if owner.get(s) == node and s not in data["storages"]]
+    return list(dict.fromkeys(made))
 
 
 def _replace_values(x, mapping: dict):

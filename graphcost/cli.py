@@ -350,8 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
         "per-event memory polynomials in batch (linear) and length (quadratic) are recovered "
         "from a few traces, not extrapolated from one.",
         epilog="The reserve stands for the CUDA context (0.3-1.5 GiB) and allocator slack. "
-        "File models need a factory with batch and seq parameters. Exit status 2 on a user "
-        "error.")
+        "File models need a factory with a batch parameter, and a seq parameter for the "
+        "context search. Exit status 2 on a user error.")
     f.add_argument("model", metavar="MODEL", help="zoo name or path/to/file.py:factory")
     f.add_argument("--device", required=True, help="device preset, e.g. a100-80gb")
     f.add_argument("--seq", type=_positive, default=None,

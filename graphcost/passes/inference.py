@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import networkx as nx
 
 from graphcost.analysis import Analysis
-from graphcost.annotate import storage_root
+from graphcost.annotate import new_storages, storage_root
 from graphcost.graph import op_nodes
 from graphcost.passes.liveness import last_reads
 from graphcost.rules.registry import Value, values_in
@@ -71,9 +71,7 @@ def kv_cache_bytes_per_token(analysis: Analysis) -> int:
 def inference_memory(analysis: Analysis) -> InferenceMemory:
     """Walk the forward without autograd: outputs freed after their last reader, nothing saved."""
     g = analysis.graph
-    alias = g.graph.get("storage_alias", {})
-    owner, nbytes = g.graph["storage_owner"], g.graph["storage_bytes"]
-
+    nbytes = g.graph["storage_bytes"]
     find = storage_root(g)
 
     ops = op_nodes(g)
@@ -85,23 +83,23 @@ def inference_memory(analysis: Analysis) -> InferenceMemory:
     weight_bytes = sum(nbytes[s] for s in weights)
     live = {s: nbytes[s] for s in inputs}
     peak, peak_at = sum(live.values()), ""
-    cache = kv_cache_bytes_per_token(analysis) * _tokens(g)
+    per_token = kv_cache_bytes_per_token(analysis)
+    cache = per_token * _tokens(g)
     events = []
     frees: dict[str, list[int]] = {}
     for sid, n in last_read.items():
         frees.setdefault(n, []).append(sid)
     for n in ops:
-        d = g.nodes[n]
-        made = [s for s in d["storages"] if s is not None and owner.get(s) == n and s not in alias]
+        made = new_storages(g, n, with_saved=False)  # no autograd: nothing is saved
         for s in made:
             live[s] = nbytes[s]
-        events.append(weight_bytes + cache + sum(live.values()))
-        if sum(live.values()) > peak:
-            peak, peak_at = sum(live.values()), n
+        alive = sum(live.values())
+        events.append(weight_bytes + cache + alive)
+        if alive > peak:
+            peak, peak_at = alive, n
         for s in frees.get(n, []) + [s for s in made if s not in last_read]:
             if s not in outputs and s not in weights and s not in inputs:
                 live.pop(s, None)
-    per_token = kv_cache_bytes_per_token(analysis)
     where = g.nodes[peak_at] if peak_at else {"op": "", "module_path": ""}
     return InferenceMemory(weight_bytes=weight_bytes, kv_cache_bytes=cache,
                            kv_cache_bytes_per_token=per_token, activation_peak_bytes=peak,

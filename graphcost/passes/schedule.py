@@ -42,7 +42,7 @@ import torch
 
 from graphcost.analysis import Analysis
 from graphcost.errors import ConfigError
-from graphcost.annotate import storage_root
+from graphcost.annotate import new_storages, storage_root
 from graphcost.autocast import cast_dtype, cast_inputs
 from graphcost.graph import op_nodes
 from graphcost.passes.liveness import last_reads
@@ -157,9 +157,7 @@ def training_timeline(analysis: Analysis, config: TrainingConfig | None = None) 
 class _Walk:
     def __init__(self, g: nx.DiGraph, config: TrainingConfig) -> None:
         self.g, self.config = g, config
-        alias = g.graph.get("storage_alias", {})
         owner, nbytes = g.graph["storage_owner"], g.graph["storage_bytes"]
-
         find = storage_root(g)
 
         self.find, self.nbytes, self.owner = find, nbytes, owner
@@ -179,24 +177,15 @@ class _Walk:
         self.reads: dict[str, set[int]] = {}
         self.new: dict[str, list[int]] = {}
         for n in self.ops:
-            d = g.nodes[n]
-            reads = {find(v.storage) for v in _inputs(d)}
-            self.reads[n] = reads
-            made = [s for s in d["storages"] if s is not None and owner.get(s) == n
-                    and s not in alias]
-            made += [s for s in d["saved"] if owner.get(s) == n and s not in d["storages"]]
-            self.new[n] = list(dict.fromkeys(made))
+            self.reads[n] = {find(v.storage) for v in _inputs(g.nodes[n])}
+            self.new[n] = new_storages(g, n)
         self.frees_after: dict[str, list[int]] = defaultdict(list)
         for sid, i in last_reads(g, self.ops, find).items():
             self.frees_after[self.ops[i]].append(sid)
 
         outputs = [v for v in g.graph.get("outputs", [])]
         self.outputs = {find(v.storage) for v in outputs}
-        grad_outputs = [v.node for v in outputs if v.requires_grad]
-        reached = set(grad_outputs).union(*(nx.ancestors(g, n) for n in grad_outputs)) \
-            if grad_outputs else set()
-        self.backward_ops = [n for n in reversed(self.ops)
-                             if n in reached and g.nodes[n]["requires_grad"]]
+        self.backward_ops = [n for n in reversed(self.ops) if g.nodes[n]["runs_backward"]]
         self.savers: dict[int, int] = defaultdict(int)
         for n in self.backward_ops:
             for sid in g.nodes[n]["saved"]:
