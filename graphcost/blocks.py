@@ -148,7 +148,7 @@ def expand_blocks(g: nx.DiGraph, blocks: RepeatedBlocks) -> nx.DiGraph | None:
             data = dict(g.nodes[n])
             data["storages"] = tuple(storage(s) if s is not None else None
                                      for s in data["storages"])
-            if data["kind"] == "param":
+            if data["kind"] in ("param", "buffer"):
                 data["names"] = [_rename(name, blocks.path, 1, i) for name in data["names"]]
                 new_params.append(nodes[n])
             else:

@@ -13,6 +13,7 @@ Node attributes (the schema is documented in docs/graph.md):
     module_type     op nodes: "Linear"
     module_calls    op nodes: the module calls it runs inside, outermost first ("layers.3",
                     "layers.3.attention", ...; a second call of one module is "path@1")
+    module_call_types  op nodes: the class name of each of module_calls ("TransformerBlock", ...)
     source          op nodes: the model source line that produced it
 Graph attributes: model_name, autocast (the torch.autocast dtype the op dtypes were taken
 under, or None), outputs (the Values the model returns), storage_bytes
@@ -72,6 +73,13 @@ def _module_of(node: torch.fx.Node) -> tuple[str, str]:
 def _calls_of(node: torch.fx.Node) -> tuple[str, ...]:
     stack = node.meta.get("nn_module_stack") or {}
     return tuple(path for path, _ in stack.values() if path)
+
+
+def _call_types_of(node: torch.fx.Node) -> tuple[str, ...]:
+    """The class names of `_calls_of(node)`'s modules, in the same order."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return tuple((t if isinstance(t, str) else getattr(t, "__name__", str(t))).rsplit(".", 1)[-1]
+                 for path, t in stack.values() if path)
 
 
 def _source(node: torch.fx.Node) -> str:
@@ -169,7 +177,7 @@ def build_graph(tr: Trace) -> nx.DiGraph:
             g.add_node(node.name, kind="op", order=order, target=node.target,
                        op=op_name(node.target), args=args, kwargs=kwargs, outputs=specs,
                        storages=sids, requires_grad=rg, module_path=path, module_type=mtype,
-                       module_calls=_calls_of(node),
+                       module_calls=_calls_of(node), module_call_types=_call_types_of(node),
                        source=_source(node))
             for v in inputs:
                 g.add_edge(v.node, node.name)

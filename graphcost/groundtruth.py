@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
 
@@ -26,9 +27,21 @@ def scalar_loss(output: Any) -> torch.Tensor:
     return sum(t.sum() for t in floats)
 
 
+def cpu_flop_counter() -> FlopCounterMode:
+    """FlopCounterMode that also counts the CPU's fused attention kernel with torch's own flash
+    attention formulas (FlopCounterMode has none for `_scaled_dot_product_flash_attention_for_cpu`
+    and would count it as 0)."""
+    aten = torch.ops.aten
+    return FlopCounterMode(display=False, custom_mapping={
+        aten._scaled_dot_product_flash_attention_for_cpu: flop_counter.sdpa_flop.__wrapped__,
+        aten._scaled_dot_product_flash_attention_for_cpu_backward:
+            flop_counter.sdpa_backward_flop.__wrapped__})
+
+
 def measure_flops(module: nn.Module, inputs: tuple) -> tuple[int, int]:
-    """(forward FLOPs, backward FLOPs) counted by FlopCounterMode."""
-    counter = FlopCounterMode(display=False)
+    """(forward FLOPs, backward FLOPs) counted by FlopCounterMode (on the meta device SDPA runs
+    its math decomposition; on the CPU its fused kernel is counted, see cpu_flop_counter)."""
+    counter = cpu_flop_counter()
     with counter:
         loss = scalar_loss(module(*inputs))
         forward = counter.get_total_flops()

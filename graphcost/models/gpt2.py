@@ -26,6 +26,9 @@ class GPT2Config:
     bias: bool = True  # biases in Linear and LayerNorm layers (False: nanoGPT's leaner variant)
     dropout: float = 0.0  # embedding, attention and residual dropout probability
     tie_weights: bool = True  # lm_head.weight is the same Parameter as wte.weight
+    # False: nanoGPT's attention written out (scores, causal mask, softmax, dropout, times V),
+    # the unfused layer Megatron-LM's activation formulas describe
+    flash: bool = True
 
     def __post_init__(self):
         if self.n_embd % self.n_head != 0:
@@ -45,6 +48,11 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
+        self.flash = config.flash
+        if not config.flash:  # causal mask for the written-out attention
+            ones = torch.ones(config.block_size, config.block_size, dtype=torch.bool)
+            self.register_buffer("mask", torch.tril(ones).view(1, 1, *ones.shape),
+                                 persistent=False)
 
     def forward(self, x):
         B, T, C = x.size()  # batch, sequence length, n_embd
@@ -53,11 +61,25 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0, is_causal=True
-        )  # (B, nh, T, hs)
+        if self.flash:
+            y = F.scaled_dot_product_attention(
+                q, k, v, dropout_p=self.dropout if self.training else 0, is_causal=True
+            )  # (B, nh, T, hs)
+        else:
+            y = attention_core(q, k, v, self.mask, self.dropout, self.training)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads: (B, T, C)
         return self.resid_dropout(self.c_proj(y))
+
+
+def attention_core(q, k, v, mask, dropout, training):
+    """Causal attention written out, as nanoGPT does without the fused kernel: (B, nh, T, hs)
+    queries, keys and values -> (B, nh, T, hs)."""
+    T = q.size(-2)
+    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, T)
+    att = att.masked_fill(~mask[:, :, :T, :T], float("-inf"))
+    att = F.softmax(att, dim=-1)
+    att = F.dropout(att, dropout, training)
+    return att @ v
 
 
 class MLP(nn.Module):

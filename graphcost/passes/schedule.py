@@ -45,6 +45,7 @@ from graphcost.errors import ConfigError
 from graphcost.annotate import new_storages, storage_root
 from graphcost.autocast import cast_dtype, cast_inputs
 from graphcost.graph import op_nodes
+from graphcost.passes.checkpoint import Plan, Region, parse_policy, plan
 from graphcost.passes.liveness import last_reads
 from graphcost.rules.registry import OpCost, values_in
 
@@ -62,6 +63,8 @@ class TrainingConfig:
     set_to_none: bool = True  # zero_grad(set_to_none=True), PyTorch's default
     # "auto" is PyTorch's default: the single-tensor loop on the CPU, foreach on CUDA devices
     optimizer_impl: str = "auto"
+    # an activation-checkpointing policy (graphcost.passes.checkpoint): "none", "full", ...
+    checkpoint: str = "none"
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -72,6 +75,7 @@ class TrainingConfig:
                               f"one of {', '.join(OPTIMIZER_IMPLS)}")
         if self.steps < 1 or self.grad_accumulation < 1:
             raise ConfigError("steps and grad_accumulation must be at least 1")
+        parse_policy(self.checkpoint)  # fails early on an unknown policy
 
 
 @dataclass(frozen=True)
@@ -80,7 +84,7 @@ class MemoryEvent:
 
     index: int
     step: int
-    phase: str  # "forward", "backward", "optimizer"
+    phase: str  # "forward", "recompute" (inside the backward), "backward", "optimizer"
     node: str  # op node (forward/backward) or parameter node (optimizer)
     op: str
     module_path: str
@@ -104,6 +108,12 @@ class MemoryTimeline:
     events: tuple[MemoryEvent, ...] = field(repr=False)
     peak: MemoryEvent
     optimizer_impl: str = "single-tensor"  # the implementation walked ("auto" resolved)
+    plan: Plan | None = None  # the checkpoint regions walked
+    # FLOPs the backward spends re-running checkpointed forward ops, per micro-batch
+    recompute_flops: int = 0
+    # bytes kept for backward at the end of a forward: tensors autograd saves outside the
+    # checkpointed regions, the regions' inputs and the outputs their policy keeps
+    saved_activation_bytes: int = 0
 
     @property
     def peak_bytes(self) -> int:
@@ -186,10 +196,21 @@ class _Walk:
         outputs = [v for v in g.graph.get("outputs", [])]
         self.outputs = {find(v.storage) for v in outputs}
         self.backward_ops = [n for n in reversed(self.ops) if g.nodes[n]["runs_backward"]]
+        self.plan = plan(g, config.checkpoint)
+        self.regions = [self._region(i, r) for i, r in enumerate(self.plan.regions)]
+        self.region_of = {n: r for r in self.regions for n in r.ops}
+        # holders of each storage through the backward: the ops outside checkpointed regions
+        # that save it, and the regions that keep it (their inputs, their policy's outputs)
         self.savers: dict[int, int] = defaultdict(int)
         for n in self.backward_ops:
-            for sid in g.nodes[n]["saved"]:
+            if n not in self.region_of:
+                for sid in g.nodes[n]["saved"]:
+                    self.savers[sid] += 1
+        for r in self.regions:
+            for sid in (r.inputs | r.cache) if r.trigger else ():
                 self.savers[sid] += 1
+        self.saved_activation_bytes = sum(nbytes[sid] for sid in self.savers
+                                          if sid not in self.persistent)
         self.grad_output_roots = {find(v.storage) for v in outputs if v.requires_grad}
         self.graph_outputs = outputs
         self.scalar_roots = {find(v.storage) for v in outputs if v.requires_grad
@@ -236,7 +257,46 @@ class _Walk:
             self.optimizer(step, create_state=not state_created)
             state_created = True
         peak = max(self.events, key=lambda e: e.total_bytes)  # the first event at the maximum
-        return MemoryTimeline(self.config, tuple(self.events), peak, self.optimizer_impl)
+        return MemoryTimeline(self.config, tuple(self.events), peak, self.optimizer_impl,
+                              plan=self.plan,
+                              recompute_flops=sum(r.recompute_flops for r in self.regions),
+                              saved_activation_bytes=self.saved_activation_bytes)
+
+    def _region(self, index: int, region: Region) -> _Region:
+        """What a checkpointed region holds and recomputes (torch.utils.checkpoint, non-reentrant,
+        with early stop: the recomputation ends at the last op that saves a tensor)."""
+        g = self.g
+        ops = self.ops[region.start:region.stop + 1]
+        made = {sid for n in ops for sid in self.new[n]}
+        packs = [i for i, n in enumerate(ops) if g.nodes[n]["saved"] and
+                 g.nodes[n]["requires_grad"]]
+        running = [n for n in ops if g.nodes[n]["saved"] and g.nodes[n]["runs_backward"]]
+        inputs = frozenset(sid for n in ops for sid in self.reads[n]
+                           if sid not in made and sid not in self.persistent)
+        keep: dict[int, int] = defaultdict(int)
+        for n in running:
+            for sid in g.nodes[n]["saved"]:
+                if sid not in self.persistent and sid not in inputs:
+                    keep[sid] += 1
+        recompute, partial = [], None
+        if packs and running:
+            # The recomputation stops as soon as the last tensor is saved again. Autograd saves
+            # an op's inputs (and the copies of them its kernel makes) before the kernel runs,
+            # its outputs after: a last op that saves no output of its own is not run again,
+            # only the copies it saves are made.
+            last = ops[packs[-1]]
+            recompute = ops[:packs[-1] + 1]
+            if not set(g.nodes[last]["storages"]) & g.nodes[last]["saved"]:
+                partial = last
+        return _Region(
+            index=index, region=region, ops=ops, recompute=recompute, partial=partial,
+            trigger=running[-1] if running else None, frame_end=running[0] if running else None,
+            inputs=inputs,
+            cache=frozenset(sid for n in ops if n in region.save for sid in self.new[n]
+                            if sid not in self.persistent),
+            keep=dict(keep),
+            recompute_flops=sum(g.nodes[n]["forward_flops"] for n in recompute
+                                if n not in region.save and n != partial))
 
     @property
     def optimizer_impl(self) -> str:
@@ -280,7 +340,8 @@ class _Walk:
 
     def backward(self, step: int) -> None:
         """Autograd's engine, node by node in reverse forward order (see module docstring)."""
-        self.remaining = dict(self.savers)
+        self.remaining: dict[object, int] = dict(self.savers)
+        self.consumed: dict[int, set[int]] = defaultdict(set)  # region -> cached outputs used
         self.buffer: dict[tuple[str, int], object] = {}  # value -> the gradient buffer it has
         self.refs: dict[object, int] = defaultdict(int)  # buffer -> values holding it
         self.pending = dict(self.param_consumers)  # param node -> contributions still to come
@@ -318,6 +379,9 @@ class _Walk:
 
     def _backward_node(self, step: int, n: str) -> None:
         d = self.g.nodes[n]
+        region = self.region_of.get(n)
+        if region is not None and n == region.trigger:
+            self._recompute(step, region)
         outs = [(n, i) for i in range(len(d["outputs"])) if (n, i) in self.buffer]
         # What the node's function returns, one gradient per input that needs one: a view of
         # its incoming gradient (views, same-shape add/sub) or a new tensor of the input's size.
@@ -350,11 +414,70 @@ class _Walk:
         for key in outs:
             self._release(key)  # the incoming gradient, unless a result is a view of it
         for sid in d["saved"]:
+            self._release_saved(region, sid)
+        if region is not None and n == region.frame_end:
+            self._end_region(region)
+        for key, bid in made:
+            self._deliver(step, n, key, bid)
+
+    def _release_saved(self, region: _Region | None, sid: int) -> None:
+        """One holder of a saved tensor is done with it (its op's backward ran)."""
+        if region is None or sid in region.cache:
+            key: object = sid
+        elif sid in self.persistent or sid in region.inputs:
+            return  # the region's recomputation saved the tensor that was already there
+        else:
+            key = ("recomputed", region.index, sid)
+        self.remaining[key] -= 1
+        if self.remaining[key] == 0 and key not in self.persistent:
+            self.live.drop(key)
+
+    def _end_region(self, region: _Region) -> None:
+        """The region's last saved tensor was used: its checkpoint frame, which held its inputs
+        and the outputs its policy kept, is freed."""
+        for sid in sorted(region.inputs | (region.cache - self.consumed[region.index])):
             self.remaining[sid] -= 1
             if self.remaining[sid] == 0 and sid not in self.persistent:
                 self.live.drop(sid)
-        for key, bid in made:
-            self._deliver(step, n, key, bid)
+
+    def _recompute(self, step: int, region: _Region) -> None:
+        """The region's forward again, up to its last saving op: new outputs are allocated
+        (the outputs its policy kept are taken from the cache), those its ops save stay for
+        the backward, the rest are freed after their last use."""
+        ops = region.recompute
+        last = last_reads(self.g, ops, self.find)
+        frees: dict[int, list[int]] = defaultdict(list)
+        for sid, i in last.items():
+            frees[i].append(sid)
+        local: dict[int, object] = {}  # storage -> its key, for those the recomputation made
+        for i, m in enumerate(ops):
+            made = self.new[m]
+            if m == region.partial:  # stopped before the kernel: only the copies it saves
+                made = [s for s in made if s not in self.g.nodes[m]["storages"]]
+            for sid in made:
+                if sid in self.persistent:
+                    continue
+                if m in region.region.save:  # the cached output is handed back
+                    key: object = sid
+                    self.remaining[sid] += region.keep.get(sid, 0) - 1
+                    self.consumed[region.index].add(sid)
+                else:
+                    key = ("recomputed", region.index, sid)
+                    self.remaining[key] = region.keep.get(sid, 0)
+                    self.live.add(key, self.nbytes[sid],
+                                  "activations" if sid in region.keep else "transient")
+                local[sid] = key
+            self.live.add("workspace", _cost(self.g.nodes[m]).forward_workspace_bytes,
+                          "transient")
+            self.sample(step, "recompute", m)
+            self.live.drop("workspace")
+            for sid in frees.get(i, []) + [s for s in self.new[m] if s not in last]:
+                key = local.get(sid)
+                if key is not None and self.remaining.get(key, 0) == 0:
+                    self.live.drop(key)
+        for sid, key in local.items():  # early stop: what the rest of the region would read
+            if self.remaining.get(key, 0) == 0:
+                self.live.drop(key)
 
     def _deliver(self, step: int, n: str, key: tuple[str, int], bid: object) -> None:
         """Add one gradient to the input buffer of the value's producer. A second one is summed
@@ -444,6 +567,23 @@ class _Walk:
                 if name == "sgd-momentum" and create_state:
                     self.live.add(("momentum", sid), nbytes, "optimizer_state")
                 self.sample(step, "optimizer", node)
+
+
+@dataclass(frozen=True)
+class _Region:
+    """A checkpointed region as the walk needs it (see _Walk._region)."""
+
+    index: int
+    region: Region
+    ops: list[str]
+    recompute: list[str]  # the ops the backward re-runs (early stop: up to the last saver)
+    partial: str | None  # the last of them, when it stops before its kernel runs
+    trigger: str | None  # the op whose backward needs a saved tensor first (None: never)
+    frame_end: str | None  # the op whose backward uses the region's last saved tensor
+    inputs: frozenset[int]  # storages the region reads from outside (held for recompute)
+    cache: frozenset[int]  # outputs of the ops the policy keeps
+    keep: dict[int, int]  # recomputed storage -> how many backward ops save it
+    recompute_flops: int
 
 
 aten = torch.ops.aten

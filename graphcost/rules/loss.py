@@ -1,5 +1,7 @@
 """Losses. cross_entropy runs as log_softmax + nll_loss: the log-probabilities, the targets and
-nll_loss's 0-dim total weight are kept for backward."""
+nll_loss's 0-dim total weight are kept for backward. Its backward holds the gradient of the
+log-probabilities (nll_loss's, a logits-sized tensor) while log_softmax's backward makes the
+logits' gradient: that tensor is the rule's backward workspace."""
 
 from __future__ import annotations
 
@@ -24,10 +26,12 @@ def cross_entropy_cost(ctx: RuleContext) -> OpCost:
     if not ctx.requires_grad:
         return OpCost()
     log_probs = TensorSpec(logits.shape, logits.dtype)
+    workspace = log_probs.nbytes  # d loss / d log_probs, alive during log_softmax's backward
     if target.dtype.is_floating_point:  # class probabilities: -(log_probs * target * weight)
         if label_smoothing > 0:  # target * (1 - ls) + ls / C: a new tensor
             target = TensorSpec(target.shape, target.dtype)
-        return OpCost(saved=(log_probs, target) + ((weight,) if weight is not None else ()))
+        return OpCost(saved=(log_probs, target) + ((weight,) if weight is not None else ()),
+                      backward_workspace_bytes=workspace)
     saved = [log_probs, target, TensorSpec((), logits.dtype)]  # nll_loss: total_weight
     if weight is not None:
         saved.append(weight)
@@ -37,7 +41,7 @@ def cross_entropy_cost(ctx: RuleContext) -> OpCost:
         saved.append(TensorSpec(target.shape, torch.bool))
         if reduction == MEAN:
             saved.append(TensorSpec((), torch.int64 if weight is None else weight.dtype))
-    return OpCost(saved=tuple(saved))
+    return OpCost(saved=tuple(saved), backward_workspace_bytes=workspace)
 
 
 @register(aten.nll_loss, aten.nll_loss_nd, aten.nll_loss2d)

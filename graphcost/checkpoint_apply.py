@@ -1,0 +1,122 @@
+"""Apply a checkpoint plan to a real module with torch.utils.checkpoint, the way a training
+script would: the ground truth the scheduler's predictions are checked against, and a way to
+run the policy graphcost chose.
+
+    >>> from graphcost import analyze
+    >>> from graphcost.models import SMALL_OVERRIDES, load
+    >>> from graphcost.passes.checkpoint import plan
+    >>> cfg = SMALL_OVERRIDES["llama3-8b"]
+    >>> p = plan(analyze(*load("llama3-8b", seq=8, **cfg)).graph, "full")
+    >>> model, tokens = load("llama3-8b", seq=8, device="cpu", **cfg)
+    >>> with checkpointed(model, p):
+    ...     model(*tokens).sum().backward()  # blocks' activations recomputed in backward
+
+Each region that covers modules (full, every-K, sqrt, save-matmuls, modules:...) wraps the
+modules' forward in `torch.utils.checkpoint.checkpoint(use_reentrant=False)`; a region that
+keeps some op outputs passes a `create_selective_checkpoint_contexts` context listing the
+dispatcher ops those graph ops run as. A sqrt segment runs its blocks inside one checkpoint
+(the first block's forward calls all of them; the others pass their input through). The
+selective policy wraps `torch.nn.functional.scaled_dot_product_attention`; an attention core
+written out as matmul/softmax/matmul cannot be reached from outside the module and raises.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
+
+from graphcost.errors import ConfigError
+from graphcost.passes.checkpoint import Plan, short_op
+
+aten = torch.ops.aten
+# graph op (torch.export's training IR) -> the dispatcher ops it runs as in eager mode
+_DISPATCH = {
+    "linear": (aten.mm.default, aten.addmm.default),
+    "matmul": (aten.mm.default, aten.bmm.default),
+    "mm": (aten.mm.default,), "addmm": (aten.addmm.default,), "bmm": (aten.bmm.default,),
+    "baddbmm": (aten.baddbmm.default,),
+    "conv1d": (aten.convolution.default,), "conv2d": (aten.convolution.default,),
+    "conv3d": (aten.convolution.default,), "convolution": (aten.convolution.default,),
+    "scaled_dot_product_attention": (
+        aten._scaled_dot_product_flash_attention_for_cpu.default,
+        aten._scaled_dot_product_flash_attention.default,
+        aten._scaled_dot_product_efficient_attention.default,
+        aten._scaled_dot_product_cudnn_attention.default),
+}
+
+
+def dispatch_ops(graph_ops: set[str]) -> list:
+    """The dispatcher ops a selective checkpoint context must list to keep these graph ops'
+    outputs."""
+    out = []
+    for op in sorted(graph_ops):
+        ops = _DISPATCH.get(short_op(op))
+        if ops is None:
+            raise ConfigError(f"cannot keep {op!r} in a real selective checkpoint: its "
+                              f"dispatcher ops are not known; keep one of {', '.join(_DISPATCH)}")
+        out += [o for o in ops if o not in out]
+    return out
+
+
+@contextlib.contextmanager
+def checkpointed(model: nn.Module, plan: Plan, *, preserve_rng_state: bool = True) -> Iterator:
+    """Within the block, `model` runs with `plan`'s regions checkpointed (see module doc)."""
+    patched: list[nn.Module] = []
+    sdpa = None
+    try:
+        if plan.policy.kind == "selective":
+            if any(r.start != r.stop for r in plan.regions):
+                raise ConfigError("the selective policy can be applied for real only to "
+                                  "attention written with F.scaled_dot_product_attention")
+            sdpa = torch.nn.functional.scaled_dot_product_attention
+            inner = sdpa
+
+            def wrapped(*args, **kwargs):
+                return checkpoint(inner, *args, use_reentrant=False,
+                                  preserve_rng_state=preserve_rng_state, **kwargs)
+
+            torch.nn.functional.scaled_dot_product_attention = wrapped
+        else:
+            for region in plan.regions:
+                modules = [model.get_submodule(p) for p in region.modules]
+                if not modules:
+                    raise ConfigError(f"region {region.name} covers no module")
+                context = None
+                if region.save_ops:
+                    context = functools.partial(create_selective_checkpoint_contexts,
+                                                dispatch_ops(set(region.save_ops)))
+                _wrap(modules, context, preserve_rng_state)
+                patched += modules
+        yield model
+    finally:
+        for m in patched:
+            m.__dict__.pop("forward", None)
+        if sdpa is not None:
+            torch.nn.functional.scaled_dot_product_attention = sdpa
+
+
+def _wrap(modules: list[nn.Module], context, preserve_rng_state: bool) -> None:
+    forwards = [m.forward for m in modules]
+
+    def run(x, *args, **kwargs):
+        for f in forwards:
+            x = f(x, *args, **kwargs)
+        return x
+
+    def first(*args, **kwargs):
+        extra = {"context_fn": context} if context is not None else {}
+        return checkpoint(run, *args, use_reentrant=False, preserve_rng_state=preserve_rng_state,
+                          **extra, **kwargs)
+
+    modules[0].forward = first
+    for m in modules[1:]:
+        m.forward = _pass_through
+
+
+def _pass_through(x, *args, **kwargs):
+    return x
