@@ -15,9 +15,10 @@ Each region that covers modules (full, every-K, sqrt, save-matmuls, modules:...)
 modules' forward in `torch.utils.checkpoint.checkpoint(use_reentrant=False)`; a region that
 keeps some op outputs passes a `create_selective_checkpoint_contexts` context listing the
 dispatcher ops those graph ops run as. A sqrt segment runs its blocks inside one checkpoint
-(the first block's forward calls all of them; the others pass their input through). The
-selective policy wraps `torch.nn.functional.scaled_dot_product_attention`; an attention core
-written out as matmul/softmax/matmul cannot be reached from outside the module and raises.
+(the first block's forward calls all of them; the others pass their input through). An
+attention core (selective) is checkpointed by wrapping
+`torch.nn.functional.scaled_dot_product_attention` while its module runs; one written out as
+matmul/softmax/matmul cannot be reached from outside the module and raises.
 """
 
 from __future__ import annotations
@@ -67,37 +68,50 @@ def dispatch_ops(graph_ops: set[str]) -> list:
 def checkpointed(model: nn.Module, plan: Plan, *, preserve_rng_state: bool = True) -> Iterator:
     """Within the block, `model` runs with `plan`'s regions checkpointed (see module doc)."""
     patched: list[nn.Module] = []
-    sdpa = None
     try:
-        if plan.policy.kind == "selective":
-            if any(r.start != r.stop for r in plan.regions):
-                raise ConfigError("the selective policy can be applied for real only to "
-                                  "attention written with F.scaled_dot_product_attention")
-            sdpa = torch.nn.functional.scaled_dot_product_attention
-            inner = sdpa
-
-            def wrapped(*args, **kwargs):
-                return checkpoint(inner, *args, use_reentrant=False,
-                                  preserve_rng_state=preserve_rng_state, **kwargs)
-
-            torch.nn.functional.scaled_dot_product_attention = wrapped
-        else:
-            for region in plan.regions:
+        for region in plan.regions:
+            if region.modules:
                 modules = [model.get_submodule(p) for p in region.modules]
-                if not modules:
-                    raise ConfigError(f"region {region.name} covers no module")
                 context = None
                 if region.save_ops:
                     context = functools.partial(create_selective_checkpoint_contexts,
                                                 dispatch_ops(set(region.save_ops)))
                 _wrap(modules, context, preserve_rng_state)
                 patched += modules
+            elif region.start == region.stop:  # a fused attention op, inside `within`
+                module = model.get_submodule(region.within)
+                _wrap_attention(module, preserve_rng_state)
+                patched.append(module)
+            else:
+                raise ConfigError(
+                    f"{region.name}: an attention core written out as matmul/softmax/matmul "
+                    "cannot be checkpointed from outside its module; wrap that code in "
+                    "torch.utils.checkpoint.checkpoint yourself, or use "
+                    "F.scaled_dot_product_attention")
         yield model
     finally:
         for m in patched:
             m.__dict__.pop("forward", None)
-        if sdpa is not None:
+
+
+def _wrap_attention(module: nn.Module, preserve_rng_state: bool) -> None:
+    """While `module` runs, F.scaled_dot_product_attention runs inside a checkpoint."""
+    forward = module.forward
+
+    def run(*args, **kwargs):
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+
+        def checkpointed_sdpa(*a, **k):
+            return checkpoint(sdpa, *a, use_reentrant=False,
+                              preserve_rng_state=preserve_rng_state, **k)
+
+        torch.nn.functional.scaled_dot_product_attention = checkpointed_sdpa
+        try:
+            return forward(*args, **kwargs)
+        finally:
             torch.nn.functional.scaled_dot_product_attention = sdpa
+
+    module.forward = run
 
 
 def _wrap(modules: list[nn.Module], context, preserve_rng_state: bool) -> None:

@@ -49,9 +49,9 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.flash = config.flash
-        if not config.flash:  # causal mask for the written-out attention
+        if not config.flash:  # the written-out attention's mask: True where j > i
             ones = torch.ones(config.block_size, config.block_size, dtype=torch.bool)
-            self.register_buffer("mask", torch.tril(ones).view(1, 1, *ones.shape),
+            self.register_buffer("future", torch.triu(ones, 1).view(1, 1, *ones.shape),
                                  persistent=False)
 
     def forward(self, x):
@@ -66,17 +66,17 @@ class CausalSelfAttention(nn.Module):
                 q, k, v, dropout_p=self.dropout if self.training else 0, is_causal=True
             )  # (B, nh, T, hs)
         else:
-            y = attention_core(q, k, v, self.mask, self.dropout, self.training)
+            y = attention_core(q, k, v, self.future, self.dropout, self.training)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads: (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
 
-def attention_core(q, k, v, mask, dropout, training):
+def attention_core(q, k, v, future, dropout, training):
     """Causal attention written out, as nanoGPT does without the fused kernel: (B, nh, T, hs)
-    queries, keys and values -> (B, nh, T, hs)."""
+    queries, keys and values -> (B, nh, T, hs). `future` is True above the diagonal."""
     T = q.size(-2)
     att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, T)
-    att = att.masked_fill(~mask[:, :, :T, :T], float("-inf"))
+    att = att.masked_fill(future[:, :, :T, :T], float("-inf"))
     att = F.softmax(att, dim=-1)
     att = F.dropout(att, dropout, training)
     return att @ v

@@ -20,6 +20,9 @@ Built-in policies (`parse_policy` names):
     save-matmuls   every block is a region that keeps the outputs of its compute-heavy ops
                    (linear, matmul, bmm, attention, convolution) and recomputes the rest
                    (torch.utils.checkpoint's selective checkpoint contexts)
+    per-block:OPT,OPT,...
+                   one of none, full, selective, save-matmuls per block of the main stack
+                   ("per-block:full*4,none*28": OPT*N repeats); what `optimize` returns
     modules:PAT[,PAT...][+save:OP[,OP...]]
                    every call of a module whose path matches one of the fnmatch patterns is a
                    region ("modules:layers.*.attention,layers.*.feed_forward"); with +save the
@@ -42,6 +45,7 @@ from graphcost.errors import ConfigError
 from graphcost.graph import op_nodes
 
 BUILTIN_POLICIES = ("none", "full", "every-2", "sqrt", "selective", "save-matmuls")
+BLOCK_OPTIONS = ("none", "selective", "save-matmuls", "full")  # what per-block mixes
 # Ops whose outputs save-matmuls keeps: the ones whose recomputation costs FLOPs.
 MATMUL_OPS = frozenset({
     "linear", "matmul", "mm", "bmm", "addmm", "baddbmm", "einsum", "conv1d", "conv2d",
@@ -65,8 +69,9 @@ def short_op(op: str) -> str:
 class Policy:
     """A parsed policy spec (see the module docstring)."""
 
-    kind: str  # none | full | every | sqrt | selective | save-matmuls | modules
+    kind: str  # none | full | every | sqrt | selective | save-matmuls | modules | per-block
     every: int = 1
+    per_block: tuple[str, ...] = ()  # per-block: the option of each block
     patterns: tuple[str, ...] = ()
     save_ops: frozenset[str] = frozenset()
     spec: str = "none"
@@ -85,6 +90,7 @@ class Region:
     save: frozenset[str] = frozenset()  # op nodes whose outputs are kept (not recomputed)
     save_ops: frozenset[str] = frozenset()  # the ops of those nodes ("aten.linear.default")
     modules: tuple[str, ...] = ()  # the module calls it wraps (none: an attention core)
+    within: str = ""  # an attention core: the module whose forward runs it
 
 
 @dataclass(frozen=True)
@@ -107,6 +113,16 @@ def parse_policy(spec: str | Policy | None) -> Policy:
         if k < 1:
             raise ConfigError(f"checkpoint policy {text!r}: K must be at least 1")
         return Policy(kind="every", every=k, spec=text)
+    if text.startswith("per-block:"):
+        options: list[str] = []
+        for item in text[len("per-block:"):].split(","):
+            name, _, count = item.strip().partition("*")
+            if name not in BLOCK_OPTIONS or (count and not count.isdigit()):
+                raise ConfigError(f"checkpoint policy {text!r}: {item.strip()!r} is not "
+                                  f"OPTION or OPTION*N with OPTION one of "
+                                  f"{', '.join(BLOCK_OPTIONS)}")
+            options += [name] * (int(count) if count else 1)
+        return Policy(kind="per-block", per_block=tuple(options), spec=per_block_spec(options))
     if text.startswith("modules:"):
         body, _, save = text[len("modules:"):].partition("+save:")
         patterns = tuple(p.strip() for p in body.split(",") if p.strip())
@@ -119,6 +135,17 @@ def parse_policy(spec: str | Policy | None) -> Policy:
         f"unknown checkpoint policy {text!r}; choose one of none, full, every-K (e.g. every-2), "
         "sqrt, selective, save-matmuls, or modules:PATTERN[,PATTERN][+save:OP[,OP]] "
         "(e.g. modules:layers.*.feed_forward)")
+
+
+def per_block_spec(options) -> str:
+    """('full', 'full', 'none') -> 'per-block:full*2,none'."""
+    parts: list[str] = []
+    for option in options:
+        if parts and parts[-1][0] == option:
+            parts[-1][1] += 1
+        else:
+            parts.append([option, 1])
+    return "per-block:" + ",".join(o if n == 1 else f"{o}*{n}" for o, n in parts)
 
 
 def plan(g: nx.DiGraph, policy: str | Policy | None) -> Plan:
@@ -165,6 +192,20 @@ def plan(g: nx.DiGraph, policy: str | Policy | None) -> Plan:
                                   modules=tuple(segment)))
     elif policy.kind == "save-matmuls":
         regions = [_call_region(b, calls[b], ops, g, MATMUL_OPS) for b in blocks]
+    elif policy.kind == "per-block":
+        if len(policy.per_block) != len(blocks):
+            raise ConfigError(f"checkpoint policy {policy.spec!r} gives {len(policy.per_block)} "
+                              f"options; the model has {len(blocks)} blocks")
+        cores = attention_cores(g, ops) if "selective" in policy.per_block else []
+        regions = []
+        for b, option in zip(blocks, policy.per_block):
+            if option == "full":
+                regions.append(_call_region(b, calls[b], ops, g))
+            elif option == "save-matmuls":
+                regions.append(_call_region(b, calls[b], ops, g, MATMUL_OPS))
+            elif option == "selective":
+                first, last = calls[b]
+                regions += [r for r in cores if first <= r.start and r.stop <= last]
     else:  # pragma: no cover - parse_policy admits nothing else
         raise ConfigError(f"unknown checkpoint policy {policy.spec!r}")
     return Plan(policy, tuple(regions), tuple(blocks))
@@ -234,7 +275,7 @@ def attention_cores(g: nx.DiGraph, ops: list[str]) -> list[Region]:
         name = short_op(g.nodes[n]["op"])
         if "scaled_dot_product" in name:
             regions.append(Region(name=f"{g.nodes[n]['module_path']} (attention core)",
-                                  start=i, stop=i))
+                                  start=i, stop=i, within=g.nodes[n]["module_path"]))
         elif name in _SOFTMAX:
             first = _walk(g, n, up=True)
             last = _walk(g, n, up=False)
@@ -243,7 +284,8 @@ def attention_cores(g: nx.DiGraph, ops: list[str]) -> list[Region]:
             members = {first, last} | _shape_feeders(g, first) | _shape_feeders(g, last)
             start = min(index[m] for m in members if m in index)
             regions.append(Region(name=f"{g.nodes[n]['module_path']} (attention core)",
-                                  start=start, stop=index[last]))
+                                  start=start, stop=index[last],
+                                  within=g.nodes[n]["module_path"]))
     return _disjoint(regions)
 
 

@@ -114,6 +114,7 @@ class MemoryTimeline:
     # bytes kept for backward at the end of a forward: tensors autograd saves outside the
     # checkpointed regions, the regions' inputs and the outputs their policy keeps
     saved_activation_bytes: int = 0
+    kept_storages: dict[int, int] = field(default_factory=dict, repr=False)  # those, by storage
 
     @property
     def peak_bytes(self) -> int:
@@ -260,7 +261,9 @@ class _Walk:
         return MemoryTimeline(self.config, tuple(self.events), peak, self.optimizer_impl,
                               plan=self.plan,
                               recompute_flops=sum(r.recompute_flops for r in self.regions),
-                              saved_activation_bytes=self.saved_activation_bytes)
+                              saved_activation_bytes=self.saved_activation_bytes,
+                              kept_storages={sid: self.nbytes[sid] for sid in self.savers
+                                             if sid not in self.persistent})
 
     def _region(self, index: int, region: Region) -> _Region:
         """What a checkpointed region holds and recomputes (torch.utils.checkpoint, non-reentrant,
@@ -292,8 +295,7 @@ class _Walk:
             index=index, region=region, ops=ops, recompute=recompute, partial=partial,
             trigger=running[-1] if running else None, frame_end=running[0] if running else None,
             inputs=inputs,
-            cache=frozenset(sid for n in ops if n in region.save for sid in self.new[n]
-                            if sid not in self.persistent),
+            cache=frozenset(sid for n in ops if n in region.save for sid in self._outputs(n)),
             keep=dict(keep),
             recompute_flops=sum(g.nodes[n]["forward_flops"] for n in recompute
                                 if n not in region.save and n != partial))
@@ -420,6 +422,15 @@ class _Walk:
         for key, bid in made:
             self._deliver(step, n, key, bid)
 
+    def _outputs(self, n: str) -> list[int]:
+        """The new storages of op `n` its kernel returns: its outputs, and the tensors it makes
+        to save that are not copies of an input (flash attention's logsumexp, not matmul's
+        contiguous copies of its operands). A selective checkpoint caches these."""
+        d = self.g.nodes[n]
+        inputs = {v.spec.nbytes for v in _inputs(d)}
+        return [sid for sid in self.new[n] if sid not in self.persistent and
+                (sid in d["storages"] or self.nbytes[sid] not in inputs)]
+
     def _release_saved(self, region: _Region | None, sid: int) -> None:
         """One holder of a saved tensor is done with it (its op's backward ran)."""
         if region is None or sid in region.cache:
@@ -457,7 +468,7 @@ class _Walk:
             for sid in made:
                 if sid in self.persistent:
                     continue
-                if m in region.region.save:  # the cached output is handed back
+                if sid in region.cache:  # the cached output is handed back
                     key: object = sid
                     self.remaining[sid] += region.keep.get(sid, 0) - 1
                     self.consumed[region.index].add(sid)

@@ -1,0 +1,234 @@
+"""Compare checkpoint policies, and find the one with the least recomputation that fits a budget.
+
+`compare` walks a training step (passes/schedule.py) once per policy: peak memory, the bytes
+kept for backward, recompute FLOPs and hardware FLOPs per step.
+
+`optimize` searches the per-block mixes: every block of the main stack gets one of
+none / selective / save-matmuls / full (`BLOCK_OPTIONS`), 4^L policies. Its model of a mix's
+peak comes from the uniform walks (one per option) that `compare` makes anyway, by
+decomposing every event of a step:
+
+    an event in block i (its forward, its recomputation or its backward) holds
+        sum over blocks j < i of S_j(o_j)  +  a local part that depends on o_i only;
+    an event after the stack (final norm, head, loss and their backward) holds
+        sum over all blocks of S_j(o_j)  +  a constant;
+    an event before it (embeddings), or of the optimizer, holds a constant,
+
+where S_j(o) is what block j keeps for its backward (its outputs held by autograd, its region's
+inputs, its policy's cached outputs). The least-recompute mix under the budget is then a small
+integer program (binary x[i, o], one option per block, one peak constraint per block and one for
+the tail), solved exactly with scipy.optimize.milp (HiGHS). The mix found is walked once more
+and that walk's peak is the one reported (tests check the decomposition against walks of random
+mixes, event for event, and the walks against real runs).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from graphcost.analysis import Analysis
+from graphcost.errors import ConfigError
+from graphcost.graph import op_nodes
+from graphcost.passes.checkpoint import (BLOCK_OPTIONS, BUILTIN_POLICIES, _module_calls,
+                                         main_blocks, parse_policy, per_block_spec)
+from graphcost.passes.schedule import MemoryTimeline, TrainingConfig, training_timeline
+
+
+@dataclass(frozen=True)
+class PolicyRow:
+    """One policy's costs for a training step (FLOPs per optimizer step: all micro-batches)."""
+
+    policy: str
+    peak_bytes: int
+    peak_phase: str
+    peak_module: str
+    saved_activation_bytes: int
+    recompute_flops: int
+    model_flops: int  # forward + backward: what MFU counts
+    hardware_flops: int  # model FLOPs + recompute: what the device runs (HFU)
+    fits: bool | None  # None: no budget given
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _row(analysis: Analysis, timeline: MemoryTimeline, budget: float | None) -> PolicyRow:
+    micro = timeline.config.grad_accumulation
+    model = (analysis.forward_flops + analysis.backward_flops) * micro
+    recompute = timeline.recompute_flops * micro
+    return PolicyRow(
+        policy=str(timeline.config.checkpoint), peak_bytes=timeline.peak_bytes,
+        peak_phase=timeline.peak.phase, peak_module=timeline.peak.module_path,
+        saved_activation_bytes=timeline.saved_activation_bytes, recompute_flops=recompute,
+        model_flops=model, hardware_flops=model + recompute,
+        fits=None if budget is None else timeline.peak_bytes <= budget)
+
+
+def compare(analysis: Analysis, policies=BUILTIN_POLICIES, config: TrainingConfig | None = None,
+            budget_bytes: float | None = None) -> list[PolicyRow]:
+    """One row per policy, in the order given. A policy that does not apply to the model
+    (selective without attention, block policies without blocks) raises ConfigError."""
+    config = config or TrainingConfig()
+    walks = _walks(analysis, config, policies)
+    return [_row(analysis, walks[str(parse_policy(p))], budget_bytes) for p in policies]
+
+
+def _walks(analysis: Analysis, config: TrainingConfig, policies) -> dict[str, MemoryTimeline]:
+    specs = dict.fromkeys(str(parse_policy(p)) for p in policies)
+    return {p: training_timeline(analysis, replace(config, checkpoint=p)) for p in specs}
+
+
+@dataclass(frozen=True)
+class Optimum:
+    """What `optimize` found. `row` is None when nothing fits (then `smallest` says how close
+    the policy with the least memory came)."""
+
+    budget_bytes: float
+    row: PolicyRow | None
+    per_block: tuple[str, ...]
+    predicted_peak_bytes: int | None  # the decomposition's peak for the mix (= row.peak_bytes)
+    builtin: list[PolicyRow]  # the uniform policies walked
+    best_builtin: PolicyRow | None  # the fitting built-in policy with the least recompute
+    smallest: PolicyRow  # the walked policy with the least peak
+    search_seconds: float  # the integer program and the final walk
+
+
+def optimize(analysis: Analysis, budget_bytes: float, config: TrainingConfig | None = None,
+             policies=BUILTIN_POLICIES) -> Optimum:
+    """The per-block mix with the least recompute FLOPs whose peak is within `budget_bytes`;
+    `policies` are walked too, to say how far the best of them is from it."""
+    config = config or TrainingConfig()
+    g = analysis.graph
+    ops = op_nodes(g)
+    blocks = main_blocks(g, ops)
+    if not blocks:
+        raise ConfigError("checkpoint search needs a stack of identical blocks (a ModuleList or "
+                          "Sequential); compare policies instead (graphcost checkpoint "
+                          "--policies ...)")
+    options = _applicable(g, ops)
+    policies = [p for p in policies if p != "selective" or "selective" in options]
+    all_walks = _walks(analysis, config, list(policies) + list(options))
+    walks = {o: all_walks[o] for o in options}
+    rows = [_row(analysis, all_walks[str(parse_policy(p))], budget_bytes) for p in policies]
+    start = time.perf_counter()
+    model = _Decomposition(g, ops, blocks, walks)
+    choice = model.solve(budget_bytes)
+    row, predicted = None, None
+    if choice is not None:
+        spec = per_block_spec(choice)
+        timeline = training_timeline(analysis, replace(config, checkpoint=spec))
+        predicted = model.peak(choice)
+        if timeline.peak_bytes != predicted:
+            raise AssertionError(f"checkpoint search: the decomposed peak of {spec} "
+                                 f"({predicted} B) differs from its walk "
+                                 f"({timeline.peak_bytes} B); please report this model")
+        row = _row(analysis, timeline, budget_bytes)
+    seconds = time.perf_counter() - start
+    fitting = [r for r in rows if r.fits]
+    walked = [_row(analysis, t, budget_bytes) for t in all_walks.values()]
+    return Optimum(budget_bytes=budget_bytes, row=row, per_block=tuple(choice or ()),
+                   predicted_peak_bytes=predicted, builtin=rows,
+                   best_builtin=min(fitting, key=lambda r: (r.recompute_flops, r.peak_bytes))
+                   if fitting else None,
+                   smallest=min(walked, key=lambda r: r.peak_bytes), search_seconds=seconds)
+
+
+def _applicable(g, ops) -> tuple[str, ...]:
+    from graphcost.passes.checkpoint import attention_cores
+
+    return tuple(o for o in BLOCK_OPTIONS if o != "selective" or attention_cores(g, ops))
+
+
+class _Decomposition:
+    """Peak of any per-block mix from the uniform walks (see the module docstring)."""
+
+    def __init__(self, g, ops, blocks, walks: dict[str, MemoryTimeline]) -> None:
+        self.options = list(walks)
+        spans = _module_calls(g, ops)
+        first, last = spans[blocks[0]][0], spans[blocks[-1]][1]
+        where: dict[str, int] = {}  # op -> block index, -1 before the stack, L after it
+        block_of_index = np.full(len(ops), -1)
+        for i, b in enumerate(blocks):
+            lo, hi = spans[b]
+            block_of_index[lo:hi + 1] = i
+        for k, n in enumerate(ops):
+            where[n] = int(block_of_index[k]) if first <= k <= last else (-1 if k < first
+                                                                           else len(blocks))
+        owner = g.graph["storage_owner"]
+        L = len(blocks)
+        self.L = L
+        self.kept = np.zeros((L, len(self.options)))  # S_i(o)
+        self.local = np.full((L, len(self.options)), -np.inf)  # max local part in block i
+        self.tail = np.full(len(self.options), -np.inf)
+        self.constant = -np.inf
+        self.recompute = np.zeros(len(self.options))
+        for k, option in enumerate(self.options):
+            t = walks[option]
+            for sid, nbytes in t.kept_storages.items():
+                i = where.get(owner.get(sid), -1)
+                if 0 <= i < L:
+                    self.kept[i, k] += nbytes
+            prefix = np.concatenate([[0.0], np.cumsum(self.kept[:, k])])
+            for e in t.events:
+                i = where.get(e.node, -1) if e.phase != "optimizer" else -1
+                if 0 <= i < L:
+                    self.local[i, k] = max(self.local[i, k], e.total_bytes - prefix[i])
+                elif i == L:
+                    self.tail[k] = max(self.tail[k], e.total_bytes - prefix[L])
+                else:
+                    self.constant = max(self.constant, e.total_bytes)
+            self.recompute[k] = t.recompute_flops / L
+        self.tail_max = float(np.max(self.tail))
+
+    def peak(self, choice) -> int:
+        k = [self.options.index(o) for o in choice]
+        kept = self.kept[np.arange(self.L), k]
+        prefix = np.concatenate([[0.0], np.cumsum(kept)])
+        local = self.local[np.arange(self.L), k] + prefix[:-1]
+        return int(max(self.constant, float(np.max(local)), self.tail_max + prefix[-1]))
+
+    def solve(self, budget: float) -> tuple[str, ...] | None:
+        """Binary x[i, o] (row-major), one option per block; least recompute under the budget."""
+        from scipy.optimize import Bounds, LinearConstraint, milp
+
+        if self.constant > budget:
+            return None
+        L, K = self.L, len(self.options)
+        n = L * K
+        cost = np.tile(self.recompute, L)
+        rows, upper = [], []
+        for i in range(L):  # block i's events: kept by blocks before it + its local part
+            row = np.zeros(n)
+            for j in range(i):
+                row[j * K:(j + 1) * K] = self.kept[j]
+            row[i * K:(i + 1) * K] = self.local[i]
+            rows.append(row)
+            upper.append(budget)
+        tail = self.kept.reshape(-1).copy()  # the events after the stack: all blocks' kept
+        rows.append(tail)
+        upper.append(budget - self.tail_max)
+        one = np.zeros((L, n))
+        for i in range(L):
+            one[i, i * K:(i + 1) * K] = 1
+        # scale bytes to GiB so HiGHS's tolerances sit far below one byte's worth of choice
+        a = np.array(rows) / 2**30
+        constraints = [LinearConstraint(a, -np.inf, np.array(upper) / 2**30),
+                       LinearConstraint(one, 1, 1)]
+        # ties (equal recompute) go to the mix that keeps fewer bytes
+        kept = self.kept.reshape(-1)
+        cost = cost / max(float(np.max(cost)), 1.0) + 1e-6 * kept / max(float(np.max(kept)), 1.0)
+        result = milp(cost, constraints=constraints,
+                      integrality=np.ones(n), bounds=Bounds(0, 1))
+        if result.x is None:
+            return None
+        x = np.round(result.x).reshape(L, K)
+        choice = tuple(self.options[int(np.argmax(x[i]))] for i in range(L))
+        if self.peak(choice) > budget:  # HiGHS's feasibility tolerance let a byte through
+            return None
+        return choice
+
+
+__all__ = ["BLOCK_OPTIONS", "Optimum", "PolicyRow", "compare", "optimize", "parse_policy"]
