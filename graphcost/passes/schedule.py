@@ -168,6 +168,7 @@ def training_timeline(analysis: Analysis, config: TrainingConfig | None = None) 
 class _Walk:
     def __init__(self, g: nx.DiGraph, config: TrainingConfig) -> None:
         self.g, self.config = g, config
+        self.nd: dict[str, dict] = dict(g.nodes(data=True))  # node -> its attributes
         owner, nbytes = g.graph["storage_owner"], g.graph["storage_bytes"]
         find = storage_root(g)
 
@@ -175,8 +176,8 @@ class _Walk:
         self.ops = op_nodes(g)
         self.persistent = {}  # storage -> category: params and buffers (inputs: transient)
         self.params: list[tuple[int, int]] = []  # trainable parameter storages and bytes, in order
-        for n in sorted(g.nodes, key=lambda n: g.nodes[n]["order"]):
-            d = g.nodes[n]
+        for n in sorted(g.nodes, key=lambda n: self.nd[n]["order"]):
+            d = self.nd[n]
             if d["kind"] == "op":
                 continue
             sid = d["storages"][0]
@@ -187,8 +188,9 @@ class _Walk:
 
         self.reads: dict[str, set[int]] = {}
         self.new: dict[str, list[int]] = {}
+        self.inputs_of: dict[str, list] = {n: _inputs(self.nd[n]) for n in self.ops}
         for n in self.ops:
-            self.reads[n] = {find(v.storage) for v in _inputs(g.nodes[n])}
+            self.reads[n] = {find(v.storage) for v in self.inputs_of[n]}
             self.new[n] = new_storages(g, n)
         self.frees_after: dict[str, list[int]] = defaultdict(list)
         for sid, i in last_reads(g, self.ops, find).items():
@@ -196,16 +198,17 @@ class _Walk:
 
         outputs = [v for v in g.graph.get("outputs", [])]
         self.outputs = {find(v.storage) for v in outputs}
-        self.backward_ops = [n for n in reversed(self.ops) if g.nodes[n]["runs_backward"]]
+        self.backward_ops = [n for n in reversed(self.ops) if self.nd[n]["runs_backward"]]
         self.plan = plan(g, config.checkpoint)
         self.regions = [self._region(i, r) for i, r in enumerate(self.plan.regions)]
         self.region_of = {n: r for r in self.regions for n in r.ops}
+        self.recompute_frees: dict[int, tuple] = {}  # region -> its recompute's last reads
         # holders of each storage through the backward: the ops outside checkpointed regions
         # that save it, and the regions that keep it (their inputs, their policy's outputs)
         self.savers: dict[int, int] = defaultdict(int)
         for n in self.backward_ops:
             if n not in self.region_of:
-                for sid in g.nodes[n]["saved"]:
+                for sid in self.nd[n]["saved"]:
                     self.savers[sid] += 1
         for r in self.regions:
             for sid in (r.inputs | r.cache) if r.trigger else ():
@@ -220,7 +223,7 @@ class _Walk:
         self.param_consumers: dict[str, int] = defaultdict(int)
         for n in self.backward_ops:
             keys = set()
-            for v in _inputs(g.nodes[n]):
+            for v in self.inputs_of[n]:
                 self.value_bytes[(v.node, v.index)] = v.spec.nbytes
                 if v.requires_grad and v.kind == "param":
                     keys.add(v.node)
@@ -232,7 +235,7 @@ class _Walk:
     # -- events -------------------------------------------------------------------------------
 
     def sample(self, step: int, phase: str, node: str, where: str | None = None) -> None:
-        d = self.g.nodes[node]
+        d = self.nd[node]
         b = self.live.bytes
         if d["kind"] == "op":
             op, where = d["op"], d["module_path"]
@@ -268,17 +271,16 @@ class _Walk:
     def _region(self, index: int, region: Region) -> _Region:
         """What a checkpointed region holds and recomputes (torch.utils.checkpoint, non-reentrant,
         with early stop: the recomputation ends at the last op that saves a tensor)."""
-        g = self.g
         ops = self.ops[region.start:region.stop + 1]
         made = {sid for n in ops for sid in self.new[n]}
-        packs = [i for i, n in enumerate(ops) if g.nodes[n]["saved"] and
-                 g.nodes[n]["requires_grad"]]
-        running = [n for n in ops if g.nodes[n]["saved"] and g.nodes[n]["runs_backward"]]
+        packs = [i for i, n in enumerate(ops) if self.nd[n]["saved"] and
+                 self.nd[n]["requires_grad"]]
+        running = [n for n in ops if self.nd[n]["saved"] and self.nd[n]["runs_backward"]]
         inputs = frozenset(sid for n in ops for sid in self.reads[n]
                            if sid not in made and sid not in self.persistent)
         keep: dict[int, int] = defaultdict(int)
         for n in running:
-            for sid in g.nodes[n]["saved"]:
+            for sid in self.nd[n]["saved"]:
                 if sid not in self.persistent and sid not in inputs:
                     keep[sid] += 1
         recompute, partial = [], None
@@ -289,7 +291,7 @@ class _Walk:
             # only the copies it saves are made.
             last = ops[packs[-1]]
             recompute = ops[:packs[-1] + 1]
-            if not set(g.nodes[last]["storages"]) & g.nodes[last]["saved"]:
+            if not set(self.nd[last]["storages"]) & self.nd[last]["saved"]:
                 partial = last
         return _Region(
             index=index, region=region, ops=ops, recompute=recompute, partial=partial,
@@ -297,7 +299,7 @@ class _Walk:
             inputs=inputs,
             cache=frozenset(sid for n in ops if n in region.save for sid in self._outputs(n)),
             keep=dict(keep),
-            recompute_flops=sum(g.nodes[n]["forward_flops"] for n in recompute
+            recompute_flops=sum(self.nd[n]["forward_flops"] for n in recompute
                                 if n not in region.save and n != partial))
 
     @property
@@ -313,7 +315,7 @@ class _Walk:
             for sid in self.new[n]:
                 self.live.add(sid, self.nbytes[sid], "activations" if sid in saved
                               else "transient")
-            self.live.add("workspace", _cost(self.g.nodes[n]).forward_workspace_bytes, "transient")
+            self.live.add("workspace", _cost(self.nd[n]).forward_workspace_bytes, "transient")
             self.sample(step, "forward", n)
             self.live.drop("workspace")
             for sid in self.frees_after.get(n, []) + [s for s in self.new[n]
@@ -360,7 +362,7 @@ class _Walk:
             self.live.drop(("loss", v.node, v.index))
 
     def value_dtype_size(self, key: tuple[str, int]) -> int:
-        return self.g.nodes[key[0]]["outputs"][key[1]].dtype.itemsize
+        return self.nd[key[0]]["outputs"][key[1]].dtype.itemsize
 
     def _new_buffer(self, nbytes: int) -> object:
         bid = ("gradbuf", len(self.refs), object())
@@ -380,7 +382,7 @@ class _Walk:
                 self.live.drop(bid)
 
     def _backward_node(self, step: int, n: str) -> None:
-        d = self.g.nodes[n]
+        d = self.nd[n]
         region = self.region_of.get(n)
         if region is not None and n == region.trigger:
             self._recompute(step, region)
@@ -389,7 +391,7 @@ class _Walk:
         # its incoming gradient (views, same-shape add/sub) or a new tensor of the input's size.
         contributions: list[tuple[tuple[str, int], int, object | None]] = []
         seen = set()
-        for position, v in enumerate(_inputs(d)):
+        for position, v in enumerate(self.inputs_of[n]):
             key = (v.node, v.index)
             if not v.requires_grad or key in seen or position in _NOT_DIFFERENTIABLE.get(
                     d.get("target"), ()):
@@ -403,7 +405,7 @@ class _Walk:
         # Under autocast the op's backward makes its gradients in the dtype it ran in; the cast
         # back to the input's dtype comes after (ToCopyBackward).
         run_dtype = cast_dtype(d.get("target"), self.g.graph.get("autocast"))
-        casts = {(v.node, v.index) for v in cast_inputs(tuple(_inputs(d)), run_dtype)}
+        casts = {(v.node, v.index) for v in cast_inputs(tuple(self.inputs_of[n]), run_dtype)}
         new = sum(nbytes // self.value_dtype_size(key) * run_dtype.itemsize if key in casts
                   else nbytes for key, nbytes, _ in contributions)
         self.live.add("temporary", _cost(d).backward_workspace_bytes + new, "transient")
@@ -426,8 +428,8 @@ class _Walk:
         """The new storages of op `n` its kernel returns: its outputs, and the tensors it makes
         to save that are not copies of an input (flash attention's logsumexp, not matmul's
         contiguous copies of its operands). A selective checkpoint caches these."""
-        d = self.g.nodes[n]
-        inputs = {v.spec.nbytes for v in _inputs(d)}
+        d = self.nd[n]
+        inputs = {v.spec.nbytes for v in self.inputs_of[n]}
         return [sid for sid in self.new[n] if sid not in self.persistent and
                 (sid in d["storages"] or self.nbytes[sid] not in inputs)]
 
@@ -456,15 +458,18 @@ class _Walk:
         (the outputs its policy kept are taken from the cache), those its ops save stay for
         the backward, the rest are freed after their last use."""
         ops = region.recompute
-        last = last_reads(self.g, ops, self.find)
-        frees: dict[int, list[int]] = defaultdict(list)
-        for sid, i in last.items():
-            frees[i].append(sid)
+        if region.index not in self.recompute_frees:
+            last = last_reads(self.g, ops, self.find)
+            frees: dict[int, list[int]] = defaultdict(list)
+            for sid, i in last.items():
+                frees[i].append(sid)
+            self.recompute_frees[region.index] = (last, frees)
+        last, frees = self.recompute_frees[region.index]
         local: dict[int, object] = {}  # storage -> its key, for those the recomputation made
         for i, m in enumerate(ops):
             made = self.new[m]
             if m == region.partial:  # stopped before the kernel: only the copies it saves
-                made = [s for s in made if s not in self.g.nodes[m]["storages"]]
+                made = [s for s in made if s not in self.nd[m]["storages"]]
             for sid in made:
                 if sid in self.persistent:
                     continue
@@ -478,7 +483,7 @@ class _Walk:
                     self.live.add(key, self.nbytes[sid],
                                   "activations" if sid in region.keep else "transient")
                 local[sid] = key
-            self.live.add("workspace", _cost(self.g.nodes[m]).forward_workspace_bytes,
+            self.live.add("workspace", _cost(self.nd[m]).forward_workspace_bytes,
                           "transient")
             self.sample(step, "recompute", m)
             self.live.drop("workspace")
@@ -517,7 +522,7 @@ class _Walk:
     def _accumulate_grad(self, step: int, n: str, key: tuple[str, int]) -> None:
         """AccumulateGrad runs as soon as a parameter's last contribution arrives: the first
         gradient is stolen as `.grad`, later ones are added to it in place."""
-        sid = self.find(self.g.nodes[key[0]]["storages"][0])
+        sid = self.find(self.nd[key[0]]["storages"][0])
         bid = self.buffer[key]
         if ("grad", sid) not in self.live.where and self.refs[bid] == 1:
             nbytes = self.live.where[bid][1]
