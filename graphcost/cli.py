@@ -3,6 +3,8 @@
     graphcost analyze llama-7b --batch 1 --seq 2048
     graphcost analyze gpt2 --seq 128 --json
     graphcost analyze path/to/model.py:factory --device h100-sxm
+    graphcost memory gpt2 --checkpoint full --json
+    graphcost checkpoint llama-7b --device a100-80gb --budget 40GiB --plot pareto.png
     graphcost devices
 
 MODEL is a zoo name (`graphcost models` lists them) or `path/to/file.py:factory`, where
@@ -18,7 +20,9 @@ import dataclasses
 import io
 import json
 import logging
+import math
 import sys
+import time
 import warnings
 
 import torch
@@ -30,6 +34,8 @@ from graphcost.hardware import DEFAULT_DEVICE, PRESETS, get_device
 from graphcost.loading import (CliError, dtype_name, load_model, parse_dtype,
                                parse_overrides)
 from graphcost.models import list_models, max_context
+from graphcost.passes.checkpoint import BUILTIN_POLICIES, parse_policy, plan
+from graphcost.passes.checkpoint_search import compare, optimize
 from graphcost.passes.fit import DEFAULT_RESERVE_BYTES, fit
 from graphcost.passes.inference import inference_memory
 from graphcost.passes.schedule import (OPTIMIZER_IMPLS, OPTIMIZERS, TrainingConfig,
@@ -115,6 +121,9 @@ def cmd_memory_inference(args: argparse.Namespace) -> int:
     dtype, autocast = _precision(args)
     if args.plot:
         raise CliError("--plot draws the training timeline; drop --plot or --inference")
+    if parse_policy(args.checkpoint).kind != "none":
+        raise CliError("--checkpoint applies to training (inference keeps nothing for a "
+                       "backward); drop --checkpoint or --inference")
     args.seq = args.context or args.seq
     args.no_targets = True
     model, analysis = _analysis(args, dtype, autocast)
@@ -142,7 +151,7 @@ def cmd_memory(args: argparse.Namespace) -> int:
     dtype, autocast = _precision(args)
     config = TrainingConfig(optimizer=args.optimizer, steps=args.steps,
                             grad_accumulation=args.grad_accumulation,
-                            optimizer_impl=args.optimizer_impl)
+                            optimizer_impl=args.optimizer_impl, checkpoint=args.checkpoint)
     model, analysis = _analysis(args, dtype, autocast)
     timeline = training_timeline(analysis, config)
     if args.plot:
@@ -161,6 +170,10 @@ def cmd_memory(args: argparse.Namespace) -> int:
             "precision": "bf16-mixed" if autocast else model.dtype, "optimizer": config.optimizer,
             "optimizer_impl": timeline.optimizer_impl,
             "steps": config.steps, "grad_accumulation": config.grad_accumulation,
+            "checkpoint": str(parse_policy(config.checkpoint)),
+            # per optimizer step (all micro-batches), as `graphcost checkpoint` counts them
+            "recompute_flops": timeline.recompute_flops * config.grad_accumulation,
+            "saved_activation_bytes": timeline.saved_activation_bytes,
             "peak_bytes": peak.total_bytes,
             "peak_at": {"step": peak.step, "phase": peak.phase, "op": peak.op,
                         "module": peak.module_path, "node": peak.node},
@@ -177,8 +190,9 @@ def cmd_memory(args: argparse.Namespace) -> int:
     return 0
 
 
-def parse_bytes(text: str) -> int:
-    """'2GiB', '1.5 GB', '512MiB', '1073741824' -> bytes."""
+def parse_bytes(text: str, option: str = "--reserve") -> int:
+    """'2GiB', '1.5 GB', '512MiB', '40e9', '1073741824' -> bytes; `option` names the flag in
+    the error."""
     units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
              "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
     t = text.strip().lower().replace(" ", "")
@@ -188,14 +202,15 @@ def parse_bytes(text: str) -> int:
         value = float(number)
     except ValueError:
         value = -1.0
-    if unit not in units or value < 0:
-        raise CliError(f"bad size {text!r}, in --reserve; write e.g. 2GiB, 1.5GB or 512MiB")
+    if unit not in units or not 0 <= value < math.inf:
+        raise CliError(f"bad size {text!r} in {option}; write e.g. 2GiB, 1.5GB, 512MiB or 40e9")
     return int(value * units[unit])
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
     dtype, autocast = _precision(args)
-    config = TrainingConfig(optimizer=args.optimizer, optimizer_impl=args.optimizer_impl)
+    config = TrainingConfig(optimizer=args.optimizer, optimizer_impl=args.optimizer_impl,
+                            checkpoint=args.checkpoint)
     reserve = parse_bytes(args.reserve)
     overrides = parse_overrides(args.set)
     first = load_model(args.model, batch=1, seq=args.seq, dtype=dtype, overrides=overrides)
@@ -216,12 +231,113 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"model": first.name, "dtype": first.dtype,
                           "precision": "bf16-mixed" if autocast else first.dtype,
-                          "optimizer": config.optimizer, **dataclasses.asdict(result),
+                          "optimizer": config.optimizer,
+                          "checkpoint": str(parse_policy(config.checkpoint)),
+                          **dataclasses.asdict(result),
                           "max_batch": result.train_max_batch, "max_seq": result.train_max_seq}))
     else:
         print(report.fit_report(result, model=first.name,
                                 dtype="bf16-mixed" if autocast else first.dtype,
-                                optimizer=config.optimizer), end="")
+                                optimizer=config.optimizer,
+                                checkpoint=str(parse_policy(config.checkpoint))), end="")
+    return 0
+
+
+def _policies(args: argparse.Namespace, analysis) -> tuple[list[str], list[tuple[str, str]]]:
+    """The policies to compare, deduplicated, in the order given, and the built-ins skipped
+    because they do not apply to the model ((policy, why) pairs). A policy the user named that
+    does not apply is an error (ConfigError, exit 2); the default list drops those quietly
+    and says so."""
+    given = args.policies is not None
+    names = [p.strip() for p in args.policies.split(",")] if given else list(BUILTIN_POLICIES)
+    if given and not all(names):
+        raise CliError(f"--policies {args.policies!r} has an empty name; write e.g. "
+                       "--policies none,full,selective")
+    specs = list(dict.fromkeys(str(parse_policy(p)) for p in names))
+    kept, skipped = [], []
+    for spec in specs:
+        try:
+            plan(analysis.graph, spec)
+        except GraphcostError as exc:
+            if given:
+                raise
+            skipped.append((spec, str(exc)))
+        else:
+            kept.append(spec)
+    return kept, skipped
+
+
+def _budget(args: argparse.Namespace, device) -> tuple[int | None, str]:
+    """What 'fits?' is judged against: --budget, else the device's memory less --reserve (None
+    where the device has no memory size), and a line saying which."""
+    if args.budget is not None:
+        if args.reserve is not None:
+            raise CliError("--reserve sizes the budget from --device's memory; with --budget, "
+                           "give the budget itself")
+        budget = parse_bytes(args.budget, "--budget")
+        if budget <= 0:
+            raise CliError(f"--budget {args.budget!r} must be more than 0 bytes")
+        return budget, f"budget {report.format_bytes(budget)} (--budget)"
+    if not device.memory_bytes:
+        return None, (f"budget: none ({device.name} has no memory size; give --budget SIZE or a "
+                      "GPU --device such as a100-80gb)")
+    reserve = parse_bytes(args.reserve or f"{DEFAULT_RESERVE_BYTES}", "--reserve")
+    budget = int(device.memory_bytes - reserve)
+    if budget <= 0:
+        raise CliError(f"--reserve {report.format_bytes(reserve)} leaves nothing of "
+                       f"{device.name}'s {report.format_bytes(device.memory_bytes)}")
+    return budget, (f"budget {report.format_bytes(budget)} = {device.name}'s "
+                    f"{report.format_bytes(device.memory_bytes)} - reserve "
+                    f"{report.format_bytes(reserve)}")
+
+
+def cmd_checkpoint(args: argparse.Namespace) -> int:
+    dtype, autocast = _precision(args)
+    config = TrainingConfig(optimizer=args.optimizer, optimizer_impl=args.optimizer_impl,
+                            grad_accumulation=args.grad_accumulation)
+    device = get_device(args.device)
+    budget, budget_line = _budget(args, device)  # a bad size fails before the trace
+    model, analysis = _analysis(args, dtype, autocast)
+    policies, skipped = _policies(args, analysis)
+    optimum, search_s = None, None
+    if args.budget is not None:
+        start = time.perf_counter()
+        optimum = optimize(analysis, budget, config, policies)
+        search_s = time.perf_counter() - start
+        rows = optimum.builtin
+    else:
+        rows = compare(analysis, policies, config, budget)
+    if args.plot:
+        try:
+            from graphcost.plot import checkpoint_pareto_png
+            checkpoint_pareto_png(rows, args.plot, budget_bytes=budget,
+                                  optimum=optimum.row if optimum else None,
+                                  title=f"{model.name}: checkpoint policies")
+        except ImportError:
+            raise CliError("--plot needs matplotlib: pip install matplotlib") from None
+        except OSError as exc:
+            raise CliError(f"cannot write --plot {args.plot!r}: {exc.strerror}") from None
+    precision = "bf16-mixed" if autocast else model.dtype
+    if args.json:
+        out = {"model": model.name, "device": device.name, "batch": model.batch,
+               "seq": model.seq, "dtype": model.dtype, "precision": precision,
+               "optimizer": config.optimizer, "grad_accumulation": config.grad_accumulation,
+               "budget_bytes": budget,
+               "budget_from": "--budget" if args.budget is not None else
+               ("device" if budget is not None else None),
+               "rows": [r.as_dict() for r in rows],
+               "skipped": [{"policy": p, "reason": why} for p, why in skipped],
+               "unsupported_ops": analysis.unsupported_ops}
+        if optimum is not None:
+            out.update(report.checkpoint_optimum_dict(optimum, search_s))
+        print(json.dumps(out))
+    else:
+        print(report.checkpoint_report(rows, model=model.name, device=device.name,
+                                       budget_line=budget_line, skipped=skipped,
+                                       optimum=optimum, search_seconds=search_s,
+                                       unsupported=report.unsupported_line(analysis)), end="")
+        if args.plot:
+            print(f"\nplot: {args.plot}")
     return 0
 
 
@@ -290,6 +406,16 @@ def _training_options(p: argparse.ArgumentParser) -> None:
                    "CPU, foreach on GPU presets)")
 
 
+POLICY_HELP = ("none, full, every-K, sqrt, selective, save-matmuls, per-block:OPT,OPT,... or "
+               "modules:PATTERN[,PATTERN][+save:OP[,OP]]")
+
+
+def _checkpoint_option(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--checkpoint", default="none", metavar="POLICY",
+                   help=f"activation-checkpointing policy for {what}: {POLICY_HELP} "
+                   "(default none; 'graphcost checkpoint' compares them)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="graphcost", description=(
         "A graph-based cost model for PyTorch: parameters, FLOPs per step and per token, what "
@@ -337,6 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "a KV cache holding them (no gradients, no optimizer)")
     mem.add_argument("--context", type=_positive, default=None,
                      help="with --inference: tokens per sequence in the KV cache (default --seq)")
+    _checkpoint_option(mem, "the training step: the peak, recompute FLOPs and saved bytes "
+                       "follow it")
     mem.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     mem.add_argument("--plot", metavar="FILE.png", default=None,
                      help="save the memory timeline with the peak marked (needs matplotlib)")
@@ -362,8 +490,42 @@ def build_parser() -> argparse.ArgumentParser:
                    f"(default {DEFAULT_RESERVE_BYTES // 2**30}GiB)")
     f.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="zoo models: override a config field (repeatable)")
+    _checkpoint_option(f, "the training answers (inference ignores it: no backward)")
     f.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     f.set_defaults(run=cmd_fit)
+
+    c = verbs.add_parser(
+        "checkpoint", help="compare activation-checkpointing policies; the best under a budget",
+        description="Walk a training step of MODEL once per checkpoint policy and compare "
+        "them side by side: peak memory, activations kept for backward, FLOPs recomputed in "
+        "the backward and FLOPs the device runs per step, and whether each fits. With "
+        "--budget, also find the per-block mix (none / selective / save-matmuls / full for "
+        "each block of the main stack) with the least recomputation whose peak is within "
+        "the budget, exactly (an integer program over the walks).",
+        epilog=f"Policies: {POLICY_HELP}. Without --policies the built-ins "
+        f"({', '.join(BUILTIN_POLICIES)}) are compared and those that do not apply to the "
+        "model (selective without attention, block policies without a stack of blocks) are "
+        "skipped with a note; a policy named in --policies that does not apply is an error. "
+        "'fits?' is judged against --budget, else the --device's memory less --reserve. "
+        "Exit status 2 on a user error; a budget nothing fits in is an answer (status 0).")
+    _model_options(c, dtype=False)
+    _training_options(c)
+    c.add_argument("--grad-accumulation", type=_positive, default=1,
+                   help="micro-batches per optimizer step (default 1); FLOPs are per step")
+    c.add_argument("--policies", default=None, metavar="P1,P2,...",
+                   help="comma-separated policies to compare, in this order (default: the "
+                   "built-ins)")
+    c.add_argument("--budget", default=None, metavar="SIZE",
+                   help="memory budget, e.g. 40GiB or 40e9: search the per-block mix with the "
+                   "least recompute that fits it")
+    c.add_argument("--reserve", default=None,
+                   help="without --budget: memory of --device kept free for the CUDA context "
+                   f"and allocator (default {DEFAULT_RESERVE_BYTES // 2**30}GiB)")
+    c.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    c.add_argument("--plot", metavar="FILE.png", default=None,
+                   help="save peak memory vs recompute FLOPs per policy, with the Pareto front "
+                   "and the budget (needs matplotlib)")
+    c.set_defaults(run=cmd_checkpoint)
 
     d = verbs.add_parser("devices", help="list device presets",
                          description="Device presets: memory, bandwidth and dense peaks.")

@@ -41,7 +41,71 @@ def memory_timeline_png(timeline: MemoryTimeline, path: str | Path, *, title: st
     ax.set_ylabel("GiB alive")
     ax.set_title(title or "memory timeline")
     ax.set_xlim(0, max(len(events) - 1, 1))
-    ax.legend(loc="upper right", fontsize=8)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points no other point beats in both coordinates (lower is better), by x.
+
+    >>> pareto_front([(0, 5), (1, 3), (2, 4), (3, 1), (3, 2)])
+    [(0, 5), (1, 3), (3, 1)]
+    """
+    front: list[tuple[float, float]] = []
+    for x, y in sorted(set(points)):
+        if not front or y < front[-1][1]:
+            front.append((x, y))
+    return front
+
+
+def checkpoint_pareto_png(rows, path: str | Path, *, budget_bytes: float | None = None,
+                          optimum=None, title: str = "") -> Path:
+    """Peak memory against recompute FLOPs, one labelled point per policy
+    (checkpoint_search.PolicyRow), the Pareto front as a step line, the budget as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    everything = list(rows) + ([optimum] if optimum is not None else [])
+    top = max((r.recompute_flops for r in everything), default=0)
+    scale, unit = 1, "FLOP"
+    for s, u in ((1e15, "PFLOP"), (1e12, "TFLOP"), (1e9, "GFLOP"), (1e6, "MFLOP")):
+        if top >= s:
+            scale, unit = s, u
+            break
+    labels: dict[tuple[float, float], list[str]] = {}  # policies at the same point share it
+    for r in everything:
+        name = "optimum" if r is optimum else r.policy
+        name = name if len(name) <= 28 else name[:27] + "…"  # long per-block specs
+        labels.setdefault((r.recompute_flops / scale, r.peak_bytes / GIB), []).append(name)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    xs, ys = zip(*[(r.recompute_flops / scale, r.peak_bytes / GIB) for r in rows])
+    ax.scatter(xs, ys, color="tab:blue", zorder=3, label="policies")
+    if optimum is not None:
+        spec = optimum.policy if len(optimum.policy) <= 40 else optimum.policy[:39] + "…"
+        ax.scatter([optimum.recompute_flops / scale], [optimum.peak_bytes / GIB], marker="*",
+                   s=180, color="tab:green", zorder=4, label=f"optimum: {spec}")
+    front = pareto_front(list(labels))
+    if len(front) > 1:
+        fx, fy = zip(*front)
+        ax.step(fx, fy, where="post", color="tab:orange", lw=1.2, zorder=2,
+                label="Pareto front")
+    for (x, y), names in labels.items():
+        ax.annotate(", ".join(names), (x, y), xytext=(5, 4), textcoords="offset points",
+                    fontsize=8)
+    if budget_bytes is not None:
+        ax.axhline(budget_bytes / GIB, color="red", ls="--", lw=1,
+                   label=f"budget {budget_bytes / GIB:.3g} GiB")
+    ax.set_xlabel(f"recompute per step ({unit})")
+    ax.set_ylabel("peak memory (GiB)")
+    ax.set_title(title or "checkpoint policies")
+    ax.grid(True, color="0.9")
+    ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)

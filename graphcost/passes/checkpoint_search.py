@@ -17,7 +17,8 @@ decomposing every event of a step:
 where S_j(o) is what block j keeps for its backward (its outputs held by autograd, its region's
 inputs, its policy's cached outputs). The least-recompute mix under the budget is then a small
 integer program (binary x[i, o], one option per block, one peak constraint per block and one for
-the tail), solved exactly with scipy.optimize.milp (HiGHS). The mix found is walked once more
+the tail), solved exactly with scipy.optimize.milp (HiGHS; the constraints keep a 256-byte
+margin below the budget for its feasibility tolerance). The mix found is walked once more
 and that walk's peak is the one reported (tests check the decomposition against walks of random
 mixes, event for event, and the walks against real runs).
 """
@@ -47,6 +48,7 @@ class PolicyRow:
     peak_module: str
     saved_activation_bytes: int
     recompute_flops: int
+    recompute_bytes: int  # memory traffic of the recomputed ops
     model_flops: int  # forward + backward: what MFU counts
     hardware_flops: int  # model FLOPs + recompute: what the device runs (HFU)
     fits: bool | None  # None: no budget given
@@ -63,6 +65,7 @@ def _row(analysis: Analysis, timeline: MemoryTimeline, budget: float | None) -> 
         policy=str(timeline.config.checkpoint), peak_bytes=timeline.peak_bytes,
         peak_phase=timeline.peak.phase, peak_module=timeline.peak.module_path,
         saved_activation_bytes=timeline.saved_activation_bytes, recompute_flops=recompute,
+        recompute_bytes=timeline.recompute_bytes * micro,
         model_flops=model, hardware_flops=model + recompute,
         fits=None if budget is None else timeline.peak_bytes <= budget)
 
@@ -83,17 +86,19 @@ def _walks(analysis: Analysis, config: TrainingConfig, policies) -> dict[str, Me
 
 @dataclass(frozen=True)
 class Optimum:
-    """What `optimize` found. `row` is None when nothing fits (then `smallest` says how close
-    the policy with the least memory came)."""
+    """What `optimize` found: `row`, the fitting policy with the least recompute FLOPs (ties:
+    the least recompute traffic, then the lowest peak) among the per-block mixes and the
+    compared policies (sqrt's segments are no per-block mix and can win). `row` is None when
+    nothing fits (then `smallest` says how close the policy with the least memory came)."""
 
     budget_bytes: float
     row: PolicyRow | None
-    per_block: tuple[str, ...]
-    predicted_peak_bytes: int | None  # the decomposition's peak for the mix (= row.peak_bytes)
-    builtin: list[PolicyRow]  # the uniform policies walked
-    best_builtin: PolicyRow | None  # the fitting built-in policy with the least recompute
+    per_block: tuple[str, ...]  # the mix, when the answer is one
+    mix: PolicyRow | None  # the best per-block mix (None: no mix fits)
+    builtin: list[PolicyRow]  # the compared policies
+    best_builtin: PolicyRow | None  # the fitting compared policy with the least recompute
     smallest: PolicyRow  # the walked policy with the least peak
-    search_seconds: float  # the integer program and the final walk
+    search_seconds: float  # the integer program and the walk of the mix it found
 
 
 def optimize(analysis: Analysis, budget_bytes: float, config: TrainingConfig | None = None,
@@ -116,7 +121,7 @@ def optimize(analysis: Analysis, budget_bytes: float, config: TrainingConfig | N
     start = time.perf_counter()
     model = _Decomposition(g, ops, blocks, walks)
     choice = model.solve(budget_bytes)
-    row, predicted = None, None
+    mix = None
     if choice is not None:
         spec = per_block_spec(choice)
         timeline = training_timeline(analysis, replace(config, checkpoint=spec))
@@ -125,15 +130,20 @@ def optimize(analysis: Analysis, budget_bytes: float, config: TrainingConfig | N
             raise AssertionError(f"checkpoint search: the decomposed peak of {spec} "
                                  f"({predicted} B) differs from its walk "
                                  f"({timeline.peak_bytes} B); please report this model")
-        row = _row(analysis, timeline, budget_bytes)
+        mix = _row(analysis, timeline, budget_bytes)
     seconds = time.perf_counter() - start
     fitting = [r for r in rows if r.fits]
     walked = [_row(analysis, t, budget_bytes) for t in all_walks.values()]
-    return Optimum(budget_bytes=budget_bytes, row=row, per_block=tuple(choice or ()),
-                   predicted_peak_bytes=predicted, builtin=rows,
-                   best_builtin=min(fitting, key=lambda r: (r.recompute_flops, r.peak_bytes))
-                   if fitting else None,
+    best_builtin = min(fitting, key=_cheapest) if fitting else None
+    row = min([r for r in (mix, best_builtin) if r is not None], key=_cheapest, default=None)
+    return Optimum(budget_bytes=budget_bytes, row=row,
+                   per_block=tuple(choice) if row is mix and mix is not None else (), mix=mix,
+                   builtin=rows, best_builtin=best_builtin,
                    smallest=min(walked, key=lambda r: r.peak_bytes), search_seconds=seconds)
+
+
+def _cheapest(r: PolicyRow) -> tuple:
+    return r.recompute_flops, r.recompute_bytes, r.peak_bytes
 
 
 def _applicable(g, ops) -> tuple[str, ...]:
@@ -165,6 +175,7 @@ class _Decomposition:
         self.tail = np.full(len(self.options), -np.inf)
         self.constant = -np.inf
         self.recompute = np.zeros(len(self.options))
+        self.traffic = np.zeros(len(self.options))
         for k, option in enumerate(self.options):
             t = walks[option]
             for sid, nbytes in t.kept_storages.items():
@@ -181,6 +192,7 @@ class _Decomposition:
                 else:
                     self.constant = max(self.constant, e.total_bytes)
             self.recompute[k] = t.recompute_flops / L
+            self.traffic[k] = t.recompute_bytes / L
         self.tail_max = float(np.max(self.tail))
 
     def peak(self, choice) -> int:
@@ -213,22 +225,34 @@ class _Decomposition:
         one = np.zeros((L, n))
         for i in range(L):
             one[i, i * K:(i + 1) * K] = 1
-        # scale bytes to GiB so HiGHS's tolerances sit far below one byte's worth of choice
+        # In GiB, HiGHS's feasibility tolerance (1e-7) is ~100 bytes: the constraints leave a
+        # 256-byte margin so that what it calls feasible fits (checked below, exactly).
         a = np.array(rows) / 2**30
-        constraints = [LinearConstraint(a, -np.inf, np.array(upper) / 2**30),
+        constraints = [LinearConstraint(a, -np.inf, (np.array(upper) - 256) / 2**30),
                        LinearConstraint(one, 1, 1)]
-        # ties (equal recompute) go to the mix that keeps fewer bytes
-        kept = self.kept.reshape(-1)
-        cost = cost / max(float(np.max(cost)), 1.0) + 1e-6 * kept / max(float(np.max(kept)), 1.0)
+        # Lexicographic by weights: recompute FLOPs, then recompute traffic (none before
+        # save-matmuls, both 0 FLOPs), then kept bytes. A block's FLOPs term is either 0 or
+        # at least min_step; the lower terms add up to less than that over all L blocks.
+        flops = cost / max(float(np.max(cost)), 1.0)
+        steps = [f for f in np.unique(flops) if f > 0]
+        unit = (min(steps) if steps else 1.0) / (10 * L)
+        traffic = np.tile(self.traffic, L) / max(float(np.max(self.traffic)), 1.0)
+        kept = self.kept.reshape(-1) / max(float(np.max(self.kept)), 1.0)
+        cost = flops + unit * traffic + unit * 1e-3 * kept
         result = milp(cost, constraints=constraints,
-                      integrality=np.ones(n), bounds=Bounds(0, 1))
+                      integrality=np.ones(n), bounds=Bounds(0, 1),
+                      options={"mip_rel_gap": 0})  # the optimum, not one within 0.01%
         if result.x is None:
             return None
         x = np.round(result.x).reshape(L, K)
         choice = tuple(self.options[int(np.argmax(x[i]))] for i in range(L))
-        if self.peak(choice) > budget:  # HiGHS's feasibility tolerance let a byte through
-            return None
-        return choice
+        # The same options in blocks, sorted (the heaviest checkpointing first or last), cost
+        # the same: prefer that readable order ("full*5,save-matmuls*27") when it fits too.
+        rank = {o: k for k, o in enumerate(self.options)}
+        for order in (sorted(choice, key=lambda o: -rank[o]), sorted(choice, key=rank.get)):
+            if self.peak(order) <= budget:
+                return tuple(order)
+        return choice if self.peak(choice) <= budget else None
 
 
 __all__ = ["BLOCK_OPTIONS", "Optimum", "PolicyRow", "compare", "optimize", "parse_policy"]

@@ -109,8 +109,10 @@ class MemoryTimeline:
     peak: MemoryEvent
     optimizer_impl: str = "single-tensor"  # the implementation walked ("auto" resolved)
     plan: Plan | None = None  # the checkpoint regions walked
-    # FLOPs the backward spends re-running checkpointed forward ops, per micro-batch
+    # FLOPs the backward spends re-running checkpointed forward ops, per micro-batch, and the
+    # bytes those ops read and write (their memory traffic: pointwise ops cost no FLOPs)
     recompute_flops: int = 0
+    recompute_bytes: int = 0
     # bytes kept for backward at the end of a forward: tensors autograd saves outside the
     # checkpointed regions, the regions' inputs and the outputs their policy keeps
     saved_activation_bytes: int = 0
@@ -264,6 +266,7 @@ class _Walk:
         return MemoryTimeline(self.config, tuple(self.events), peak, self.optimizer_impl,
                               plan=self.plan,
                               recompute_flops=sum(r.recompute_flops for r in self.regions),
+                              recompute_bytes=sum(r.recompute_bytes for r in self.regions),
                               saved_activation_bytes=self.saved_activation_bytes,
                               kept_storages={sid: self.nbytes[sid] for sid in self.savers
                                              if sid not in self.persistent})
@@ -293,14 +296,16 @@ class _Walk:
             recompute = ops[:packs[-1] + 1]
             if not set(self.nd[last]["storages"]) & self.nd[last]["saved"]:
                 partial = last
+        rerun = [n for n in recompute if n not in region.save and n != partial]
         return _Region(
             index=index, region=region, ops=ops, recompute=recompute, partial=partial,
             trigger=running[-1] if running else None, frame_end=running[0] if running else None,
             inputs=inputs,
             cache=frozenset(sid for n in ops if n in region.save for sid in self._outputs(n)),
             keep=dict(keep),
-            recompute_flops=sum(self.nd[n]["forward_flops"] for n in recompute
-                                if n not in region.save and n != partial))
+            recompute_flops=sum(self.nd[n]["forward_flops"] for n in rerun),
+            recompute_bytes=sum(self.nd[n]["bytes_read"] + self.nd[n]["bytes_written"]
+                                for n in rerun))
 
     @property
     def optimizer_impl(self) -> str:
@@ -600,6 +605,7 @@ class _Region:
     cache: frozenset[int]  # outputs of the ops the policy keeps
     keep: dict[int, int]  # recomputed storage -> how many backward ops save it
     recompute_flops: int
+    recompute_bytes: int
 
 
 aten = torch.ops.aten
