@@ -14,7 +14,8 @@ def python_blocks(path: Path) -> str:
     return "\n".join(re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.S))
 
 
-@pytest.mark.parametrize("doc", ["docs/rules.md", "docs/graph.md", "README.md"])
+@pytest.mark.parametrize("doc", ["docs/rules.md", "docs/graph.md", "docs/checkpoint.md",
+                                 "README.md"])
 def test_python_examples_run(doc):
     code = python_blocks(ROOT / doc)
     assert code.strip()
