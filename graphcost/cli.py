@@ -21,6 +21,7 @@ import io
 import json
 import logging
 import math
+import os
 import sys
 import time
 import warnings
@@ -30,7 +31,8 @@ import torch
 from graphcost import report
 from graphcost.analysis import analyze
 from graphcost.errors import GraphcostError
-from graphcost.hardware import DEFAULT_DEVICE, PRESETS, get_device
+from graphcost.hardware import (DEFAULT_DEVICE, PRESETS, Device, dtype_key, dtype_label,
+                                get_device, save_device_file, parse_size)
 from graphcost.loading import (CliError, dtype_name, load_model, parse_dtype,
                                parse_overrides)
 from graphcost.models import list_models, max_context
@@ -107,7 +109,7 @@ def _precision(args: argparse.Namespace) -> tuple[str | None, torch.dtype | None
 
 def _analysis(args: argparse.Namespace, dtype: str | None, autocast: torch.dtype | None = None):
     """Load MODEL from the shared options and analyze it: (LoadedModel, Analysis)."""
-    device = get_device(args.device)
+    device = device_from_args(args)
     with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
         with _quiet_torch():  # --json: whatever the model file prints must not reach stdout
             model = load_model(args.model, batch=args.batch, seq=args.seq, dtype=dtype,
@@ -193,18 +195,13 @@ def cmd_memory(args: argparse.Namespace) -> int:
 def parse_bytes(text: str, option: str = "--reserve") -> int:
     """'2GiB', '1.5 GB', '512MiB', '40e9', '1073741824' -> bytes; `option` names the flag in
     the error."""
-    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-             "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-    t = text.strip().lower().replace(" ", "")
-    number = t.rstrip("kmgtib")
-    unit = t[len(number):]
     try:
-        value = float(number)
+        value = parse_size(text)
     except ValueError:
         value = -1.0
-    if unit not in units or not 0 <= value < math.inf:
+    if not 0 <= value < math.inf:
         raise CliError(f"bad size {text!r} in {option}; write e.g. 2GiB, 1.5GB, 512MiB or 40e9")
-    return int(value * units[unit])
+    return int(value)
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
@@ -225,7 +222,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
     with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
         with _quiet_torch():
-            result = fit(loader, device=args.device, seq=first.seq, model_max_seq=context,
+            result = fit(loader, device=device_from_args(args), seq=first.seq, model_max_seq=context,
                          autocast=autocast,
                          config=config, reserve_bytes=reserve)
     if args.json:
@@ -295,7 +292,7 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
     dtype, autocast = _precision(args)
     config = TrainingConfig(optimizer=args.optimizer, optimizer_impl=args.optimizer_impl,
                             grad_accumulation=args.grad_accumulation)
-    device = get_device(args.device)
+    device = device_from_args(args)
     budget, budget_line = _budget(args, device)  # a bad size fails before the trace
     model, analysis = _analysis(args, dtype, autocast)
     policies, skipped = _policies(args, analysis)
@@ -341,16 +338,168 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- devices
+
+DEVICE_FLAGS = ("--device-memory", "--device-bandwidth", "--device-flops", "--device-vector-flops")
+
+
+def _tflops(items: list[str], option: str, bare: tuple[torch.dtype, ...]) -> dict:
+    """['250', 'fp32=60'] (TFLOP/s) -> {bf16: 2.5e14, fp16: 2.5e14, fp32: 6e13}: a bare number
+    stands for the dtypes in `bare`."""
+    out = {}
+    for item in items:
+        name, sep, number = item.rpartition("=")
+        try:
+            dtypes = (dtype_key(name),) if sep else bare
+            value = float(number)
+        except (GraphcostError, ValueError):
+            raise CliError(f"bad {option} {item!r}; write TFLOPS or DTYPE=TFLOPS, e.g. "
+                           f"{option} 312 or {option} float32=19.5") from None
+        if not 0 < value < math.inf:
+            raise CliError(f"{option} {item!r} must be a positive number of TFLOP/s")
+        out.update(dict.fromkeys(dtypes, value * 1e12))
+    return out
+
+
+def device_from_args(args: argparse.Namespace, name: str | None = None) -> Device:
+    """--device (a preset name or a device file), with the --device-* flags laid over it: the
+    one place the command line becomes a Device. `name` replaces args.device."""
+    device = get_device(args.device if name is None else name)
+    memory = bandwidth = None
+    if args.device_memory is not None:
+        memory = parse_bytes(args.device_memory, "--device-memory")
+        if memory <= 0:
+            raise CliError(f"--device-memory {args.device_memory!r} must be more than 0 bytes")
+    if args.device_bandwidth is not None:
+        try:
+            bandwidth = float(args.device_bandwidth) * 1e9
+        except ValueError:
+            bandwidth = -1.0
+        if not 0 < bandwidth < math.inf:
+            raise CliError(f"bad --device-bandwidth {args.device_bandwidth!r}; give GB/s "
+                           "(10^9 bytes/s) as a positive number, e.g. 2039")
+    matmul = _tflops(args.device_flops, "--device-flops", (torch.bfloat16, torch.float16))
+    vector = _tflops(args.device_vector_flops, "--device-vector-flops",
+                     (torch.float32, torch.bfloat16, torch.float16))
+    if memory is None and bandwidth is None and not matmul and not vector:
+        return device
+    return device.with_figures(memory_bytes=memory, bandwidth_bytes_per_s=bandwidth,
+                               matmul_flops_per_s=matmul, vector_flops_per_s=vector)
+
+
+def _device_flags_given(args: argparse.Namespace) -> bool:
+    return (args.device_memory is not None or args.device_bandwidth is not None
+            or bool(args.device_flops) or bool(args.device_vector_flops))
+
+
+def _ridge(d: Device) -> float | None:
+    """bf16 matmul FLOP per byte of memory traffic, where the device has both figures."""
+    try:
+        return d.ridge_point(torch.bfloat16)
+    except GraphcostError:
+        return None
+
+
+DEVICES_NOTE = (
+    "units: memory binary (1 GiB = 2^30 B); bandwidth decimal as vendors quote it (1 TB/s = "
+    "10^12 B/s);\npeaks are dense matmul peaks (no 2:4 sparsity); ridge = bf16 peak / bandwidth, "
+    "in FLOP per byte.\n\nAnother device, wherever --device goes:\n"
+    "  a device file        --device my-gpu.json (schema: docs/devices.md)\n"
+    "  flags over a preset  --device a100-80gb --device-memory 48GiB --device-bandwidth 1500 "
+    "--device-flops 250\n"
+    "  this machine         graphcost calibrate --out cpu.json, then --device cpu.json\n")
+
+
 def cmd_devices(args: argparse.Namespace) -> int:
-    devices = list(PRESETS.values())
+    if args.names:
+        devices = [device_from_args(args, name) for name in args.names]
+    elif _device_flags_given(args):
+        raise CliError("name the device the --device-* flags change, e.g. 'graphcost devices "
+                       "a100-80gb --device-memory 48GiB'")
+    else:
+        devices = list(PRESETS.values())
     if args.json:
         print(json.dumps({"devices": [{
             "name": d.name, "kind": d.kind, "memory_bytes": d.memory_bytes,
             "bandwidth_bytes_per_s": d.bandwidth_bytes_per_s,
             "peak_flops_per_s": {dtype_name(k): v for k, v in d.peak_flops_per_s.items()},
+            "vector_flops_per_s": {dtype_name(k): v
+                                   for k, v in d.vector_peak_flops_per_s.items()},
+            "ridge_flops_per_byte": _ridge(d), "source": d.source,
             "description": d.description} for d in devices]}))
-    else:
-        print(report.devices_table(devices), end="")
+        return 0
+
+    def peak(d: Device, dtype: torch.dtype) -> str:
+        x = d.peak_flops_per_s.get(dtype)
+        return report.format_flops_per_s(x) if x else "-"
+
+    rows = [[d.name, d.kind, report.format_bytes(d.memory_bytes) if d.memory_bytes else "-",
+             report.format_bandwidth(d.bandwidth_bytes_per_s) if d.bandwidth_bytes_per_s
+             else "-", peak(d, torch.float32), peak(d, torch.bfloat16),
+             f"{_ridge(d):.0f}" if _ridge(d) else "-", d.description] for d in devices]
+    print(report.table(["device", "kind", "memory", "bandwidth", "fp32 peak", "bf16 peak",
+                        "ridge", "description"], rows, align="llrrrrrl"))
+    print("\n" + DEVICES_NOTE, end="")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from graphcost.calibrate import calibrate
+    kind = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtypes = [d.strip() for d in args.dtypes.split(",")]
+    if not all(dtypes):
+        raise CliError(f"--dtypes {args.dtypes!r} has an empty name; write e.g. "
+                       "--dtypes float32,bfloat16")
+    try:
+        dtypes = [dtype_key(d) for d in dtypes]
+    except GraphcostError as exc:
+        raise CliError(f"{exc}, in --dtypes") from None
+    copy_bytes = None
+    if args.copy_bytes is not None:
+        copy_bytes = parse_bytes(args.copy_bytes, "--copy-bytes")
+        if copy_bytes < 4:
+            raise CliError(f"--copy-bytes {args.copy_bytes!r} must be at least 4 bytes")
+    out = args.out or f"{kind}.json"
+    if not out.lower().endswith(".json"):
+        raise CliError(f"--out {out!r} must end in .json (so that --device reads it as a file)")
+    folder = os.path.dirname(os.path.abspath(os.path.expanduser(out)))
+    if not os.path.isdir(folder):
+        raise CliError(f"--out {out!r}: folder {folder!r} does not exist; create it first")
+    start = time.perf_counter()
+    result = calibrate(kind, seconds=args.seconds, dtypes=dtypes, matmul_size=args.matmul_size,
+                       copy_bytes=copy_bytes, threads=args.threads, name=args.name)
+    elapsed = time.perf_counter() - start
+    device = result.device
+    save_device_file(device, out)
+    if args.json:
+        print(json.dumps({
+            "out": out, "name": device.name, "kind": device.kind,
+            "memory_bytes": device.memory_bytes,
+            "bandwidth_bytes_per_s": device.bandwidth_bytes_per_s,
+            "matmul_flops_per_s": {dtype_label(k): v for k, v in device.peak_flops_per_s.items()},
+            "vector_flops_per_s": {dtype_label(k): v
+                                   for k, v in device.vector_peak_flops_per_s.items()},
+            "matmul_size": {dtype_label(k): t.size for k, t in result.matmul.items()},
+            "copy_bytes": result.bandwidth.size, "threads": result.threads,
+            "elapsed_s": elapsed}))
+        return 0
+    rows = [[f"matmul {dtype_label(d)}", t.what.split(" ", 1)[1].rsplit(" ", 1)[0], str(t.runs),
+             f"{t.best_s * 1e3:.2f} ms", report.format_flops_per_s(t.rate)]
+            for d, t in result.matmul.items()]
+    b = result.bandwidth
+    rows += [["vector (non-matmul)", "= float32 matmul", "", "",
+              report.format_flops_per_s(device.vector_flops_per_s(torch.float32))],
+             ["memory bandwidth", f"copy_ {report.format_bytes(b.size)}", str(b.runs),
+              f"{b.best_s * 1e3:.2f} ms", report.format_bandwidth(b.rate)]]
+    print(f"calibrated {device.name}: {device.description}; torch {torch.__version__}, "
+          f"{elapsed:.1f} s")
+    print(report.table(["measured", "size", "runs", "best", "achieved"], rows,
+                       align="llrrr"))
+    ridge = _ridge(device)
+    print(f"\nmemory {report.format_bytes(device.memory_bytes)}"
+          + (f"; ridge point {ridge:.1f} bf16 FLOP/byte" if ridge else ""))
+    print("bandwidth counts bytes read + written; FLOPs are 2 per multiply-add.")
+    print(f"wrote {out}: pass --device {out} wherever a preset name goes")
     return 0
 
 
@@ -381,10 +530,7 @@ def _model_options(p: argparse.ArgumentParser, *, dtype: bool = True) -> None:
         p.add_argument("--dtype", default=None,
                        help="cast the model's floating parameters: fp32, bf16 or fp16 "
                        "(default: fp32 for zoo models, as built for file models)")
-    p.add_argument("--device", default=DEFAULT_DEVICE,
-                   help=f"device preset (default {DEFAULT_DEVICE!r}: the CPU kernels' saved "
-                   "tensors); a GPU preset name such as h100-sxm sizes saved activations for "
-                   "that GPU's kernels. See 'graphcost devices'")
+    _device_options(p)
     p.add_argument("--strict", action="store_true",
                    help="an op without a cost rule is an error (default: listed and warned)")
     p.add_argument("--no-targets", action="store_true",
@@ -392,6 +538,34 @@ def _model_options(p: argparse.ArgumentParser, *, dtype: bool = True) -> None:
                    "outputs instead of the model's own cross-entropy loss")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="zoo models: override a config field, e.g. --set n_layers=2 (repeatable)")
+
+
+def _device_override_options(p: argparse.ArgumentParser) -> None:
+    """The --device-* flags: figures laid over the device (see device_from_args)."""
+    g = p.add_argument_group("device figures", "override or add figures of --device (a "
+                             "preset or a device file); the result is named DEVICE+custom")
+    g.add_argument("--device-memory", default=None, metavar="SIZE",
+                   help="device memory, e.g. 48GiB or 48e9")
+    g.add_argument("--device-bandwidth", default=None, metavar="GB/S",
+                   help="memory bandwidth in GB/s (10^9 bytes/s), e.g. 2039")
+    g.add_argument("--device-flops", action="append", default=[], metavar="[DTYPE=]TFLOPS",
+                   help="dense matmul peak in TFLOP/s; a bare number sets bfloat16 and "
+                   "float16, DTYPE=TFLOPS one dtype (float32, bfloat16, float16, "
+                   "float8_e4m3fn); repeatable")
+    g.add_argument("--device-vector-flops", action="append", default=[],
+                   metavar="[DTYPE=]TFLOPS",
+                   help="non-matmul (vector unit) peak in TFLOP/s; a bare number sets float32, "
+                   "bfloat16 and float16; repeatable")
+
+
+def _device_options(p: argparse.ArgumentParser, *, required: bool = False) -> None:
+    """--device and the --device-* flags (shared by every verb that takes a device)."""
+    p.add_argument("--device", required=required, default=None if required else DEFAULT_DEVICE,
+                   help="device preset, or a device file such as cpu.json (docs/devices.md)"
+                   + ("" if required else f"; default {DEFAULT_DEVICE!r}, the CPU kernels' "
+                      "saved tensors") + ". A GPU preset such as h100-sxm sizes saved "
+                   "activations for that GPU's kernels. See 'graphcost devices'")
+    _device_override_options(p)
 
 
 def _training_options(p: argparse.ArgumentParser) -> None:
@@ -481,7 +655,7 @@ def build_parser() -> argparse.ArgumentParser:
         "File models need a factory with a batch parameter, and a seq parameter for the "
         "context search. Exit status 2 on a user error.")
     f.add_argument("model", metavar="MODEL", help="zoo name or path/to/file.py:factory")
-    f.add_argument("--device", required=True, help="device preset, e.g. a100-80gb")
+    _device_options(f, required=True)
     f.add_argument("--seq", type=_positive, default=None,
                    help="context for the batch search (default: the model's default)")
     _training_options(f)
@@ -527,10 +701,50 @@ def build_parser() -> argparse.ArgumentParser:
                    "and the budget (needs matplotlib)")
     c.set_defaults(run=cmd_checkpoint)
 
-    d = verbs.add_parser("devices", help="list device presets",
-                         description="Device presets: memory, bandwidth and dense peaks.")
+    d = verbs.add_parser("devices", help="list device presets (or the devices named)",
+                         description="Device presets: memory, bandwidth, dense fp32 and bf16 "
+                         "matmul peaks and the ridge point (bf16 FLOP per byte). With DEVICE "
+                         "names or device files, just those, with any --device-* flags "
+                         "applied: a way to check a file or a set of flags.",
+                         epilog="A device is a preset, a device file (docs/devices.md), a "
+                         "preset or file with --device-* flags over it, or this machine as "
+                         "'graphcost calibrate' measures it.")
+    d.add_argument("names", nargs="*", metavar="DEVICE", help="preset name or FILE.json")
+    _device_override_options(d)
     d.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     d.set_defaults(run=cmd_devices)
+
+    cal = verbs.add_parser(
+        "calibrate", help="measure this machine's CPU or GPU and write a device file",
+        description="Measure the local device with PyTorch's own kernels: dense matmul FLOP/s "
+        "per dtype (torch.mm, n doubling to fit the time budget, best of several runs after "
+        "a warm-up), and memory bandwidth (a copy well beyond the last-level cache, bytes "
+        "read + written). The vector (non-matmul) figure is the float32 matmul one. Writes a "
+        "device file that --device takes wherever a preset name goes.",
+        epilog="Timings depend on the thread count (torch.get_num_threads(), recorded in the "
+        "file) and on what else runs on the machine. Exit status 2 on a user error.")
+    cal.add_argument("--out", default=None, metavar="FILE.json",
+                     help="device file to write (default: cpu.json or cuda.json)")
+    cal.add_argument("--device", default=None, choices=["cpu", "cuda"],
+                     help="what to measure (default: cuda when available, else cpu)")
+    cal.add_argument("--seconds", type=float, default=3.0,
+                     help="time budget, about (default 3); more gives steadier figures")
+    cal.add_argument("--dtypes", default="float32,bfloat16", metavar="D1,D2",
+                     help="matmul dtypes: float32, bfloat16, float16 (default "
+                     "float32,bfloat16; float32 is always measured)")
+    cal.add_argument("--threads", type=_positive, default=None,
+                     help="CPU threads for the measurement (default: torch's, "
+                     f"{torch.get_num_threads()} here)")
+    cal.add_argument("--name", default=None, help="device name (default cpu-calibrated or "
+                     "cuda-calibrated)")
+    cal.add_argument("--matmul-size", type=_positive, default=None, metavar="N",
+                     help="fix the matmul side n instead of searching it (small n: quick, "
+                     "low figures)")
+    cal.add_argument("--copy-bytes", default=None, metavar="SIZE",
+                     help="fix the copy buffer, e.g. 64MiB (default: 8x the last-level "
+                     "cache, at least 256 MiB on a CPU)")
+    cal.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    cal.set_defaults(run=cmd_calibrate)
 
     m = verbs.add_parser("models", help="list zoo model names",
                          description="Names accepted as MODEL, besides path/to/file.py:factory.")

@@ -14,10 +14,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 
-import torch
 
 from graphcost.analysis import Analysis, GroupRow
-from graphcost.hardware import Device
 
 BYTE_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
 FLOP_UNITS = ("FLOP", "KFLOP", "MFLOP", "GFLOP", "TFLOP", "PFLOP", "EFLOP")
@@ -184,25 +182,8 @@ def render(analysis: Analysis, *, depth: int | None = 2, top: int = 10, tokens: 
     return "\n\n".join(parts) + "\n"
 
 
-def devices_table(devices: Iterable[Device]) -> str:
-    """Device presets: memory (binary), bandwidth (decimal, as vendors quote), dense peaks."""
-
-    def peak(d: Device, dtype: torch.dtype) -> str:
-        x = d.peak_flops_per_s.get(dtype)
-        return format_flops_per_s(x) if x else "-"
-
-    rows = [[d.name, d.kind, format_bytes(d.memory_bytes) if d.memory_bytes else "-",
-             format_bandwidth(d.bandwidth_bytes_per_s) if d.bandwidth_bytes_per_s else "-",
-             peak(d, torch.bfloat16), peak(d, torch.float32), d.description]
-            for d in devices]
-    body = table(["device", "kind", "memory", "bandwidth", "bf16 peak", "fp32 peak",
-                  "description"], rows, align="llrrrrl")
-    return (body + "\n\nunits: memory binary (1 GiB = 2^30 B); bandwidth decimal as vendors quote "
-            "it (1 TB/s = 10^12 B/s);\npeaks are dense (no 2:4 sparsity).\n")
-
-
 __all__ = ["format_bandwidth", "format_bytes", "format_count", "format_count_short",
-           "format_flops", "format_flops_per_s", "format_share", "devices_table", "module_table",
+           "format_flops", "format_flops_per_s", "format_share", "module_table",
            "op_table", "render", "summary", "table", "unsupported_line"]
 
 
