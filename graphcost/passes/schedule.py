@@ -113,6 +113,7 @@ class MemoryTimeline:
     # bytes those ops read and write (their memory traffic: pointwise ops cost no FLOPs)
     recompute_flops: int = 0
     recompute_bytes: int = 0
+    recomputed_ops: tuple[str, ...] = ()  # the forward ops run again, once per micro-batch
     # bytes kept for backward at the end of a forward: tensors autograd saves outside the
     # checkpointed regions, the regions' inputs and the outputs their policy keeps
     saved_activation_bytes: int = 0
@@ -267,6 +268,7 @@ class _Walk:
                               plan=self.plan,
                               recompute_flops=sum(r.recompute_flops for r in self.regions),
                               recompute_bytes=sum(r.recompute_bytes for r in self.regions),
+                              recomputed_ops=tuple(n for r in self.regions for n in r.rerun),
                               saved_activation_bytes=self.saved_activation_bytes,
                               kept_storages={sid: self.nbytes[sid] for sid in self.savers
                                              if sid not in self.persistent})
@@ -299,6 +301,7 @@ class _Walk:
         rerun = [n for n in recompute if n not in region.save and n != partial]
         return _Region(
             index=index, region=region, ops=ops, recompute=recompute, partial=partial,
+            rerun=rerun,
             trigger=running[-1] if running else None, frame_end=running[0] if running else None,
             inputs=inputs,
             cache=frozenset(sid for n in ops if n in region.save for sid in self._outputs(n)),
@@ -599,6 +602,7 @@ class _Region:
     ops: list[str]
     recompute: list[str]  # the ops the backward re-runs (early stop: up to the last saver)
     partial: str | None  # the last of them, when it stops before its kernel runs
+    rerun: list[str]  # those whose kernels run again (not cached, not partial)
     trigger: str | None  # the op whose backward needs a saved tensor first (None: never)
     frame_end: str | None  # the op whose backward uses the region's last saved tensor
     inputs: frozenset[int]  # storages the region reads from outside (held for recompute)
