@@ -14,6 +14,9 @@ from graphcost.passes.roofline import (OPTIMIZER_ACCESSES, OPTIMIZER_FLOPS, Effi
 from graphcost.passes.schedule import TrainingConfig
 
 F32 = torch.float32
+# round figures; LOW has a ridge point (5 FLOP/B) the small test models' matmuls can pass
+LOW = Device("low", "cuda", memory_bytes=80 * 2**30, bandwidth_bytes_per_s=1e12,
+             peak_flops_per_s={F32: 5e12}, vector_peak_flops_per_s={F32: 5e12})
 TOY = Device("toy", "cuda", memory_bytes=80 * 2**30, bandwidth_bytes_per_s=1e12,
              peak_flops_per_s={F32: 1e14, torch.bfloat16: 4e14},
              vector_peak_flops_per_s={F32: 1e13, torch.bfloat16: 1e13})
@@ -111,3 +114,84 @@ def test_a_device_without_figures_says_how_to_get_them():
 
     with pytest.raises(ConfigError, match="calibrate"):
         forward_time(_linear(8, 16, 16), "cpu")
+
+
+# ------------------------------------------------------------------ inference and cost
+
+def _llama(batch, seq, **kw):
+    from graphcost.models import SMALL_OVERRIDES, load
+
+    return analyze(*load("llama3-8b", batch=batch, seq=seq,
+                         **dict(SMALL_OVERRIDES["llama3-8b"], **kw)))
+
+
+def _bounds(step):
+    return (sum(o.memory_s for o in step.ops), sum(o.compute_s for o in step.ops))
+
+
+def test_decode_step_reads_the_cache():
+    from graphcost.passes.inference import kv_cache_bytes_per_token
+    from graphcost.passes.roofline import decode_time
+
+    one = _llama(4, 1)
+    context = 100
+    d = decode_time(one, context, TOY)
+    plain = forward_time(one, TOY)
+    attention = [o for o in d.step.ops if "scaled_dot_product" in o.op]
+    assert len(attention) == 2  # n_layers
+    per_layer_kv = kv_cache_bytes_per_token(one) // 2
+    q = one.graph.nodes[attention[0].name]["args"][0].spec.shape  # (B, H, 1, head_dim)
+    before = {o.name: o for o in plain.ops}
+    for o in attention:
+        assert o.flops == 4 * 4 * q[1] * q[3] * (context + 1)
+        assert o.bytes == before[o.name].bytes + 4 * per_layer_kv * context
+    others = [o for o in d.step.ops if o not in attention]
+    assert others == [before[o.name] for o in others]
+    assert d.tokens_per_s == pytest.approx(4 / d.step.step_time_s)
+
+
+def test_memory_bound_context_against_a_large_batch():
+    """Beyond the context found, a decode step of a batch this large (the weights' reads shared
+    by all sequences) spends more time moving bytes than computing; well before it, less."""
+    from graphcost.passes.roofline import decode_time, memory_bound_context
+
+    mha = dict(n_kv_heads=4, dim=256, ffn_dim=512)  # a cache read of 0.5 FLOP per byte
+    context = memory_bound_context(_llama(1, 1, **mha), LOW)
+    assert context is not None and context > 10
+    big = _llama(4096, 1, **mha)
+    memory, compute = _bounds(decode_time(big, int(context * 1.2) + 1, LOW).step)
+    assert memory > compute
+    memory, compute = _bounds(decode_time(big, int(context * 0.8), LOW).step)
+    assert memory < compute
+
+
+def test_compute_bound_batch_against_traces_at_it():
+    from graphcost.passes.roofline import compute_bound_batch
+
+    shape = dict(n_layers=1, dim=256, ffn_dim=1024)  # one token per sequence: weights dominate
+
+    def compute_bound(batch):
+        by = training_step_time(_llama(batch, 1, **shape), LOW).seconds_by_bound()
+        return by["compute"] > by["memory"]
+
+    found = compute_bound_batch(_llama(1, 1, **shape), _llama(2, 1, **shape), LOW)
+    assert found is not None and found > 1
+    assert compute_bound(found) and not compute_bound(found - 1)
+
+
+def test_training_cost_from_its_definition():
+    from graphcost.passes.roofline import training_cost
+
+    step = training_step_time(_linear(4096, 1024, 512), TOY)
+    cost = training_cost(step, params=1024 * 512 + 512, tokens=1e9, gpus=8,
+                         usd_per_gpu_hour=2.0, mfu=0.5)
+    per_token = step.model_flops / step.tokens
+    assert cost.seconds == pytest.approx(1e9 * per_token / (8 * 1e14 * 0.5))
+    assert cost.gpu_hours == pytest.approx(cost.seconds * 8 / 3600)
+    assert cost.usd == pytest.approx(cost.gpu_hours * 2)
+    six = cost.rule_of_thumb(6)
+    assert six["flops"] == 6 * (1024 * 512 + 512) * 1e9
+    predicted = training_cost(step, params=1, tokens=1e9)
+    assert predicted.mfu == step.mfu and predicted.mfu_source == "predicted"
+    with pytest.raises(ValueError):
+        training_cost(step, params=1, tokens=1e9, mfu=1.5)
