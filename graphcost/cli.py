@@ -5,6 +5,9 @@
     graphcost analyze path/to/model.py:factory --device h100-sxm
     graphcost memory gpt2 --checkpoint full --json
     graphcost checkpoint llama-7b --device a100-80gb --budget 40GiB --plot pareto.png
+    graphcost roofline llama-7b --device a100-80gb --precision bf16 --top 5
+    graphcost cost llama-7b --tokens 1.4e12 --device a100-80gb --gpus 2048 --usd-per-hour 2
+    graphcost sweep gpt2 --device h100-sxm --batch 1,2,4,8 --seq 512,1024 --csv sweep.csv
     graphcost devices
 
 MODEL is a zoo name (`graphcost models` lists them) or `path/to/file.py:factory`, where
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
 import dataclasses
 import io
 import json
@@ -40,6 +44,9 @@ from graphcost.passes.checkpoint import BUILTIN_POLICIES, parse_policy, plan
 from graphcost.passes.checkpoint_search import compare, optimize
 from graphcost.passes.fit import DEFAULT_RESERVE_BYTES, fit
 from graphcost.passes.inference import inference_memory
+from graphcost.passes.roofline import (Efficiency, compute_bound_batch, decode_time,
+                                       forward_time, memory_bound_context, training_cost,
+                                       training_step_time)
 from graphcost.passes.schedule import (OPTIMIZER_IMPLS, OPTIMIZERS, TrainingConfig,
                                        training_timeline)
 
@@ -338,6 +345,314 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- roofline, cost, sweep
+
+
+def _fraction(text: str) -> float:
+    """An argparse type: a number in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], e.g. 0.5, got {text!r}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or a positive integer, got {text!r}")
+    return value
+
+
+def _positive_number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+COUNT_SUFFIXES = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
+
+
+def parse_count(text: str) -> float:
+    """'1.4e12', '1.4T', '300B', '2_000_000' -> a positive count (an argparse type).
+
+    >>> parse_count("1.4T"), parse_count("300B"), parse_count("5e9")
+    (1400000000000.0, 300000000000.0, 5000000000.0)
+    """
+    clean = text.strip().replace("_", "").replace(",", "")
+    suffix = clean[-1:].lower() if clean[-1:].isalpha() else ""
+    try:
+        value = float(clean[:-1] if suffix else clean) * COUNT_SUFFIXES[suffix]
+    except (ValueError, KeyError):
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a positive count such as 1.4e12, 1.4T or "
+                                         f"300B, got {text!r}")
+    return value
+
+
+def _int_list(text: str | None, option: str) -> list[int | None]:
+    """'1,2,4,8' -> [1, 2, 4, 8] (order kept, repeats dropped); None -> [None]."""
+    if text is None:
+        return [None]
+    items = [t.strip() for t in text.split(",")]
+    if not all(t.isdigit() and int(t) > 0 for t in items):
+        raise CliError(f"bad {option} {text!r}; give positive integers separated by commas, "
+                       f"e.g. {option} 1,2,4,8")
+    return list(dict.fromkeys(int(t) for t in items))
+
+
+def _efficiency(args: argparse.Namespace) -> Efficiency:
+    return Efficiency(matmul=args.matmul_efficiency, vector=args.vector_efficiency,
+                      bandwidth=args.bandwidth_efficiency)
+
+
+def _roofline_device(args: argparse.Namespace) -> Device:
+    """--device for a roofline: it needs a bandwidth and peaks, which the uncalibrated CPU lacks;
+    asked before the trace, so that the device's own message (how to get the figure) comes
+    first."""
+    device = device_from_args(args)
+    device.memory_bandwidth_bytes_per_s()
+    return device
+
+
+def _training_config(args: argparse.Namespace) -> TrainingConfig:
+    return TrainingConfig(optimizer=args.optimizer, optimizer_impl=args.optimizer_impl,
+                          grad_accumulation=args.grad_accumulation, checkpoint=args.checkpoint)
+
+
+def _with(args: argparse.Namespace, **changes) -> argparse.Namespace:
+    """A copy of the options with some changed (another shape of the same model)."""
+    return argparse.Namespace(**{**vars(args), **changes})
+
+
+def _json_safe(value):
+    """inf and nan (an op that moves no bytes has infinite intensity) as null: strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _setting(model, autocast, config: TrainingConfig | None = None, shape: bool = True) -> str:
+    """'bf16, adamw, checkpoint full, batch 4, seq 2048' for a report's title line."""
+    parts = ["bf16-mixed" if autocast else (model.dtype or "model dtype")]
+    if config is not None:
+        parts.append(config.optimizer)
+        if parse_policy(config.checkpoint).kind != "none":
+            parts.append(f"checkpoint {parse_policy(config.checkpoint)}")
+    if shape and model.batch is not None:
+        parts.append(f"batch {model.batch}")
+    if shape and model.seq is not None:
+        parts.append(f"seq {model.seq}")
+    return ", ".join(parts)
+
+
+def cmd_roofline(args: argparse.Namespace) -> int:
+    if args.inference:
+        return _roofline_inference(args)
+    if args.context is not None:
+        raise CliError("--context is the cached context of --inference; for training use --seq")
+    dtype, autocast = _precision(args)
+    config = _training_config(args)
+    efficiency = _efficiency(args)
+    device = _roofline_device(args)
+    model, analysis = _analysis(args, dtype, autocast)
+    step = training_step_time(analysis, device, config, efficiency)
+    bound = step.seconds_by_bound()
+    cbb = None
+    if args.compute_bound_batch:
+        ones = analysis if model.batch == 1 else _analysis(_with(args, batch=1), dtype,
+                                                           autocast)[1]
+        twos = analysis if model.batch == 2 else _analysis(_with(args, batch=2), dtype,
+                                                           autocast)[1]
+        try:
+            cbb = compute_bound_batch(ones, twos, device, config, efficiency)
+        except ValueError as exc:
+            raise CliError(f"--compute-bound-batch: {exc}") from None
+    if args.json:
+        out = {"model": model.name, "batch": model.batch, "seq": model.seq, "dtype": model.dtype,
+               "precision": "bf16-mixed" if autocast else model.dtype,
+               "optimizer": config.optimizer, "checkpoint": str(parse_policy(config.checkpoint)),
+               "grad_accumulation": config.grad_accumulation, **step.totals(),
+               "optimizer_flops": step.optimizer_flops,
+               "compute_bound_s": bound["compute"], "memory_bound_s": bound["memory"]}
+        if args.compute_bound_batch:
+            out["compute_bound_batch"] = cbb
+        out["unsupported_ops"] = analysis.unsupported_ops
+        out["ops"] = [o.as_dict() for o in step.ops]
+        print(json.dumps(_json_safe(out)))
+        return 0
+    extra = []
+    if args.compute_bound_batch:
+        extra.append("  compute-bound   " + (
+            f"from batch {format(cbb, ',')} at seq {model.seq} (more op time compute- than "
+            "memory-bound)" if cbb is not None else "not up to batch 1,048,576"))
+    print(report.roofline_report(
+        step, title=f"graphcost roofline: {model.name} on {device.name}, "
+        f"{_setting(model, autocast, config)}", sort=args.sort, top=args.top, extra=extra,
+        unsupported=report.unsupported_line(analysis)), end="")
+    return 0
+
+
+def _roofline_inference(args: argparse.Namespace) -> int:
+    """--inference: a prefill at (batch, seq), a decode step at --context, the context where
+    decoding turns memory-bound."""
+    if parse_policy(args.checkpoint).kind != "none":
+        raise CliError("--checkpoint applies to training (inference keeps nothing for a "
+                       "backward); drop --checkpoint or --inference")
+    if args.grad_accumulation != 1 or args.compute_bound_batch:
+        option = "--grad-accumulation" if args.grad_accumulation != 1 else \
+            "--compute-bound-batch"
+        raise CliError(f"{option} applies to training; drop it or --inference")
+    dtype, autocast = _precision(args)
+    efficiency = _efficiency(args)
+    device = _roofline_device(args)
+    limit = max_context(args.model, **parse_overrides(args.set)) \
+        if args.model in list_models() else None
+    if limit is not None and args.context is not None and args.context > limit:
+        raise CliError(f"--context {args.context} is beyond {args.model}'s context length "
+                       f"{limit}; give a shorter --context or --set the context length")
+    model, prefill_analysis = _analysis(_with(args, no_targets=True), dtype, autocast)
+    if model.tokens is None:
+        raise CliError(f"--inference times a prefill and the decoding of a language model; "
+                       f"{model.name!r} does not take (batch, seq) token ids")
+    context = args.context or model.seq
+    _, one_token = _analysis(_with(args, seq=1, no_targets=True), dtype, autocast)
+    prefill = forward_time(prefill_analysis, device, efficiency)
+    decode = decode_time(one_token, context, device, efficiency)
+    turn = memory_bound_context(one_token, device, efficiency)
+    if args.json:
+        print(json.dumps(_json_safe({
+            "model": model.name, "device": device.name, "batch": model.batch, "seq": model.seq,
+            "context": context, "dtype": model.dtype,
+            "precision": "bf16-mixed" if autocast else model.dtype,
+            "efficiency": dict(efficiency.__dict__),
+            "prefill_s": prefill.step_time_s, "prefill_tokens_per_s": prefill.tokens_per_s,
+            "prefill_mfu": prefill.mfu, "prefill_flops": prefill.model_flops,
+            "decode_s_per_token": decode.seconds_per_token,
+            "decode_tokens_per_s": decode.tokens_per_s, "decode_flops": decode.step.model_flops,
+            "memory_bound_context": turn, "peak_flops_per_s": prefill.peak_flops_per_s,
+            "mfu_dtype": prefill.mfu_dtype,
+            "unsupported_ops": prefill_analysis.unsupported_ops,
+            "ops": [o.as_dict() for o in prefill.ops]})))
+        return 0
+    print(report.roofline_inference_report(
+        prefill, decode, turn, title=f"graphcost roofline --inference: {model.name} on "
+        f"{device.name}, {_setting(model, autocast)}", sort=args.sort, top=args.top,
+        unsupported=report.unsupported_line(prefill_analysis)), end="")
+    return 0
+
+
+def cmd_cost(args: argparse.Namespace) -> int:
+    dtype, autocast = _precision(args)
+    config = _training_config(args)
+    efficiency = _efficiency(args)
+    device = _roofline_device(args)
+    model, analysis = _analysis(args, dtype, autocast)
+    step = training_step_time(analysis, device, config, efficiency)
+    try:
+        cost = training_cost(step, params=analysis.params, tokens=args.tokens, gpus=args.gpus,
+                             usd_per_gpu_hour=args.usd_per_hour, mfu=args.mfu)
+    except ValueError as exc:  # the options are checked by argparse; this is a safety net
+        raise CliError(str(exc)) from None
+    if args.json:
+        print(json.dumps({"model": model.name, "device": device.name, "batch": model.batch,
+                          "seq": model.seq, "precision": "bf16-mixed" if autocast
+                          else model.dtype, "checkpoint": str(parse_policy(config.checkpoint)),
+                          **cost.as_dict(), "mfu_dtype": step.mfu_dtype,
+                          "unsupported_ops": analysis.unsupported_ops}))
+        return 0
+    setting = _setting(model, autocast, config)
+    if args.mfu is None:
+        mfu_line = f"{100 * cost.mfu:.1f}% predicted by the roofline ({setting}; --mfu assumes one)"
+    else:
+        mfu_line = (f"{100 * cost.mfu:.1f}% assumed (--mfu); the roofline predicts "
+                    f"{100 * step.mfu:.1f}% ({setting})")
+    title = (f"graphcost cost: {model.name}, {report.format_count_short(args.tokens)} tokens on "
+             f"{format(args.gpus, ',')} x {device.name}")
+    text = report.cost_report(cost, title=title, mfu_line=mfu_line, mfu_dtype=step.mfu_dtype)
+    unsupported = report.unsupported_line(analysis)
+    print(text + (f"\n{unsupported}\n" if unsupported else ""), end="")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    batches = _int_list(args.batch, "--batch")
+    seqs = _int_list(args.seq, "--seq")
+    dtype, autocast = _precision(args)
+    config = _training_config(args)
+    efficiency = _efficiency(args)
+    device = _roofline_device(args)
+    budget, budget_line = _budget(args, device)
+    if args.plot and not args.plot.lower().endswith(".png"):
+        raise CliError(f"--plot {args.plot!r} must end in .png")
+    for option, path in (("--csv", args.csv), ("--plot", args.plot)):
+        folder = os.path.dirname(os.path.abspath(os.path.expanduser(path))) if path else None
+        if folder and not os.path.isdir(folder):  # before the traces, not after
+            raise CliError(f"{option} {path!r}: folder {folder!r} does not exist; create it first")
+    rows, model, unsupported = [], None, ""
+    for seq in seqs:
+        for batch in batches:
+            model, analysis = _analysis(_with(args, batch=batch, seq=seq), dtype, autocast)
+            step = training_step_time(analysis, device, config, efficiency)
+            peak = training_timeline(analysis, config).peak_bytes
+            rows.append({"batch": batch, "seq": model.seq, "tokens": step.tokens,
+                         "step_time_s": step.step_time_s, "mfu": step.mfu, "hfu": step.hfu,
+                         "tokens_per_s": step.tokens_per_s, "peak_bytes": peak,
+                         "fits": None if budget is None else peak <= budget})
+            unsupported = unsupported or report.unsupported_line(analysis)
+            del analysis
+    title = f"{model.name} on {device.name}, {_setting(model, autocast, config, shape=False)}"
+    if args.csv:
+        try:
+            with open(args.csv, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=report.SWEEP_COLUMNS)
+                writer.writeheader()
+                for r in rows:
+                    writer.writerow({**r, "fits": "" if r["fits"] is None else
+                                     str(r["fits"]).lower()})
+        except OSError as exc:
+            raise CliError(f"cannot write --csv {args.csv!r}: {exc.strerror}") from None
+    if args.plot:
+        try:
+            from graphcost.plot import sweep_mfu_png
+            sweep_mfu_png(rows, args.plot, title=f"{title}: MFU by batch")
+        except ImportError:
+            raise CliError("--plot needs matplotlib: pip install matplotlib") from None
+        except OSError as exc:
+            raise CliError(f"cannot write --plot {args.plot!r}: {exc.strerror}") from None
+    if args.json:
+        print(json.dumps({"model": model.name, "device": device.name,
+                          "precision": "bf16-mixed" if autocast else model.dtype,
+                          "optimizer": config.optimizer,
+                          "checkpoint": str(parse_policy(config.checkpoint)),
+                          "grad_accumulation": config.grad_accumulation,
+                          "efficiency": dict(efficiency.__dict__), "budget_bytes": budget,
+                          "rows": rows}))
+        return 0
+    lines = [f"graphcost sweep: {title}", f"  {budget_line}", "", report.sweep_table(rows), "",
+             "step time, MFU, HFU and tokens/s per optimizer step from the roofline; peak: the "
+             "training steps' memory peak.", report.UNITS_NOTE]
+    lines += [f"csv: {args.csv}"] if args.csv else []
+    lines += [f"plot: {args.plot}"] if args.plot else []
+    lines += ["", unsupported] if unsupported else []
+    print("\n".join(lines))
+    return 0
+
+
 # ---------------------------------------------------------------- devices
 
 DEVICE_FLAGS = ("--device-memory", "--device-bandwidth", "--device-flops", "--device-vector-flops")
@@ -590,6 +905,17 @@ def _checkpoint_option(p: argparse.ArgumentParser, what: str) -> None:
                    "(default none; 'graphcost checkpoint' compares them)")
 
 
+def _efficiency_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("efficiency", "fractions of the device's peaks that kernels "
+                             "reach, in (0, 1] (default 1, the physical limit)")
+    g.add_argument("--matmul-efficiency", type=_fraction, default=1.0, metavar="F",
+                   help="of the dense matmul peak (linear, matmul, attention, convolution)")
+    g.add_argument("--vector-efficiency", type=_fraction, default=1.0, metavar="F",
+                   help="of the vector peak (the other ops with FLOPs, the optimizer)")
+    g.add_argument("--bandwidth-efficiency", type=_fraction, default=1.0, metavar="F",
+                   help="of the memory bandwidth")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="graphcost", description=(
         "A graph-based cost model for PyTorch: parameters, FLOPs per step and per token, what "
@@ -700,6 +1026,98 @@ def build_parser() -> argparse.ArgumentParser:
                    help="save peak memory vs recompute FLOPs per policy, with the Pareto front "
                    "and the budget (needs matplotlib)")
     c.set_defaults(run=cmd_checkpoint)
+
+    r = verbs.add_parser(
+        "roofline", help="time of a training step of MODEL on a device: MFU, HFU, tokens/s",
+        description="Roofline time of one training step of MODEL on --device: every op takes "
+        "max(FLOPs / peak, bytes moved / bandwidth), the step is its forward, backward, the "
+        "recomputation of --checkpoint and the optimizer update. Prints the split, MFU and "
+        "HFU, tokens/s, the share of time in compute- and memory-bound ops and the slowest "
+        "ops. With --inference: a prefill, a decode step and where decoding turns "
+        "memory-bound.",
+        epilog="Needs a device with a bandwidth and peaks: a GPU preset, a device file, or "
+        "this machine as 'graphcost calibrate' measures it (the default cpu has no figures). "
+        "Efficiencies default to 1, the physical limit no kernel reaches. Exit status 2 on a "
+        "user error.")
+    _model_options(r, dtype=False)
+    _training_options(r)
+    r.add_argument("--grad-accumulation", type=_positive, default=1,
+                   help="micro-batches per optimizer step (default 1)")
+    _checkpoint_option(r, "the training step: its recomputation is timed and counted in HFU")
+    _efficiency_options(r)
+    r.add_argument("--sort", default="time", choices=report.ROOFLINE_SORTS,
+                   help="order of the per-op table, largest first (default time)")
+    r.add_argument("--top", type=_non_negative, default=20,
+                   help="rows of the per-op table (default 20; 0: all)")
+    r.add_argument("--compute-bound-batch", action="store_true",
+                   help="also the smallest batch at which the step spends more time in "
+                   "compute- than in memory-bound ops, at --seq (two more traces)")
+    r.add_argument("--inference", action="store_true",
+                   help="inference instead: a prefill of --seq tokens per sequence, a decode "
+                   "step attending to --context cached tokens, and the context beyond which "
+                   "decoding is memory-bound at any batch")
+    r.add_argument("--context", type=_positive, default=None,
+                   help="with --inference: tokens in the KV cache at the decode step (default "
+                   "--seq)")
+    r.add_argument("--json", action="store_true", help="print one JSON object on stdout, with "
+                   "every op")
+    r.set_defaults(run=cmd_roofline)
+
+    co = verbs.add_parser(
+        "cost", help="time and money to train MODEL on N tokens, next to 6ND and 8ND",
+        description="Time, GPU-hours and dollars of training MODEL on --tokens with --gpus "
+        "devices: FLOPs per token from the graph (forward + backward), at the MFU the "
+        "roofline predicts for a step at --batch/--seq (or --mfu), side by side with the "
+        "6ND and 8ND rules of thumb at the same MFU.",
+        epilog="Data parallel with no communication cost. Exit status 2 on a user error.")
+    _model_options(co, dtype=False)
+    _training_options(co)
+    co.add_argument("--grad-accumulation", type=_positive, default=1,
+                    help="micro-batches per optimizer step (default 1)")
+    _checkpoint_option(co, "the step whose MFU is predicted")
+    co.add_argument("--tokens", type=parse_count, required=True, metavar="N",
+                    help="training tokens, e.g. 1.4e12, 1.4T or 300B")
+    co.add_argument("--gpus", type=_positive, default=1, help="devices (default 1)")
+    co.add_argument("--usd-per-hour", type=_positive_number, default=None, metavar="USD",
+                    help="price of one device per hour (default: no dollar figure)")
+    co.add_argument("--mfu", type=_fraction, default=None,
+                    help="assume this MFU, in (0, 1], instead of the roofline's prediction")
+    _efficiency_options(co)
+    co.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    co.set_defaults(run=cmd_cost)
+
+    s = verbs.add_parser(
+        "sweep", help="roofline MFU, tokens/s and peak memory over batch sizes and lengths",
+        description="For every --batch x --seq combination: the roofline step time, MFU, "
+        "HFU, tokens/s, the training peak memory and whether it fits the device. A table, "
+        "and optionally a CSV and a plot of MFU against batch size.",
+        epilog="One trace per combination. 'fits?' is judged against --budget, else the "
+        "device's memory less --reserve. Exit status 2 on a user error.")
+    s.add_argument("model", metavar="MODEL", help="zoo name or path/to/file.py:factory")
+    s.add_argument("--batch", default="1", metavar="B1,B2,...",
+                   help="batch sizes, comma-separated (default 1)")
+    s.add_argument("--seq", default=None, metavar="T1,T2,...",
+                   help="sequence lengths, comma-separated (default: the model's own)")
+    _device_options(s)
+    _training_options(s)
+    s.add_argument("--grad-accumulation", type=_positive, default=1,
+                   help="micro-batches per optimizer step (default 1)")
+    _checkpoint_option(s, "every training step of the sweep")
+    _efficiency_options(s)
+    s.add_argument("--budget", default=None, metavar="SIZE",
+                   help="judge 'fits?' against this memory budget, e.g. 40GiB")
+    s.add_argument("--reserve", default=None,
+                   help="without --budget: memory of --device kept free for the CUDA context "
+                   f"and allocator (default {DEFAULT_RESERVE_BYTES // 2**30}GiB, as fit's)")
+    s.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="zoo models: override a config field (repeatable)")
+    s.add_argument("--strict", action="store_true",
+                   help="an op without a cost rule is an error (default: listed and warned)")
+    s.add_argument("--csv", metavar="FILE.csv", default=None, help="write the table as CSV")
+    s.add_argument("--plot", metavar="FILE.png", default=None,
+                   help="save MFU against batch size, one line per --seq (needs matplotlib)")
+    s.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    s.set_defaults(run=cmd_sweep, no_targets=False)
 
     d = verbs.add_parser("devices", help="list device presets (or the devices named)",
                          description="Device presets: memory, bandwidth, dense fp32 and bf16 "

@@ -111,3 +111,51 @@ def checkpoint_pareto_png(rows, path: str | Path, *, budget_bytes: float | None 
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def sweep_mfu_png(rows, path: str | Path, *, title: str = "") -> Path:
+    """MFU against batch size, one line per sequence length, log2 batch axis; the points whose
+    peak memory does not fit are hollow and crossed. `rows`: dicts with batch, seq, mfu, fits
+    (True, False, or None where the device has no memory size)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    by_seq: dict = {}
+    for r in rows:
+        by_seq.setdefault(r["seq"], []).append(r)
+    hollow_shown = False
+    for i, (seq, points) in enumerate(by_seq.items()):
+        points = sorted(points, key=lambda r: r["batch"])
+        color = f"C{i % 10}"
+        xs, ys = [r["batch"] for r in points], [100 * r["mfu"] for r in points]
+        ax.plot(xs, ys, color=color, lw=1.2, label=f"seq {seq}" if seq is not None else "MFU")
+        fits = [r["fits"] is not False for r in points]
+        ax.scatter([x for x, f in zip(xs, fits) if f], [y for y, f in zip(ys, fits) if f],
+                   color=color, zorder=3)
+        out_x = [x for x, f in zip(xs, fits) if not f]
+        out_y = [y for y, f in zip(ys, fits) if not f]
+        if out_x:
+            ax.scatter(out_x, out_y, facecolors="white", edgecolors=color, s=60, zorder=3)
+            ax.scatter(out_x, out_y, marker="x", color=color, s=25, zorder=4)
+            hollow_shown = True
+    if hollow_shown:  # one gray legend entry for every line's hollow points
+        ax.scatter([], [], facecolors="white", edgecolors="0.4", s=60,
+                   label="does not fit (hollow, x)")
+    batches = sorted({r["batch"] for r in rows})
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(batches)
+    ax.set_xticklabels([str(b) for b in batches])
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("batch size (log2)")
+    ax.set_ylabel("MFU (%)")
+    ax.set_title(title or "MFU by batch size")
+    ax.grid(True, color="0.9")
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

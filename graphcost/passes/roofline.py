@@ -5,8 +5,9 @@
 
 and a training step is its forward, its backward, the recomputation its checkpoint policy runs
 (once per micro-batch) and the optimizer step. The efficiencies are named options, 1.0 by
-default: the physical limit, which no kernel reaches; `Efficiency.measured()` documents the
-figures others measured for large matmuls, and `graphcost calibrate` measures this machine.
+default: the physical limit, which no kernel reaches (others measured 87% of the bf16 peak
+for large matmuls on an A100 SXM, 80% on an H100 SXM: ../shared/reference/hardware.md), and
+`graphcost calibrate` measures this machine's achieved figures.
 
 Op classes: matmul-class ops (linear, matmul, bmm, attention, convolution: the ops
 FlopCounterMode counts) run at the device's dense matmul peak for their dtype (tensor cores);
@@ -81,8 +82,10 @@ class OpTime:
 
     @property
     def intensity(self) -> float:
-        """FLOPs per byte moved."""
-        return self.flops / self.bytes if self.bytes else float("inf")
+        """FLOPs per byte moved (0 for an op that computes and moves nothing: a view)."""
+        if not self.bytes:
+            return float("inf") if self.flops else 0.0
+        return self.flops / self.bytes
 
     @property
     def bound(self) -> str:
@@ -255,9 +258,9 @@ def training_step_time(analysis: Analysis, device: str | Device,
     recompute_flops = sum(o.flops for o in rerun)
     return StepTime(
         device=device.name, efficiency=efficiency, ops=tuple(ops + rerun),
-        forward_s=sum(o.seconds for o in ops if o.phase == "forward"),
-        backward_s=sum(o.seconds for o in ops if o.phase == "backward"),
-        recompute_s=sum(o.seconds for o in rerun), optimizer_s=optimizer_s,
+        forward_s=sum((o.seconds for o in ops if o.phase == "forward"), 0.0),
+        backward_s=sum((o.seconds for o in ops if o.phase == "backward"), 0.0),
+        recompute_s=sum((o.seconds for o in rerun), 0.0), optimizer_s=optimizer_s,
         micro_batches=micro,
         model_flops=(analysis.forward_flops + analysis.backward_flops) * micro,
         hardware_flops=(analysis.forward_flops + analysis.backward_flops + recompute_flops)
