@@ -561,8 +561,14 @@ def cmd_cost(args: argparse.Namespace) -> int:
     config = _training_config(args)
     efficiency = _efficiency(args)
     device = _roofline_device(args)
-    model, analysis = _analysis(args, dtype, autocast)
-    step = training_step_time(analysis, device, config, efficiency)
+    if args.inference:
+        if parse_policy(config.checkpoint).kind != "none":
+            raise CliError("--checkpoint applies to training; drop --checkpoint or --inference")
+        model, analysis = _analysis(_with(args, no_targets=True), dtype, autocast)
+        step = forward_time(analysis, device, efficiency)
+    else:
+        model, analysis = _analysis(args, dtype, autocast)
+        step = training_step_time(analysis, device, config, efficiency)
     try:
         cost = training_cost(step, params=analysis.params, tokens=args.tokens, gpus=args.gpus,
                              usd_per_gpu_hour=args.usd_per_hour, mfu=args.mfu)
@@ -575,13 +581,16 @@ def cmd_cost(args: argparse.Namespace) -> int:
                           **cost.as_dict(), "mfu_dtype": step.mfu_dtype,
                           "unsupported_ops": analysis.unsupported_ops}))
         return 0
-    setting = _setting(model, autocast, config)
+    setting = _setting(model, autocast, None if args.inference else config)
+    if args.inference:
+        setting += ", forward only"
     if args.mfu is None:
         mfu_line = f"{100 * cost.mfu:.1f}% predicted by the roofline ({setting}; --mfu assumes one)"
     else:
         mfu_line = (f"{100 * cost.mfu:.1f}% assumed (--mfu); the roofline predicts "
                     f"{100 * step.mfu:.1f}% ({setting})")
-    title = (f"graphcost cost: {model.name}, {report.format_count_short(args.tokens)} tokens on "
+    title = (f"graphcost cost: {model.name}, {'inference over ' if args.inference else ''}"
+             f"{report.format_count_short(args.tokens)} tokens on "
              f"{format(args.gpus, ',')} x {device.name}")
     text = report.cost_report(cost, title=title, mfu_line=mfu_line, mfu_dtype=step.mfu_dtype)
     unsupported = report.unsupported_line(analysis)
@@ -1077,6 +1086,8 @@ def build_parser() -> argparse.ArgumentParser:
     _checkpoint_option(co, "the step whose MFU is predicted")
     co.add_argument("--tokens", type=parse_count, required=True, metavar="N",
                     help="training tokens, e.g. 1.4e12, 1.4T or 300B")
+    co.add_argument("--inference", action="store_true",
+                    help="the forward only over --tokens (evaluation, prefill), next to 2ND")
     co.add_argument("--gpus", type=_positive, default=1, help="devices (default 1)")
     co.add_argument("--usd-per-hour", type=_positive_number, default=None, metavar="USD",
                     help="price of one device per hour (default: no dollar figure)")

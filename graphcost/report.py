@@ -506,35 +506,40 @@ def _hours(x: float) -> str:
 
 
 def cost_report(cost, *, title: str, mfu_line: str, mfu_dtype: str = "") -> str:
-    """A training run's FLOPs, wall clock, GPU-hours and dollars (roofline.TrainingCost), as the
-    graph counts them and as 6ND and 8ND would."""
+    """A run's FLOPs, wall clock, GPU-hours and dollars (roofline.TrainingCost), as the graph
+    counts them and as the k N D rules of thumb would (training: 6ND, 8ND; inference: 2ND)."""
     graph = {"flops": cost.total_flops, "seconds": cost.seconds, "gpu_hours": cost.gpu_hours,
              "usd": cost.usd}
-    cols = [graph, cost.rule_of_thumb(6), cost.rule_of_thumb(8)]
-    per_token = [cost.model_flops_per_token, 6 * cost.params, 8 * cost.params]
+    cols = [graph] + [cost.rule_of_thumb(k) for k in cost.rules]
+    per_token = [cost.model_flops_per_token] + [k * cost.params for k in cost.rules]
     rows = [["FLOPs per token"] + [format_flops(x) for x in per_token],
             ["total FLOPs"] + [f"{format_flops(c['flops'])} ({c['flops']:.2e})" for c in cols],
             ["wall clock"] + [format_seconds(c["seconds"]) for c in cols],
             ["GPU-hours"] + [_hours(c["gpu_hours"]) for c in cols],
             ["cost"] + [_usd(c["usd"]) for c in cols]]
-    ratio = cost.model_flops_per_token / (6 * cost.params) if cost.params else float("nan")
+    k = cost.rules[0]
+    ratio = cost.model_flops_per_token / (k * cost.params) if cost.params else float("nan")
+    what = "forward + backward" if cost.kind == "training" else "forward"
     price = (f"${cost.usd_per_gpu_hour:g} per GPU-hour" if cost.usd_per_gpu_hour is not None
              else "no price (--usd-per-hour)")
     lines = [
         title,
         f"  parameters      {format_count(cost.params)}  ({format_count_short(cost.params)})",
-        f"  FLOPs/token     {format_flops(cost.model_flops_per_token)} from the graph (forward "
-        f"+ backward) = {ratio:.3f} x 6N",
+        f"  FLOPs/token     {format_flops(cost.model_flops_per_token)} from the graph ({what}) "
+        f"= {ratio:.3f} x {k}N",
         f"  MFU             {mfu_line}",
         f"  peak            {format_flops_per_s(cost.peak_flops_per_s)} per device ({mfu_dtype} "
         "dense matmul)",
         f"  price           {price}",
         "",
-        table(["", "graph", "6ND", "8ND"], rows, align="lrrr"),
+        table(["", "graph"] + [f"{k}ND" for k in cost.rules], rows, align="l" + "r" * (
+            1 + len(cost.rules))),
         "",
-        "data parallel, no communication cost; 6ND: 6 FLOPs per parameter and token (forward "
-        "2, backward 4),\n8ND: with the forward recomputed (full checkpointing); all three at "
-        "the same MFU.",
+        ("data parallel, no communication cost; 6ND: 6 FLOPs per parameter and token (forward "
+         "2, backward 4),\n8ND: with the forward recomputed (full checkpointing); all three at "
+         "the same MFU." if cost.kind == "training" else
+         "data parallel, no communication cost; 2ND: 2 FLOPs per parameter and token (the "
+         "forward); both at the same MFU."),
         UNITS_NOTE]
     return "\n".join(lines) + "\n"
 

@@ -265,3 +265,15 @@ def test_user_errors_exit_2(capsys, argv, needle):
     assert out == ""
     assert needle in err and "Traceback" not in err
     assert err.count("graphcost: error:") == 1
+
+
+def test_cost_inference_is_the_forward_next_to_2nd(capsys):
+    code, out, _ = run(capsys, "cost", "gpt2", *SMALL, *GPU, "--tokens", "1e9", "--inference",
+                       "--mfu", "0.5", "--json")
+    result = json.loads(out)
+    assert code == 0 and result["kind"] == "inference"
+    assert "2ND" in result and "6ND" not in result
+    a = engine_analysis(targets=False, batch=1, seq=64)
+    assert result["model_flops_per_token"] == a.forward_flops / 64
+    assert result["seconds"] == pytest.approx(1e9 * result["model_flops_per_token"]
+                                              / (result["peak_flops_per_s"] * 0.5))

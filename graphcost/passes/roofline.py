@@ -98,7 +98,8 @@ class OpTime:
 
 @dataclass(frozen=True)
 class StepTime:
-    """Roofline time of one training step (or, with phase "prefill", of one forward)."""
+    """Roofline time of one training step, or of one forward (kind "forward": a prefill, an
+    evaluation batch) or decode step."""
 
     device: str
     efficiency: Efficiency
@@ -114,6 +115,7 @@ class StepTime:
     peak_flops_per_s: float  # the dense peak MFU is taken against
     mfu_dtype: str
     tokens: int  # tokens (or samples) per step, all micro-batches
+    kind: str = "training"  # "training", "forward" (prefill, evaluation) or "decode"
 
     @property
     def step_time_s(self) -> float:
@@ -283,7 +285,7 @@ def forward_time(analysis: Analysis, device: str | Device,
         optimizer_s=0.0, micro_batches=1, model_flops=analysis.forward_flops,
         hardware_flops=analysis.forward_flops, optimizer_flops=0,
         peak_flops_per_s=device.matmul_flops_per_s(dtype),
-        mfu_dtype=str(dtype).replace("torch.", ""), tokens=tokens_of(analysis))
+        mfu_dtype=str(dtype).replace("torch.", ""), tokens=tokens_of(analysis), kind="forward")
 
 
 # ------------------------------------------------------------------------------- inference
@@ -339,7 +341,7 @@ def decode_time(one_token: Analysis, context: int, device: str | Device,
                     forward_s=sum(o.seconds for o in out), backward_s=0.0, recompute_s=0.0,
                     optimizer_s=0.0, micro_batches=1, model_flops=flops, hardware_flops=flops,
                     optimizer_flops=0, peak_flops_per_s=device.matmul_flops_per_s(dtype),
-                    mfu_dtype=str(dtype).replace("torch.", ""), tokens=batch)
+                    mfu_dtype=str(dtype).replace("torch.", ""), tokens=batch, kind="decode")
     return DecodeTime(batch=batch, context=context, step=step)
 
 
@@ -427,12 +429,14 @@ def compute_bound_batch(at_batch_1: Analysis, at_batch_2: Analysis, device: str 
 class TrainingCost:
     """Time and money to train on `tokens` tokens with `gpus` devices (data parallel, no
     communication cost: see the parallelism pass for that), at an MFU predicted by the roofline
-    or assumed, next to the 6ND (and, with full recomputation, 8ND) rules of thumb."""
+    or assumed, next to the 6ND (and, with full recomputation, 8ND) rules of thumb; with
+    kind "inference", to run the forward over them (evaluation, prefill), next to 2ND."""
 
+    kind: str  # "training" or "inference"
     tokens: float
     gpus: int
     params: int
-    model_flops_per_token: float  # forward + backward, from the graph
+    model_flops_per_token: float  # forward + backward (inference: forward), from the graph
     peak_flops_per_s: float  # per device
     mfu: float
     mfu_source: str  # "predicted" (roofline) or "assumed"
@@ -458,8 +462,14 @@ class TrainingCost:
     def usd(self) -> float | None:
         return None if self.usd_per_gpu_hour is None else self.gpu_hours * self.usd_per_gpu_hour
 
+    @property
+    def rules(self) -> tuple[int, ...]:
+        """The k of the k N D rules of thumb this run is compared with."""
+        return (6, 8) if self.kind == "training" else (2,)
+
     def rule_of_thumb(self, flops_per_param_token: int) -> dict:
-        """The same run counted as k N D FLOPs (k = 6; 8 with full recomputation)."""
+        """The same run counted as k N D FLOPs (training: 6, 8 with full recomputation;
+        inference: 2)."""
         flops = flops_per_param_token * self.params * self.tokens
         seconds = flops / (self.gpus * self.peak_flops_per_s * self.mfu)
         hours = seconds * self.gpus / 3600
@@ -469,17 +479,20 @@ class TrainingCost:
     def as_dict(self) -> dict:
         return {**self.__dict__, "total_flops": self.total_flops, "seconds": self.seconds,
                 "gpu_hours": self.gpu_hours, "days": self.days, "usd": self.usd,
-                "6ND": self.rule_of_thumb(6), "8ND": self.rule_of_thumb(8)}
+                **{f"{k}ND": self.rule_of_thumb(k) for k in self.rules}}
 
 
 def training_cost(step: StepTime, params: int, tokens: float, gpus: int = 1,
                   usd_per_gpu_hour: float | None = None, mfu: float | None = None) -> TrainingCost:
-    """Cost of training on `tokens` tokens; `mfu` None takes the roofline's (step.mfu)."""
+    """Cost of training on `tokens` tokens (a `training_step_time` step), or of running the
+    forward over them (a `forward_time` step: kind "inference"); `mfu` None takes the
+    roofline's (step.mfu)."""
     if tokens <= 0 or gpus < 1:
         raise ValueError(f"tokens ({tokens}) must be > 0 and gpus ({gpus}) >= 1")
     if mfu is not None and not 0 < mfu <= 1:
         raise ValueError(f"MFU must be in (0, 1], got {mfu}")
-    return TrainingCost(tokens=tokens, gpus=gpus, params=params,
+    return TrainingCost(kind="training" if step.kind == "training" else "inference",
+                        tokens=tokens, gpus=gpus, params=params,
                         model_flops_per_token=step.model_flops / step.tokens,
                         peak_flops_per_s=step.peak_flops_per_s,
                         mfu=step.mfu if mfu is None else mfu,
