@@ -427,7 +427,8 @@ def roofline_op_table(ops, *, sort: str = "time", top: int = 20) -> str:
              format_flops(o.flops) if o.flops else "0", format_bytes(o.bytes),
              f"{o.intensity:,.1f}" if o.bytes else "-", format_seconds(o.seconds), o.bound]
             for o in shown]
-    lines = [f"top {len(shown)} of {format_count(len(ranked))} ops by {sort} (per micro-batch):",
+    lines = [(f"top {len(shown)} of {format_count(len(ranked))}" if len(shown) < len(ranked)
+              else f"all {format_count(len(ranked))}") + f" ops by {sort} (per micro-batch):",
              table(["name", "op", "module", "phase", "FLOPs", "bytes", "FLOP/B", "time",
                     "bound"], rows, align="llllrrrrl")]
     if len(ranked) > len(shown):
@@ -498,7 +499,7 @@ def roofline_inference_report(prefill, decode, memory_bound_context: float | Non
 
 
 def _usd(x: float | None) -> str:
-    return "-" if x is None else f"${x:,.0f}"
+    return "-" if x is None else (f"${x:,.0f}" if x >= 100 else f"${x:,.2f}")
 
 
 def _hours(x: float) -> str:
