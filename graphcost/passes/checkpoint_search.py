@@ -9,23 +9,26 @@ peak comes from the uniform walks (one per option) that `compare` makes anyway, 
 decomposing every event of a step:
 
     an event in block i (its forward, its recomputation or its backward) holds
-        sum over blocks j < i of S_j(o_j)  +  a local part that depends on o_i only;
+        sum over blocks j < i of S_j(o_j)  +  a local part that depends on o_i only,
     an event after the stack (final norm, head, loss and their backward) holds
         sum over all blocks of S_j(o_j)  +  a constant;
     an event before it (embeddings), or of the optimizer, holds a constant,
 
-where S_j(o) is what block j keeps for its backward (its outputs held by autograd, its region's
-inputs, its policy's cached outputs). The least-recompute mix under the budget is then a small
+where S_j(o) is what block j keeps for its backward: the tensors its ops save, its region's
+inputs and its policy's cached outputs (a tensor kept by two blocks counts for the first: it
+lives until that one's backward), wherever they were made. The least-recompute mix under the budget is then a small
 integer program (binary x[i, o], one option per block, one peak constraint per block and one for
 the tail), solved exactly with scipy.optimize.milp (HiGHS; the constraints keep a 256-byte
 margin below the budget for its feasibility tolerance). The mix found is walked once more
 and that walk's peak is the one reported (tests check the decomposition against walks of random
-mixes, event for event, and the walks against real runs).
+mixes, and the walks against real runs); should the walk exceed the budget where the
+decomposition did not, the search warns and runs again below it.
 """
 
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -120,17 +123,19 @@ def optimize(analysis: Analysis, budget_bytes: float, config: TrainingConfig | N
     rows = [_row(analysis, all_walks[str(parse_policy(p))], budget_bytes) for p in policies]
     start = time.perf_counter()
     model = _Decomposition(g, ops, blocks, walks)
-    choice = model.solve(budget_bytes)
-    mix = None
-    if choice is not None:
-        spec = per_block_spec(choice)
-        timeline = training_timeline(analysis, replace(config, checkpoint=spec))
-        predicted = model.peak(choice)
-        if timeline.peak_bytes != predicted:
-            raise AssertionError(f"checkpoint search: the decomposed peak of {spec} "
-                                 f"({predicted} B) differs from its walk "
-                                 f"({timeline.peak_bytes} B); please report this model")
-        mix = _row(analysis, timeline, budget_bytes)
+    mix, target = None, budget_bytes
+    for _ in range(3):  # the decomposition is exact on the zoo; elsewhere, tighten and retry
+        choice = model.solve(target)
+        if choice is None:
+            break
+        timeline = training_timeline(analysis, replace(config, checkpoint=per_block_spec(choice)))
+        if timeline.peak_bytes <= budget_bytes:
+            mix = _row(analysis, timeline, budget_bytes)
+            break
+        warnings.warn(f"graphcost checkpoint search: the walk of {per_block_spec(choice)} "
+                      f"peaks {timeline.peak_bytes - model.peak(choice):+,} B off the "
+                      "decomposition's prediction; searching again below it", stacklevel=2)
+        target -= timeline.peak_bytes - budget_bytes
     seconds = time.perf_counter() - start
     fitting = [r for r in rows if r.fits]
     walked = [_row(analysis, t, budget_bytes) for t in all_walks.values()]
@@ -167,7 +172,6 @@ class _Decomposition:
         for k, n in enumerate(ops):
             where[n] = int(block_of_index[k]) if first <= k <= last else (-1 if k < first
                                                                            else len(blocks))
-        owner = g.graph["storage_owner"]
         L = len(blocks)
         self.L = L
         self.kept = np.zeros((L, len(self.options)))  # S_i(o)
@@ -179,7 +183,10 @@ class _Decomposition:
         for k, option in enumerate(self.options):
             t = walks[option]
             for sid, nbytes in t.kept_storages.items():
-                i = where.get(owner.get(sid), -1)
+                # a kept tensor belongs to the first block that keeps it (the one whose
+                # backward releases it last): a block's input kept by its checkpoint frame,
+                # made by the block before, is the keeping block's
+                i = min(where.get(n, L) for n in t.kept_by[sid])
                 if 0 <= i < L:
                     self.kept[i, k] += nbytes
             prefix = np.concatenate([[0.0], np.cumsum(self.kept[:, k])])

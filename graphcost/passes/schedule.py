@@ -118,6 +118,8 @@ class MemoryTimeline:
     # checkpointed regions, the regions' inputs and the outputs their policy keeps
     saved_activation_bytes: int = 0
     kept_storages: dict[int, int] = field(default_factory=dict, repr=False)  # those, by storage
+    # who keeps each of them: the ops that save it, or a checkpointed region's first op
+    kept_by: dict[int, tuple[str, ...]] = field(default_factory=dict, repr=False)
 
     @property
     def peak_bytes(self) -> int:
@@ -209,13 +211,16 @@ class _Walk:
         # holders of each storage through the backward: the ops outside checkpointed regions
         # that save it, and the regions that keep it (their inputs, their policy's outputs)
         self.savers: dict[int, int] = defaultdict(int)
+        self.holders: dict[int, list[str]] = defaultdict(list)  # storage -> ops that keep it
         for n in self.backward_ops:
             if n not in self.region_of:
                 for sid in self.nd[n]["saved"]:
                     self.savers[sid] += 1
+                    self.holders[sid].append(n)
         for r in self.regions:
             for sid in (r.inputs | r.cache) if r.trigger else ():
                 self.savers[sid] += 1
+                self.holders[sid].append(r.ops[0])
         self.saved_activation_bytes = sum(nbytes[sid] for sid in self.savers
                                           if sid not in self.persistent)
         self.grad_output_roots = {find(v.storage) for v in outputs if v.requires_grad}
@@ -271,7 +276,9 @@ class _Walk:
                               recomputed_ops=tuple(n for r in self.regions for n in r.rerun),
                               saved_activation_bytes=self.saved_activation_bytes,
                               kept_storages={sid: self.nbytes[sid] for sid in self.savers
-                                             if sid not in self.persistent})
+                                             if sid not in self.persistent},
+                              kept_by={sid: tuple(self.holders[sid]) for sid in self.savers
+                                       if sid not in self.persistent})
 
     def _region(self, index: int, region: Region) -> _Region:
         """What a checkpointed region holds and recomputes (torch.utils.checkpoint, non-reentrant,

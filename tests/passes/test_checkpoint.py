@@ -181,8 +181,14 @@ def test_megatron_selective_recompute_on_the_gpt3_layer():
     assert per_layer("selective") == 34 * s * b * h + layernorm_stats
 
 
-def test_recompute_decomposition_matches_walks_of_random_mixes():
-    a = _analysis("llama3-8b")
+@pytest.mark.parametrize("family, dtype", [("llama3-8b", torch.float32),
+                                           ("llama3-8b", torch.bfloat16),
+                                           ("gpt2-unfused", torch.float32),
+                                           ("cs336-gpt2-xl", torch.bfloat16)])
+def test_recompute_decomposition_matches_walks_of_random_mixes(family, dtype):
+    """bf16 matters: its RMSNorm saves an fp32 copy, not the block input, so whether a block's
+    input is kept depends on the next block's option (its checkpoint frame keeps it)."""
+    a = _analysis(family, dtype)
     g = a.graph
     ops = op_nodes(g)
     options = _applicable(g, ops)
