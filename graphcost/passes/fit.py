@@ -6,23 +6,35 @@ batch size B (degree 1) and in the sequence length T (degree <= 2: attention sco
 and the sequence of events in a step does not depend on either. So the bytes alive after each
 event are evaluated on 2 batch sizes (3 lengths), the polynomials recovered per event, and the
 largest B (T) whose maximum over events is within budget found on the polynomials.
-`tests/passes/test_fit.py` checks the answer against timelines traced at it and one past it.
+
+The event vectors at those 4 shapes come, for training and for inference each, from one export
+and one walk (graphcost.passes.retrace: the export made at a marker shape is re-run at every
+shape on meta tensors, and the walk carries each byte count at all of them). Where that does
+not hold for a model, each shape is exported and walked on its own (analyze, then
+training_timeline / inference_memory). Both give the same vectors, event for event
+(tests/passes/test_retrace.py); `tests/passes/test_fit.py` checks the answer against
+timelines traced at it and one past it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import gc
+import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from graphcost.analysis import analyze
-from graphcost.errors import ConfigError
+from graphcost.errors import ConfigError, GraphcostError
 from graphcost.hardware import Device, get_device
 from graphcost.passes.inference import inference_memory
+from graphcost.passes.retrace import Unsupported, step_events
 from graphcost.passes.schedule import TrainingConfig, training_timeline
 
+logger = logging.getLogger(__name__)
 GIB = 2**30
 # What a "fit" answer leaves free: the CUDA context (0.3-1.5 GiB depending on the stack, see
 # ../shared/reference/hardware.md) and allocator slack. Override with reserve_bytes / --reserve.
@@ -47,12 +59,29 @@ class FitResult:
 
 
 class _Events:
-    """Bytes alive after each event of a step traced at (batch, seq); each trace made once."""
+    """Bytes alive after each event of a step at (batch, seq): all the shapes a search will ask
+    for from one trace (graphcost.passes.retrace) where that holds, else a trace per shape."""
 
     def __init__(self, load: Loader, config: TrainingConfig, device: Device,
                  autocast: torch.dtype | None) -> None:
         self.load, self.config, self.device, self.autocast = load, config, device, autocast
         self.cache: dict[tuple[int, int, bool], np.ndarray] = {}
+
+    def prepare(self, shapes: list[tuple[int, int]], training: bool,
+                seq_limit: int | None) -> None:
+        try:
+            found = step_events(self.load, shapes, training=training, config=self.config,
+                                device=self.device, autocast=self.autocast,
+                                seq_limit=seq_limit)
+        except Unsupported as exc:
+            logger.debug("fit: one trace does not serve every shape (%s); tracing each", exc)
+            return
+        except GraphcostError:
+            raise  # the user's to fix, as the trace per shape would say
+        except Exception:  # noqa: BLE001 - a graphcost bug: the trace per shape still answers
+            logger.warning("fit: one trace for every shape failed; tracing each", exc_info=True)
+            return
+        self.cache.update({(b, t, training): events for (b, t), events in found.items()})
 
     def __call__(self, batch: int, seq: int, training: bool) -> np.ndarray:
         key = (batch, seq, training)
@@ -70,6 +99,20 @@ def _events(load: Loader, batch: int, seq: int, training: bool, config: Training
         return np.array([e.total_bytes for e in training_timeline(analysis, config).events],
                         dtype=np.float64)
     return np.array(inference_memory(analysis).event_bytes, dtype=np.float64)
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector, held off while the search builds its graphs: each of
+    its full passes walks the ~300k objects torch keeps alive (about 0.25 s here) and the
+    traces trigger one or two. What the search leaves behind is collected afterwards."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _largest(peak: Callable[[int], float], budget: float, low: int, high: int) -> int:
@@ -94,13 +137,18 @@ def max_batch(events: _Events, *, seq: int, budget_bytes: float, training: bool,
     return _largest(lambda b: float(np.max(intercept + slope * b)), budget_bytes, 1, limit)
 
 
-def max_seq(events: _Events, *, batch: int, seq: int, budget_bytes: float, training: bool,
-            limit: int) -> int:
-    # Three lengths recover each event's quadratic; `seq` is one of them (its trace is shared
-    # with the batch search).
+def _seq_points(seq: int) -> list[int]:
+    """Three lengths recover each event's quadratic; `seq` is one of them (its trace is shared
+    with the batch search)."""
     points = sorted({seq, max(1, seq // 2), max(1, seq // 4)} | ({seq + 1} if seq < 4 else set()))
     if len(points) < 3:
         points = sorted(set(points) | {seq + 1, seq + 2})
+    return points
+
+
+def max_seq(events: _Events, *, batch: int, seq: int, budget_bytes: float, training: bool,
+            limit: int) -> int:
+    points = _seq_points(seq)
     samples = [events(batch, t, training) for t in points]
     if len({s.shape for s in samples}) != 1:
         raise ConfigError("the step's events change with the sequence length; cannot "
@@ -128,14 +176,21 @@ def fit(load: Loader, *, device: str | Device, seq: int | None, model_max_seq: i
         raise ConfigError(f"the reserve ({reserve_bytes / GIB:.2f} GiB) leaves nothing of "
                           f"{device.name}'s {device.memory_bytes / GIB:.2f} GiB")
     events = _Events(load, config, device, autocast)
-    result = dict(
-        train_max_batch=max_batch(events, seq=seq, budget_bytes=budget, training=True),
-        infer_max_batch=max_batch(events, seq=seq, budget_bytes=budget, training=False),
-        train_max_seq=None, infer_max_seq=None)
+    shapes = [(1, seq), (2, seq)]
     if model_max_seq:
-        for mode, training in (("train", True), ("infer", False)):
-            result[f"{mode}_max_seq"] = max_seq(events, batch=1, seq=seq, budget_bytes=budget,
-                                                training=training, limit=model_max_seq)
+        shapes += [(1, t) for t in _seq_points(seq) if t != seq]
+    with _collector_paused():
+        for training in (True, False):
+            events.prepare(shapes, training, model_max_seq or None)
+        result = dict(
+            train_max_batch=max_batch(events, seq=seq, budget_bytes=budget, training=True),
+            infer_max_batch=max_batch(events, seq=seq, budget_bytes=budget, training=False),
+            train_max_seq=None, infer_max_seq=None)
+        if model_max_seq:
+            for mode, training in (("train", True), ("infer", False)):
+                result[f"{mode}_max_seq"] = max_seq(events, batch=1, seq=seq,
+                                                    budget_bytes=budget, training=training,
+                                                    limit=model_max_seq)
     return FitResult(device=device.name, memory_bytes=device.memory_bytes,
                      reserve_bytes=reserve_bytes, budget_bytes=budget, seq=seq, batch=1,
                      model_max_seq=model_max_seq, **result)
