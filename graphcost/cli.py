@@ -53,14 +53,23 @@ from graphcost.passes.schedule import (OPTIMIZER_IMPLS, OPTIMIZERS, TrainingConf
 EXIT_USAGE = 2
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def _argument(convert, ok, expected: str):
+    """An argparse type: `convert(text)` that passes `ok`, else 'expected <expected>'."""
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+    return parse
+
+
+_positive = _argument(int, lambda v: v >= 1, "a positive integer")
+_non_negative = _argument(int, lambda v: v >= 0, "0 or a positive integer")
+_fraction = _argument(float, lambda v: 0 < v <= 1, "a fraction in (0, 1], e.g. 0.5")
+_positive_number = _argument(float, lambda v: 0 < v < math.inf, "a positive number")
 
 
 # ---------------------------------------------------------------- running the analysis
@@ -346,37 +355,6 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------- roofline, cost, sweep
-
-
-def _fraction(text: str) -> float:
-    """An argparse type: a number in (0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], e.g. 0.5, got {text!r}")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected 0 or a positive integer, got {text!r}")
-    return value
-
-
-def _positive_number(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0 < value < math.inf:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
 
 
 COUNT_SUFFIXES = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
