@@ -9,17 +9,38 @@ from graphcost.passes.schedule import CATEGORIES, MemoryTimeline
 GIB = 2**30
 
 
-def memory_timeline_png(timeline: MemoryTimeline, path: str | Path, *, title: str = "") -> Path:
-    """Stacked bytes alive per event by category, phases shaded, the peak marked."""
+def _figure(size: tuple[float, float]):
+    """A matplotlib (figure, axes) drawn off-screen (Agg), imported only now."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt.subplots(figsize=size)
+
+
+def _save(fig, ax, path: str | Path, *, xlabel: str, ylabel: str, title: str) -> Path:
+    """Labels, grid and legend as every graphcost plot has them; written as PNG."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, color="0.9")
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def memory_timeline_png(timeline: MemoryTimeline, path: str | Path, *, title: str = "") -> Path:
+    """Stacked bytes alive per event by category, phases shaded, the peak marked."""
     events = timeline.events
     x = list(range(len(events)))
     stacks = [[getattr(e, c) / GIB for e in events] for c in CATEGORIES]
-    fig, ax = plt.subplots(figsize=(11, 4.5))
+    fig, ax = _figure((11, 4.5))
     ax.stackplot(x, stacks, labels=[c.replace("_", " ") for c in CATEGORIES], step="post")
     start = 0
     for i in range(1, len(events) + 1):  # shade each (step, phase) run
@@ -37,16 +58,9 @@ def memory_timeline_png(timeline: MemoryTimeline, path: str | Path, *, title: st
                 xy=(peak.index, peak.total_bytes / GIB), xytext=(0.02, 0.97),
                 textcoords="axes fraction", va="top", fontsize=8,
                 arrowprops=dict(arrowstyle="->", color="red"))
-    ax.set_xlabel("event (forward op, backward op, parameter update)")
-    ax.set_ylabel("GiB alive")
-    ax.set_title(title or "memory timeline")
     ax.set_xlim(0, max(len(events) - 1, 1))
-    ax.legend(loc="best", fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path, xlabel="event (forward op, backward op, parameter update)",
+                 ylabel="GiB alive", title=title or "memory timeline")
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -66,11 +80,6 @@ def checkpoint_pareto_png(rows, path: str | Path, *, budget_bytes: float | None 
                           optimum=None, title: str = "") -> Path:
     """Peak memory against recompute FLOPs, one labelled point per policy
     (checkpoint_search.PolicyRow), the Pareto front as a step line, the budget as a line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     everything = list(rows) + ([optimum] if optimum is not None else [])
     top = max((r.recompute_flops for r in everything), default=0)
     scale, unit = 1, "FLOP"
@@ -83,7 +92,7 @@ def checkpoint_pareto_png(rows, path: str | Path, *, budget_bytes: float | None 
         name = "optimum" if r is optimum else r.policy
         name = name if len(name) <= 28 else name[:27] + "…"  # long per-block specs
         labels.setdefault((r.recompute_flops / scale, r.peak_bytes / GIB), []).append(name)
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = _figure((8, 5))
     xs, ys = zip(*[(r.recompute_flops / scale, r.peak_bytes / GIB) for r in rows])
     ax.scatter(xs, ys, color="tab:blue", zorder=3, label="policies")
     if optimum is not None:
@@ -101,28 +110,15 @@ def checkpoint_pareto_png(rows, path: str | Path, *, budget_bytes: float | None 
     if budget_bytes is not None:
         ax.axhline(budget_bytes / GIB, color="red", ls="--", lw=1,
                    label=f"budget {budget_bytes / GIB:.3g} GiB")
-    ax.set_xlabel(f"recompute per step ({unit})")
-    ax.set_ylabel("peak memory (GiB)")
-    ax.set_title(title or "checkpoint policies")
-    ax.grid(True, color="0.9")
-    ax.legend(loc="best", fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path, xlabel=f"recompute per step ({unit})",
+                 ylabel="peak memory (GiB)", title=title or "checkpoint policies")
 
 
 def sweep_mfu_png(rows, path: str | Path, *, title: str = "") -> Path:
     """MFU against batch size, one line per sequence length, log2 batch axis; the points whose
     peak memory does not fit are hollow and crossed. `rows`: dicts with batch, seq, mfu, fits
     (True, False, or None where the device has no memory size)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = _figure((8, 5))
     by_seq: dict = {}
     for r in rows:
         by_seq.setdefault(r["seq"], []).append(r)
@@ -149,13 +145,5 @@ def sweep_mfu_png(rows, path: str | Path, *, title: str = "") -> Path:
     ax.set_xticks(batches)
     ax.set_xticklabels([str(b) for b in batches])
     ax.set_ylim(bottom=0)
-    ax.set_xlabel("batch size (log2)")
-    ax.set_ylabel("MFU (%)")
-    ax.set_title(title or "MFU by batch size")
-    ax.grid(True, color="0.9")
-    ax.legend(loc="best", fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path, xlabel="batch size (log2)", ylabel="MFU (%)",
+                 title=title or "MFU by batch size")
