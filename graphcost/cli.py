@@ -170,7 +170,12 @@ def cmd_memory(args: argparse.Namespace) -> int:
     config = TrainingConfig(optimizer=args.optimizer, steps=args.steps,
                             grad_accumulation=args.grad_accumulation,
                             optimizer_impl=args.optimizer_impl, checkpoint=args.checkpoint)
+    plan = _plan(args)
+    if plan is not None and args.plot:
+        raise CliError("--plot draws one device's timeline; drop --plot or the parallel plan")
     model, analysis = _analysis(args, dtype, autocast)
+    if plan is not None:
+        return cmd_memory_parallel(args, plan, model, analysis, config)
     timeline = training_timeline(analysis, config)
     if args.plot:
         try:
@@ -205,6 +210,61 @@ def cmd_memory(args: argparse.Namespace) -> int:
               end="")
         if args.plot:
             print(f"\nplot: {args.plot}")
+    return 0
+
+
+def _parallel_options(p: argparse.ArgumentParser) -> None:
+    """A parallel plan (graphcost.passes.parallel): per-device memory instead of one device."""
+    g = p.add_argument_group("parallel plan (memory per device: docs/parallel.md)")
+    g.add_argument("--gpus", type=_positive, default=1, help="devices in all (default 1)")
+    g.add_argument("--dp", type=_positive, default=None,
+                   help="data-parallel size (default: --gpus / (--tp x --pp))")
+    g.add_argument("--tp", type=_positive, default=1, help="tensor-parallel size (default 1)")
+    g.add_argument("--pp", type=_positive, default=1, help="pipeline stages (default 1)")
+    g.add_argument("--ep", type=_positive, default=1, help="expert-parallel size (default 1)")
+    g.add_argument("--zero", type=int, default=0, help="ZeRO stage 0-3 (default 0)")
+    g.add_argument("--fsdp", action="store_true",
+                   help="PyTorch FSDP (fully_shard) across the data-parallel ranks")
+    g.add_argument("--sequence-parallel", action="store_true",
+                   help="split the norms' and dropouts' activations across --tp ranks too")
+    g.add_argument("--partition-activations", action="store_true",
+                   help="split checkpointed activations across --tp ranks")
+    g.add_argument("--micro-batches", type=_positive, default=None,
+                   help="micro-batches per pipeline flush (default --pp)")
+
+
+def _plan(args: argparse.Namespace):
+    """The ParallelPlan of the options, or None for one device without sharding."""
+    from graphcost.passes.parallel import ParallelPlan
+
+    if (args.gpus, args.tp, args.pp, args.ep, args.zero, args.dp) == (1, 1, 1, 1, 0, None) \
+            and not (args.fsdp or args.sequence_parallel or args.partition_activations):
+        return None
+    return ParallelPlan(gpus=args.gpus, dp=args.dp, tp=args.tp, pp=args.pp, ep=args.ep,
+                        zero=args.zero, fsdp=args.fsdp,
+                        sequence_parallel=args.sequence_parallel,
+                        partition_activations=args.partition_activations,
+                        micro_batches=args.micro_batches)
+
+
+def cmd_memory_parallel(args, plan, model, analysis, config) -> int:
+    from graphcost.passes.parallel import per_device_memory
+
+    stages = per_device_memory(analysis, plan, config)
+    busiest = max(stages, key=lambda d: d.peak_bytes)
+    if args.json:
+        print(json.dumps({
+            "model": model.name, "device": analysis.device.name, "batch": model.batch,
+            "seq": model.seq, "plan": {k: v for k, v in plan.__dict__.items()},
+            "checkpoint": str(parse_policy(config.checkpoint)),
+            "peak_bytes_per_device": busiest.peak_bytes, "stage": busiest.stage,
+            "breakdown_per_device": busiest.breakdown(),
+            "stages": [{"stage": d.stage, "peak_bytes": d.peak_bytes, "in_flight": d.in_flight,
+                        **d.breakdown()} for d in stages],
+            "unsupported_ops": analysis.unsupported_ops}))
+        return 0
+    print(report.parallel_memory_report(stages, busiest, model=model.name,
+                                        device=analysis.device), end="")
     return 0
 
 
@@ -952,6 +1012,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with --inference: tokens per sequence in the KV cache (default --seq)")
     _checkpoint_option(mem, "the training step: the peak, recompute FLOPs and saved bytes "
                        "follow it")
+    _parallel_options(mem)
     mem.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     mem.add_argument("--plot", metavar="FILE.png", default=None,
                      help="save the memory timeline with the peak marked (needs matplotlib)")

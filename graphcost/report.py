@@ -560,3 +560,32 @@ def sweep_table(rows: Sequence[dict]) -> str:
              format_bytes(r["peak_bytes"]), fits(r["fits"])] for r in rows]
     return table(["batch", "seq", "tokens", "step time", "MFU", "HFU", "tokens/s", "peak",
                   "fits?"], body, align="r" * 9)
+
+
+def parallel_memory_report(stages, busiest, *, model: str, device) -> str:
+    """Per-device memory of a parallel plan (parallel.DeviceMemory per pipeline stage)."""
+    plan = busiest.plan
+    shard = "FSDP" if plan.fsdp else (f"ZeRO-{plan.zero}" if plan.zero else "no sharding")
+    extras = [x for x, on in (("sequence parallel", plan.sequence_parallel),
+                              ("partitioned activations", plan.partition_activations)) if on]
+    lines = [f"graphcost memory: {model} on {plan.gpus} x {device.name}: dp {plan.dp} x tp "
+             f"{plan.tp} x pp {plan.pp}, {shard}" + (", " + ", ".join(extras) if extras else ""),
+             "",
+             f"  peak        {format_bytes(busiest.peak_bytes)} per device (estimate; stage "
+             f"{busiest.stage}, {busiest.peak_phase})"]
+    if device.memory_bytes:
+        fits = "fits" if busiest.peak_bytes <= device.memory_bytes else "does NOT fit"
+        lines.append(f"  device      {format_bytes(device.memory_bytes)}: {fits}")
+    rows = [[str(d.stage), str(d.in_flight), format_bytes(d.states.params_bytes),
+             format_bytes(d.states.grads_bytes), format_bytes(d.states.optimizer_state_bytes),
+             format_bytes(d.activation_bytes), format_bytes(d.gather_bytes),
+             format_bytes(d.training_peak_bytes), format_bytes(d.optimizer_peak_bytes),
+             format_bytes(d.peak_bytes)] for d in stages]
+    lines += ["", table(["stage", "in flight", "params", "grads", "optimizer", "activations",
+                         "FSDP buffers", "backward peak", "optimizer peak", "peak"], rows,
+                        align="r" * 10), "",
+              "per device (rank 0 of its tensor- and data-parallel groups); activations: what "
+              "the in-flight micro-batches keep for backward,",
+              "divided by tensor/sequence parallelism; the peaks add the one-device walk's "
+              "transients, scaled. See docs/parallel.md.", UNITS_NOTE]
+    return "\n".join(lines) + "\n"

@@ -39,7 +39,7 @@ class InferenceMemory:
     event_bytes: tuple[int, ...] = ()  # weights + cache + live after each forward op
 
 
-def _cache_source(g: nx.DiGraph, v: Value) -> Value:
+def cache_source(g: nx.DiGraph, v: Value) -> Value:
     """The smallest tensor on the chain of views/copies that produced `v`."""
     best = v
     while g.nodes[v.node]["kind"] == "op" and \
@@ -64,7 +64,7 @@ def kv_cache_bytes_per_token(analysis: Analysis) -> int:
         key, value = d["args"][1], d["args"][2]
         tokens = math.prod(key.shape[:-3]) * key.shape[-2]  # batch x key length
         for v in (key, value):
-            total += _cache_source(g, v).spec.nbytes // tokens
+            total += cache_source(g, v).spec.nbytes // tokens
     return total
 
 
