@@ -12,11 +12,15 @@ residual stream, the norms' inputs and the dropout masks on it stay replicated, 
 sequence parallelism splits those too. On the GPT-3 layer this gives Megatron-LM's
 sbh(10 + 24/t + 5as/(ht)) (tests).
 
-Model states per rank follow PyTorch's engines: tensor parallel shards a parameter along its
-dim as DTensor's Shard does (torch.chunk: ceil(n / t) rows per rank, the last ranks fewer);
-FSDP (`fully_shard`) then shards every parameter on dim 0 the same way across the data-parallel
-ranks, and the gradients and AdamW state like it; ZeRO stage 1/2/3 partitions the flattened
-optimizer state / + gradients / + parameters evenly across data-parallel ranks. Pipeline
+Model states per rank follow PyTorch's engines as measured on a fake process group
+(graphcost.groundtruth_parallel, torch 2.13): tensor parallel shards a parameter along its dim
+as DTensor's Shard does (torch.chunk: ceil(n / t) rows per rank, the last ranks fewer; a short
+dim-0 shard is stored padded to the full chunk), and the vocab-parallel embedding's gradient
+comes back full size on every rank; FSDP (`fully_shard`) shards every parameter on dim 0 the
+same way across the data-parallel ranks, each rank's storage padded to the full chunk, the
+gradients as views of one padded buffer per group, the AdamW state unpadded plus a 0-dim fp32
+step per parameter; ZeRO stage 1/2/3 partitions the flattened optimizer state / + gradients /
++ parameters evenly across data-parallel ranks. Pipeline
 parallelism gives each stage a contiguous run of blocks (the embeddings to the first, the head
 and loss to the last); under 1F1B stage s holds the activations of min(P - s, M) micro-batches.
 
@@ -38,7 +42,8 @@ from graphcost.analysis import Analysis
 from graphcost.errors import ConfigError
 from graphcost.graph import op_nodes
 from graphcost.passes.checkpoint import _module_calls, main_blocks, short_op
-from graphcost.passes.schedule import STEP_TENSOR_BYTES, TrainingConfig, training_timeline
+from graphcost.passes.schedule import (STEP_TENSOR_BYTES, MemoryTimeline, TrainingConfig,
+                                       training_timeline)
 from graphcost.rules.registry import values_in
 
 LINEAR_OPS = ("linear",)
@@ -96,12 +101,14 @@ class TensorSplit:
     split_values: frozenset[tuple[str, int]]  # (node, output index) split across TP ranks
     param_dims: dict[str, int | None]  # parameter node -> the dim TP shards (None: replicated)
     split_storages: frozenset[int]  # storages of split values
+    embeddings: frozenset[str] = frozenset()  # vocab-parallel embedding weights
 
 
 def tensor_split(g: nx.DiGraph) -> TensorSplit:
     """Propagate split/replicated through the graph (see the module docstring)."""
     split: set[tuple[str, int]] = set()
     dims: dict[str, int | None] = {}
+    embeddings: set[str] = set()
     for n in op_nodes(g):
         d = g.nodes[n]
         inputs = values_in((d["args"], list(d["kwargs"].values())))
@@ -118,6 +125,7 @@ def tensor_split(g: nx.DiGraph) -> TensorSplit:
         elif name in EMBEDDING_OPS and inputs:
             if inputs[0].kind == "param":
                 dims.setdefault(inputs[0].node, 0)
+                embeddings.add(inputs[0].node)
         else:
             out_split = any((v.node, v.index) in split for v in inputs)
         for i, spec in enumerate(d["outputs"]):
@@ -132,7 +140,16 @@ def tensor_split(g: nx.DiGraph) -> TensorSplit:
         d = g.nodes[n]
         if (n, 0) in split:
             storages |= {s for s in d["saved"] if g.graph["storage_owner"].get(s) == n}
-    return TensorSplit(frozenset(split), dims, frozenset(storages))
+    return TensorSplit(frozenset(split), dims, frozenset(storages), frozenset(embeddings))
+
+
+def _padded(full: tuple, local: tuple, dim: int | None, parts: int) -> tuple:
+    """`local` with dim `dim` padded to the full chunk, ceil(full[dim] / parts) rows."""
+    if dim is None or parts == 1 or not full:
+        return tuple(local)
+    out = list(local)
+    out[dim] = math.ceil(full[dim] / parts)
+    return tuple(out)
 
 
 def _chunk(n: int, parts: int, rank: int) -> int:
@@ -200,19 +217,30 @@ def model_states_per_rank(analysis: Analysis, plan: ParallelPlan,
         if stages[n] != stage:
             continue
         spec = d["outputs"][0]
-        shape = local_shape(spec.shape, split.param_dims.get(n), plan.tp, tp_rank)
-        if plan.fsdp:
-            shape = local_shape(shape, 0, plan.dp, dp_rank)
-        numel = math.prod(shape)
         item = spec.dtype.itemsize
+        tp_dim = split.param_dims.get(n)
+        shape = local_shape(spec.shape, tp_dim, plan.tp, tp_rank)
+        # DTensor keeps a short dim-0 shard in storage padded to the full chunk
+        stored = _padded(spec.shape, shape, tp_dim, plan.tp) if tp_dim == 0 else shape
+        if plan.fsdp:
+            tp_local = shape
+            shape = local_shape(tp_local, 0, plan.dp, dp_rank)
+            stored = _padded(tp_local, shape, 0, plan.dp)  # FSDP2 pads every rank's shard
+        numel, stored_bytes = math.prod(shape), math.prod(stored) * item
         shapes[d["names"][0]] = shape
         elements += numel
         trainable = d["requires_grad"]
         n_states = STATE_TENSORS[config.optimizer] if trainable else 0
         step = STEP_TENSOR_BYTES if trainable and config.optimizer in ("adam", "adamw") else 0
+        if plan.fsdp:  # gradients: views of one padded reduce-scatter buffer per group
+            grad = stored_bytes
+        elif plan.tp > 1 and n in split.embeddings:  # DTensor's embedding backward: full size
+            grad = spec.nbytes
+        else:
+            grad = numel * item
         if plan.fsdp or plan.zero == 0:
-            params += numel * item
-            grads += numel * item if trainable else 0
+            params += stored_bytes
+            grads += grad if trainable else 0
             state += n_states * numel * item + step
         else:  # ZeRO: flat buffers partitioned evenly (below)
             flat_params += numel * item
@@ -286,13 +314,15 @@ class DeviceMemory:
 
 
 def per_device_memory(analysis: Analysis, plan: ParallelPlan,
-                      config: TrainingConfig | None = None) -> list[DeviceMemory]:
+                      config: TrainingConfig | None = None,
+                      timeline: MemoryTimeline | None = None) -> list[DeviceMemory]:
     """One estimate per pipeline stage (rank 0 of its TP and DP groups); the first is the
-    busiest under 1F1B. `analysis` is traced at the micro-batch size."""
+    busiest under 1F1B. `analysis` is traced at the micro-batch size; `timeline`: its
+    one-device walk under `config`, when the caller has it."""
     config = config or TrainingConfig()
     check_plan(analysis, plan)
     g = analysis.graph
-    timeline = training_timeline(analysis, config)
+    timeline = timeline or training_timeline(analysis, config)
     split = tensor_split(g) if plan.tp > 1 else TensorSplit(frozenset(), {}, frozenset())
     ops = op_nodes(g)
     stage_of_op = _op_stages(g, ops, plan.pp)
