@@ -636,6 +636,62 @@ def cmd_cost(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from graphcost.network import network_for
+    from graphcost.passes.plan_search import SHARDINGS, search_plans
+
+    dtype, autocast = _precision(args)
+    config = TrainingConfig(optimizer=args.optimizer, optimizer_impl=args.optimizer_impl)
+    device = _roofline_device(args)
+    if not device.memory_bytes:
+        raise CliError(f"device {device.name!r} has no memory size; pick a GPU preset such as "
+                       "h100-sxm ('graphcost devices')")
+    micro = _int_list(args.micro_batch, "--micro-batch")
+    policies = [p.strip() for p in args.checkpoint.split(",") if p.strip()]
+    for p in policies:
+        parse_policy(p)
+    shardings = [x.strip() for x in args.sharding.split(",") if x.strip()]
+    for x in shardings:
+        if x not in SHARDINGS:
+            raise CliError(f"unknown --sharding {x!r}; use {', '.join(SHARDINGS)}")
+    network = network_for(device.name, intra=_link(args.intra_node),
+                          inter=_link(args.inter_node), gpus_per_node=args.gpus_per_node)
+    reserve = parse_bytes(args.reserve)
+    cache: dict = {}
+
+    def load(mb: int):
+        if mb not in cache:
+            cache[mb] = _analysis(_with(args, batch=mb, no_targets=False), dtype, autocast)
+        return cache[mb][1]
+
+    plans = search_plans(load, gpus=args.gpus, device=device, global_batch=args.global_batch,
+                         config=config, micro_batches=micro, policies=policies,
+                         shardings=shardings, reserve_bytes=reserve, network=network)
+    model = next(iter(cache.values()))[0] if cache else None
+    if args.json:
+        print(json.dumps(_json_safe({
+            "model": model.name if model else args.model, "device": device.name,
+            "gpus": args.gpus, "global_batch": args.global_batch, "seq": args.seq,
+            "network": {"intra_node": network.intra.name, "inter_node": network.inter.name,
+                        "gpus_per_node": network.gpus_per_node},
+            "plans": [c.as_dict() for c in plans]})))
+        return 0
+    print(report.plan_report(plans, model=model.name if model else args.model, device=device,
+                             gpus=args.gpus, global_batch=args.global_batch, seq=args.seq,
+                             network=network, top=args.top), end="")
+    return 0
+
+
+def _link(text: str | None):
+    """--intra-node / --inter-node: a link name, or a bandwidth in GB/s."""
+    if text is None:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     batches = _int_list(args.batch, "--batch")
     seqs = _int_list(args.seq, "--seq")
@@ -1168,6 +1224,45 @@ def build_parser() -> argparse.ArgumentParser:
                    help="save MFU against batch size, one line per --seq (needs matplotlib)")
     s.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     s.set_defaults(run=cmd_sweep, no_targets=False)
+
+    pl = verbs.add_parser(
+        "plan", help="rank parallel plans (dp x tp x pp, sharding, checkpointing) by step time",
+        description="Every dp x tp x pp that multiplies to --gpus, with each --micro-batch, "
+        "--sharding and --checkpoint policy: per-device memory (estimate) and roofline step "
+        "time with the plan's collectives and pipeline bubble; the plans that fit ranked by "
+        "step time, and why the others were rejected.",
+        epilog="Tensor parallelism stays inside a node with sequence parallelism on; see "
+        "docs/parallel.md for the model. Exit status 2 on a user error.")
+    pl.add_argument("model", metavar="MODEL", help="zoo name or path/to/file.py:factory")
+    pl.add_argument("--gpus", type=_positive, required=True, help="devices in all")
+    pl.add_argument("--global-batch", type=_positive, required=True,
+                    help="sequences per optimizer step, all data-parallel ranks")
+    pl.add_argument("--seq", type=_positive, default=None,
+                    help="sequence length (default: the model's own)")
+    _device_options(pl)
+    _training_options(pl)
+    pl.add_argument("--micro-batch", default="1,2,4", metavar="B1,B2,...",
+                    help="micro-batch sizes to try (default 1,2,4)")
+    pl.add_argument("--checkpoint", default="none,full", metavar="P1,P2,...",
+                    help="checkpoint policies to try (default none,full)")
+    pl.add_argument("--sharding", default="zero-1,fsdp", metavar="S1,S2,...",
+                    help="data-parallel sharding to try: none, zero-1, zero-2, zero-3, fsdp "
+                    "(default zero-1,fsdp)")
+    pl.add_argument("--intra-node", default=None, metavar="LINK|GB/s",
+                    help="link inside a node (default: the device's, e.g. nvlink4)")
+    pl.add_argument("--inter-node", default=None, metavar="LINK|GB/s",
+                    help="link between nodes (default: the device's, e.g. ib-ndr)")
+    pl.add_argument("--gpus-per-node", type=_positive, default=None,
+                    help="GPUs per node (default 8)")
+    pl.add_argument("--reserve", default=f"{DEFAULT_RESERVE_BYTES}",
+                    help="memory kept free per device (default 2GiB)")
+    pl.add_argument("--top", type=_positive, default=10, help="plans to list (default 10)")
+    pl.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="zoo models: override a config field (repeatable)")
+    pl.add_argument("--strict", action="store_true",
+                    help="an op without a cost rule is an error (default: listed and warned)")
+    pl.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    pl.set_defaults(run=cmd_plan, no_targets=False, batch=1)
 
     d = verbs.add_parser("devices", help="list device presets (or the devices named)",
                          description="Device presets: memory, bandwidth, dense fp32 and bf16 "

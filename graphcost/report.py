@@ -589,3 +589,45 @@ def parallel_memory_report(stages, busiest, *, model: str, device) -> str:
               "divided by tensor/sequence parallelism; the peaks add the one-device walk's "
               "transients, scaled. See docs/parallel.md.", UNITS_NOTE]
     return "\n".join(lines) + "\n"
+
+
+def plan_report(plans, *, model: str, device, gpus: int, global_batch: int, seq, network,
+                top: int = 10) -> str:
+    """Parallel plans ranked by step time (plan_search.Candidate), and the rejected ones by
+    reason."""
+    feasible = [c for c in plans if not c.rejected]
+    rows = []
+    for c in feasible[:top]:
+        p, st = c.plan, c.step
+        rows.append([str(p.dp), str(p.tp), str(p.pp), c.sharding, c.checkpoint,
+                     str(c.micro_batch), format_count(p.in_flight),
+                     format_seconds(st.step_time_s), f"{100 * st.mfu:.1f}%",
+                     f"{st.tokens_per_s:,.0f}", format_bytes(c.memory.peak_bytes),
+                     format_seconds(st.bubble_s), format_seconds(st.dp_exposed_s)])
+    lines = [f"graphcost plan: {model} on {gpus} x {device.name}, global batch {global_batch}"
+             + (f" x {seq} tokens" if seq else ""),
+             f"  network     {network.intra.name} inside a node of {network.gpus_per_node}, "
+             f"{network.inter.name} between nodes", ""]
+    if rows:
+        lines += [table(["dp", "tp", "pp", "sharding", "ckpt", "mb", "micro-batches",
+                         "step time", "MFU", "tokens/s", "memory/device", "bubble",
+                         "exposed DP comm"], rows, align="rrrllrrrrrrrr")]
+        if len(feasible) > top:
+            lines.append(f"... {len(feasible) - top} more plans fit")
+    else:
+        lines.append("!! NO PLAN FITS: see the reasons below; try more GPUs, a smaller "
+                     "--global-batch or --seq, or checkpointing (--checkpoint full)")
+    reasons: dict[str, int] = {}
+    for c in plans:
+        if c.rejected:
+            key = "needs more memory than the device has" if c.rejected.startswith("needs") \
+                else c.rejected
+            reasons[key] = reasons.get(key, 0) + 1
+    if reasons:
+        lines += ["", f"rejected {sum(reasons.values())} plans:"]
+        lines += [f"  {n:4d}  {why}" for why, n in sorted(reasons.items(), key=lambda x: -x[1])]
+    lines += ["", "memory/device: the busiest device's estimated peak; step time: roofline "
+              "compute per stage, TP all-reduces and pipeline",
+              "sends on the critical path, the 1F1B bubble, data-parallel collectives beyond "
+              "the compute they overlap. See docs/parallel.md.", UNITS_NOTE]
+    return "\n".join(lines) + "\n"

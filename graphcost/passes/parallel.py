@@ -33,6 +33,7 @@ buffers other than FSDP's are not counted.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -104,6 +105,7 @@ class TensorSplit:
     embeddings: frozenset[str] = frozenset()  # vocab-parallel embedding weights
 
 
+@functools.lru_cache(maxsize=8)  # graphs hash by identity; a plan search asks many times
 def tensor_split(g: nx.DiGraph) -> TensorSplit:
     """Propagate split/replicated through the graph (see the module docstring)."""
     split: set[tuple[str, int]] = set()
@@ -189,12 +191,12 @@ def _params(g: nx.DiGraph) -> list[tuple[str, dict]]:
                   key=lambda x: x[1]["order"])
 
 
+@functools.lru_cache(maxsize=64)
 def stage_of_params(g: nx.DiGraph, pp: int) -> dict[str, int]:
     """Pipeline stage of each parameter: blocks split into pp contiguous runs, what comes
     before the stack to the first stage, after it to the last (a tied embedding/head
     parameter belongs to both: it is counted on the first)."""
-    ops = op_nodes(g)
-    stage_of_op = _op_stages(g, ops, pp)
+    stage_of_op = _op_stages(g, pp)
     out = {}
     for n, _ in _params(g):
         readers = [stage_of_op[m] for m in g.successors(n) if m in stage_of_op]
@@ -325,7 +327,7 @@ def per_device_memory(analysis: Analysis, plan: ParallelPlan,
     timeline = timeline or training_timeline(analysis, config)
     split = tensor_split(g) if plan.tp > 1 else TensorSplit(frozenset(), {}, frozenset())
     ops = op_nodes(g)
-    stage_of_op = _op_stages(g, ops, plan.pp)
+    stage_of_op = _op_stages(g, plan.pp)
     # a checkpointed region keeps its inputs under its first op's name (schedule.kept_by)
     frames = {ops[r.start] for r in timeline.plan.regions} if timeline.plan else set()
     kept = [0] * plan.pp
@@ -354,8 +356,10 @@ def per_device_memory(analysis: Analysis, plan: ParallelPlan,
     return out
 
 
-def _op_stages(g, ops, pp: int) -> dict[str, int]:
+@functools.lru_cache(maxsize=64)
+def _op_stages(g, pp: int) -> dict[str, int]:
     """Pipeline stage of every op (see stage_of_params)."""
+    ops = op_nodes(g)
     if pp == 1:
         return {n: 0 for n in ops}
     blocks = main_blocks(g, ops)

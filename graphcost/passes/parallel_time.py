@@ -108,7 +108,7 @@ def parallel_step_time(analysis: Analysis, plan: ParallelPlan, device: str | Dev
     one = one or training_step_time(analysis, device, config, efficiency)
     split = tensor_split(g) if plan.tp > 1 else TensorSplit(frozenset(), {}, frozenset())
     ops = op_nodes(g)
-    stage_of = _op_stages(g, ops, plan.pp)
+    stage_of = _op_stages(g, plan.pp)
     inside = _in_blocks(g, ops)
     divided = {n for n in ops if (n, 0) in split.split_values
                or short_op(g.nodes[n]["op"]) in LINEAR_OPS
