@@ -296,6 +296,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
                        dtype=dtype, targets=training, overrides=overrides)
         return m.module, m.inputs
 
+    plan = _plan(args)
+    if plan is not None:
+        return cmd_fit_parallel(args, plan, config, reserve, dtype, autocast, first)
     with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
         with _quiet_torch():
             result = fit(loader, device=device_from_args(args), seq=first.seq, model_max_seq=context,
@@ -313,6 +316,51 @@ def cmd_fit(args: argparse.Namespace) -> int:
                                 dtype="bf16-mixed" if autocast else first.dtype,
                                 optimizer=config.optimizer,
                                 checkpoint=str(parse_policy(config.checkpoint))), end="")
+    return 0
+
+
+def cmd_fit_parallel(args, plan, config, reserve, dtype, autocast, first) -> int:
+    """The largest micro-batch per device under a parallel plan: the per-device estimate's two
+    peaks (backward, optimizer step) are each linear in the micro-batch, so traces at 1 and 2
+    give them at any size."""
+    from graphcost.passes.parallel import per_device_memory
+
+    device = device_from_args(args)
+    if not device.memory_bytes:
+        raise CliError(f"device {device.name!r} has no memory size; pick a GPU preset")
+    budget = device.memory_bytes - reserve
+    lines = []
+    for batch in (1, 2):
+        _, analysis = _analysis(_with(args, batch=batch, no_targets=False, json=args.json,
+                                      strict=False), dtype, autocast)
+        stages = per_device_memory(analysis, plan, config)
+        lines.append([(d.training_peak_bytes, d.optimizer_peak_bytes) for d in stages])
+
+    def peak(b: int) -> float:
+        return max(max(one[k] + (two[k] - one[k]) * (b - 1) for k in (0, 1))
+                   for one, two in zip(*lines))
+
+    best = 0
+    if peak(1) <= budget:
+        low, high = 1, 1 << 20
+        while low < high:
+            mid = (low + high + 1) // 2
+            low, high = (mid, high) if peak(mid) <= budget else (low, mid - 1)
+        best = low
+    if args.json:
+        print(json.dumps({"model": first.name, "device": device.name,
+                          "plan": dict(plan.__dict__), "budget_bytes": budget,
+                          "checkpoint": str(parse_policy(config.checkpoint)),
+                          "max_batch": best, "max_seq": None}))
+        return 0
+    shard = "FSDP" if plan.fsdp else (f"ZeRO-{plan.zero}" if plan.zero else "no sharding")
+    print(f"graphcost fit: {first.name} on {plan.gpus} x {device.name}: dp {plan.dp} x tp "
+          f"{plan.tp} x pp {plan.pp}, {shard}\n"
+          f"  budget      {report.format_bytes(budget)} per device (memory less the reserve)\n"
+          f"  training    largest micro-batch per data-parallel rank at {first.seq}: "
+          + (f"{best}" if best else "does not fit") + "\n"
+          "  (the per-device estimate of docs/parallel.md; the context search is for one "
+          "device)")
     return 0
 
 
@@ -1096,6 +1144,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="zoo models: override a config field (repeatable)")
     _checkpoint_option(f, "the training answers (inference ignores it: no backward)")
     f.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    _parallel_options(f)
     f.set_defaults(run=cmd_fit)
 
     c = verbs.add_parser(
