@@ -107,7 +107,11 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     dtype = parse_dtype(args.dtype) if args.dtype is not None else None
     model, analysis = _analysis(args, dtype)
     if args.json:
+        from graphcost.passes.experts import moe_summary
+
+        moe = moe_summary(analysis)
         out = {**analysis.to_dict(module_depth=args.depth), "batch": model.batch,
+               **(moe.as_dict() if moe else {}),
                "seq": model.seq, "dtype": model.dtype, "tokens": model.tokens}
         print(json.dumps(out))
     else:

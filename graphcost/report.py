@@ -131,6 +131,14 @@ def summary(analysis: Analysis, *, tokens: int | None = None, dtype: str | None 
 
     rows = [("parameters", count(a.params)), ("trainable", count(a.trainable_params)),
             ("weights", format_bytes(a.weight_bytes))]
+    from graphcost.passes.experts import moe_summary
+
+    moe = moe_summary(a)
+    if moe is not None:
+        x = moe.layers[0]
+        rows.insert(1, ("active", f"{count(moe.active_params)} per token: {x.top_k} of "
+                                  f"{x.n_experts} experts in {len(moe.layers)} layers "
+                                  "(balanced routing)"))
     for label, flops in (("forward", a.forward_flops), ("backward", a.backward_flops),
                          ("total", a.total_flops)):
         text = f"{format_flops(flops):>12} per step  ({format_count(flops)})"

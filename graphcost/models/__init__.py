@@ -45,6 +45,10 @@ ZOO = {
     "llama3-8b": (Llama, LlamaConfig(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336, **_LLAMA3)),
     "llama3-70b": (Llama, LlamaConfig(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim=28672, **_LLAMA3)),
     "llama3-405b": (Llama, LlamaConfig(dim=16384, n_layers=126, n_heads=128, n_kv_heads=8, ffn_dim=53248, **_LLAMA3)),
+    # Mixtral 8x7B: 8 SwiGLU experts per layer, top-2 (balanced routing: models/moe.py)
+    "mixtral-8x7b": (Llama, LlamaConfig(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336,
+                                        vocab_size=32000, norm_eps=1e-5, rope_theta=1e6, max_seq_len=32768,
+                                        n_experts=8, top_k=2)),
     "cs336-gpt2-xl": (TransformerLM, TransformerLMConfig(
         vocab_size=50257, context_length=1024, n_layers=48, d_model=1600, n_heads=25, d_ff=6400)),
     "resnet-cnn": (ResNetCNN, ResNetCNNConfig(channels=(32, 64, 128), blocks=(2, 2, 2))),

@@ -1,4 +1,5 @@
-"""LLaMA 1/2/3, in the style of Meta's reference model.py, with RoPE in real arithmetic.
+"""LLaMA 1/2/3 (and Mixtral: `n_experts`), in the style of Meta's reference model.py, with RoPE
+in real arithmetic.
 
 RMSNorm pre-norm blocks, rotary position embeddings (rotate-half form, no complex numbers),
 grouped-query attention via repeat_kv, a SwiGLU MLP, no biases and an untied output head.
@@ -15,6 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .moe import MoEFeedForward
+
 
 @dataclass
 class LlamaConfig:
@@ -28,6 +31,9 @@ class LlamaConfig:
     rope_theta: float = 10000.0  # RoPE base frequency (500000 for LLaMA 3)
     max_seq_len: int = 4096  # longest sequence; only sizes the precomputed cos/sin tables
     use_torch_rmsnorm: bool = False  # nn.RMSNorm instead of the hand-written RMSNorm below
+    n_experts: int = 0  # > 0: a mixture-of-experts feed-forward (Mixtral; graphcost.models.moe)
+    top_k: int = 2  # experts per token
+    capacity_factor: float = 1.0  # expert slots per routed token (see moe.py: balanced routing)
 
     def __post_init__(self):
         if self.dim % self.n_heads != 0:
@@ -141,7 +147,11 @@ class TransformerBlock(nn.Module):
         self.attention_norm = Norm(config.dim, eps=config.norm_eps)
         self.attention = Attention(config)
         self.ffn_norm = Norm(config.dim, eps=config.norm_eps)
-        self.feed_forward = FeedForward(config.dim, config.ffn_dim)
+        if config.n_experts:
+            self.feed_forward = MoEFeedForward(config.dim, config.ffn_dim, config.n_experts,
+                                               config.top_k, config.capacity_factor)
+        else:
+            self.feed_forward = FeedForward(config.dim, config.ffn_dim)
 
     def forward(self, x, cos, sin, cache=None, start_pos=0):
         h = x + self.attention(self.attention_norm(x), cos, sin, cache, start_pos)

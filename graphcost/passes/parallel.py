@@ -23,6 +23,9 @@ step per parameter; ZeRO stage 1/2/3 partitions the flattened optimizer state / 
 + parameters evenly across data-parallel ranks. Pipeline
 parallelism gives each stage a contiguous run of blocks (the embeddings to the first, the head
 and loss to the last); under 1F1B stage s holds the activations of min(P - s, M) micro-batches.
+Expert parallelism (a mixture-of-experts model) gives each of the E ranks of a data-parallel
+group E/ep of every layer's experts (their data-parallel replicas, dp/ep of them, are what FSDP
+shards); with balanced routing each rank's experts process as many tokens as without it.
 
 NB: per-device activations and the peak are estimates built from the single-device walk, not
 a walk of the sharded step: the larger of (states + the activations in flight + FSDP's
@@ -215,9 +218,15 @@ def model_states_per_rank(analysis: Analysis, plan: ParallelPlan,
     params = grads = state = elements = 0
     shapes = {}
     flat_params = flat_grads = flat_state = 0
+    experts = _expert_index(g) if plan.ep > 1 else {}
+    per_rank = (max(experts.values()) + 1) // plan.ep if experts else 0
     for n, d in _params(g):
         if stages[n] != stage:
             continue
+        # expert parallelism: this rank holds experts [ep_rank * E/ep, (ep_rank + 1) * E/ep)
+        if n in experts and experts[n] // per_rank != dp_rank % plan.ep:
+            continue
+        replicas = plan.dp // plan.ep if n in experts else plan.dp
         spec = d["outputs"][0]
         item = spec.dtype.itemsize
         tp_dim = split.param_dims.get(n)
@@ -226,8 +235,8 @@ def model_states_per_rank(analysis: Analysis, plan: ParallelPlan,
         stored = _padded(spec.shape, shape, tp_dim, plan.tp) if tp_dim == 0 else shape
         if plan.fsdp:
             tp_local = shape
-            shape = local_shape(tp_local, 0, plan.dp, dp_rank)
-            stored = _padded(tp_local, shape, 0, plan.dp)  # FSDP2 pads every rank's shard
+            shape = local_shape(tp_local, 0, replicas, dp_rank // plan.ep)
+            stored = _padded(tp_local, shape, 0, replicas)  # FSDP2 pads every rank's shard
         numel, stored_bytes = math.prod(shape), math.prod(stored) * item
         shapes[d["names"][0]] = shape
         elements += numel
@@ -255,6 +264,18 @@ def model_states_per_rank(analysis: Analysis, plan: ParallelPlan,
         grads = part(flat_grads, plan.zero >= 2)
         state = part(flat_state, plan.zero >= 1)
     return ModelStates(params, grads, state, elements, shapes)
+
+
+def _expert_index(g: nx.DiGraph) -> dict[str, int]:
+    """Parameter node -> its expert's index, for the parameters of experts."""
+    from graphcost.passes.experts import _EXPERT
+
+    out = {}
+    for n, d in _params(g):
+        m = _EXPERT.match(d["names"][0])
+        if m:
+            out[n] = int(m.group(2))
+    return out
 
 
 def zero_model_states_bytes(params: float, dp: int, stage: int,
@@ -418,8 +439,17 @@ def check_plan(analysis: Analysis, plan: ParallelPlan) -> None:
                             f"{d['module_path']}; pick a tensor-parallel size that divides "
                             "them")
     if plan.ep > 1:
-        raise ConfigError(f"--ep {plan.ep}: the model has no experts to split (expert "
-                          "parallelism applies to mixture-of-experts models)")
+        from graphcost.passes.experts import moe_summary
+
+        moe = moe_summary(analysis)
+        if moe is None:
+            raise ConfigError(f"--ep {plan.ep}: the model has no experts to split (expert "
+                              "parallelism applies to mixture-of-experts models)")
+        experts = moe.layers[0].n_experts
+        if experts % plan.ep or plan.dp % plan.ep:
+            raise ConfigError(f"--ep {plan.ep} must divide the {experts} experts per layer and "
+                              f"--dp {plan.dp} (expert parallelism splits each data-parallel "
+                              "group's experts)")
     if plan.pp > 1:
         blocks = main_blocks(g)
         if len(blocks) < plan.pp:

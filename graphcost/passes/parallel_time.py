@@ -14,6 +14,8 @@ Collectives per step (ring volumes, graphcost.network), and what is exposed:
   input value: q, k and v share theirs); on the critical path (not overlapped);
 - pipeline: per micro-batch and stage boundary, the boundary activation forward and its
   gradient backward; not overlapped;
+- expert parallel: per MoE layer and micro-batch, the all-to-alls that send each expert its
+  tokens and bring their outputs back, forward and backward; not overlapped;
 - data parallel: the gradients' all-reduce (ZeRO 1/2: reduce-scatter + all-gather, the same
   volume), overlapped with the backward of the last micro-batch; ZeRO-3 / FSDP add an
   all-gather of the parameters in the forward and again in the backward, overlapped with
@@ -141,12 +143,26 @@ def parallel_step_time(analysis: Analysis, plan: ParallelPlan, device: str | Dev
             stage[s] += seconds
         collectives.append(Collective("send-recv", "pp", 2 * boundary * m * (plan.pp - 1),
                                       seconds * m, seconds * m))
+    if plan.ep > 1:
+        size = _dispatched_bytes(analysis)  # per MoE layer and micro-batch
+        layers = [0.0] * plan.pp
+        for path, nbytes in size:
+            node = next(n for n in ops if path in g.nodes[n].get("module_calls", ()))
+            # dispatch and combine, forward and backward
+            layers[stage_of[node]] += 4 * all_gather_bytes(nbytes, plan.ep)
+        ep_link = network.link(plan.ep, plan.tp)
+        seconds = [b / ep_link.bytes_per_s for b in layers]
+        for s in range(plan.pp):
+            stage[s] += seconds[s]
+        collectives.append(Collective("all-to-all", "ep", sum(layers) * m, sum(seconds) * m,
+                                      sum(seconds) * m))
     busiest = max(range(plan.pp), key=lambda s: stage[s])
     states = model_states_per_rank(analysis, plan, config, stage=busiest)
     if plan.dp > 1:
-        unsharded = model_states_per_rank(analysis, ParallelPlan(gpus=plan.tp * plan.pp,
-                                                                 tp=plan.tp, pp=plan.pp),
-                                          config, stage=busiest)
+        # this rank's parameters before data-parallel sharding (expert-parallel ones stay)
+        unsharded = model_states_per_rank(
+            analysis, ParallelPlan(gpus=plan.tp * plan.pp * plan.ep, dp=plan.ep, tp=plan.tp,
+                                   pp=plan.pp, ep=plan.ep), config, stage=busiest)
         grads = all_reduce_bytes(unsharded.grads_bytes, plan.dp)
         backward = sum(o.seconds for o in one.ops if o.phase in ("backward", "recompute")
                        and stage_of[o.name] == busiest) / (plan.tp if plan.tp > 1 else 1)
@@ -173,6 +189,26 @@ def parallel_step_time(analysis: Analysis, plan: ParallelPlan, device: str | Dev
         collectives=tuple(collectives),
         model_flops=(analysis.forward_flops + analysis.backward_flops) * m * plan.dp,
         peak_flops_per_s=device.matmul_flops_per_s(dtype))
+
+
+def _dispatched_bytes(analysis: Analysis) -> list[tuple[str, int]]:
+    """(MoE layer path, bytes of the k x N token vectors it sends to its experts) per layer."""
+    from graphcost.passes.experts import moe_summary
+
+    moe = moe_summary(analysis)
+    g = analysis.graph
+    out = []
+    for layer in moe.layers:
+        moved = 0
+        for n in op_nodes(g):  # each expert's first linears read its dispatched tokens
+            d = g.nodes[n]
+            if d["module_path"].startswith(layer.path + ".experts.") and \
+                    short_op(d["op"]) in LINEAR_OPS:
+                x = values_in(d["args"])[0]
+                if d["module_path"].endswith(".w1"):
+                    moved += x.spec.nbytes
+        out.append((layer.path, moved))
+    return out
 
 
 def _in_blocks(g, ops) -> set[str]:

@@ -4,6 +4,7 @@ from graphcost.rules import (  # noqa: F401 - importing registers the rules
     attention,
     conv,
     embedding,
+    indexing,
     loss,
     matmul,
     norm,

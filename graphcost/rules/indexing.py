@@ -1,0 +1,45 @@
+"""Selection and scatter by index: no FLOPs (FlopCounterMode counts none); their backward keeps
+the indices (tools/autograd/derivatives.yaml)."""
+
+from __future__ import annotations
+
+import torch
+
+from graphcost.rules.registry import OpCost, Out, RuleContext, Value, register
+
+aten = torch.ops.aten
+
+
+@register(aten.topk)
+def topk_cost(ctx: RuleContext) -> OpCost:
+    """TopkBackward scatters the gradient back through the chosen indices (output 1)."""
+    return OpCost(saved=ctx.saved_if_grad(Out(1)))
+
+
+@register(aten.index)
+def index_cost(ctx: RuleContext) -> OpCost:
+    """x[idx]: IndexBackward keeps the index tensors (index_put_ of the gradient)."""
+    indices = [i for i in (ctx.arg(1, "indices") or []) if isinstance(i, Value)]
+    return OpCost(saved=ctx.saved_if_grad(*indices))
+
+
+@register(aten.index_select)
+def index_select_cost(ctx: RuleContext) -> OpCost:
+    """index_select(x, dim, index): the backward scatters the gradient through `index`."""
+    index = ctx.arg(2, "index")
+    return OpCost(saved=ctx.saved_if_grad(index))
+
+
+@register(aten.index_add)
+def index_add_cost(ctx: RuleContext) -> OpCost:
+    """index_add(x, dim, index, source): source's gradient is grad.index_select(dim, index)
+    expanded as source, which autograd keeps along with the index."""
+    index, source = ctx.arg(2, "index"), ctx.arg(3, "source")
+    saved = [index] + ([source] if ctx.needs_grad(source) else [])
+    return OpCost(saved=ctx.saved_if_grad(*saved))
+
+
+@register(aten.floor_divide)
+def floor_divide_cost(ctx: RuleContext) -> OpCost:
+    """Integer division: no gradient."""
+    return OpCost()
