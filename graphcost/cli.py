@@ -139,6 +139,31 @@ def _analysis(args: argparse.Namespace, dtype: str | None, autocast: torch.dtype
     return model, analysis
 
 
+def cmd_coverage(args: argparse.Namespace) -> int:
+    from graphcost.coverage import coverage
+
+    dtype = parse_dtype(args.dtype) if args.dtype is not None else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the unsupported ops are the report itself
+        model, analysis = _analysis(_with(args, strict=False), dtype)  # list, then --strict
+    rows = coverage(analysis)
+    missing = [r for r in rows if not r.supported]
+    if args.json:
+        print(json.dumps({"model": model.name, "ops": [dict(r.__dict__, supported=r.supported)
+                                                       for r in rows],
+                          "unsupported_ops": analysis.unsupported_ops}))
+    else:
+        body = [[r.op, format(r.count, ","), r.rule or "UNSUPPORTED",
+                 report.format_flops(r.forward_flops) if r.forward_flops else "0"]
+                for r in rows]
+        print(f"graphcost coverage: {model.name}: {len(rows)} distinct ops, "
+              f"{sum(r.count for r in rows):,} nodes, "
+              + (f"{len(missing)} UNSUPPORTED (not counted: add rules, docs/rules.md)"
+                 if missing else "every op has a rule") + "\n")
+        print(report.table(["op", "nodes", "rule", "fwd FLOPs"], body, align="lrll"))
+    return 1 if missing and args.strict else 0
+
+
 def cmd_memory_inference(args: argparse.Namespace) -> int:
     dtype, autocast = _precision(args)
     if args.plot:
@@ -1008,6 +1033,9 @@ def _model_options(p: argparse.ArgumentParser, *, dtype: bool = True) -> None:
                    "outputs instead of the model's own cross-entropy loss")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="zoo models: override a config field, e.g. --set n_layers=2 (repeatable)")
+    p.add_argument("--rules", action="append", default=[], metavar="FILE.py",
+                   help="a Python file registering your own op rules with "
+                   "graphcost.register_rule (repeatable; docs/rules.md)")
 
 
 def _device_override_options(p: argparse.ArgumentParser) -> None:
@@ -1278,6 +1306,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     s.set_defaults(run=cmd_sweep, no_targets=False)
 
+    cov = verbs.add_parser(
+        "coverage", help="every op in MODEL's trace with the rule that costs it, or UNSUPPORTED",
+        description="List each ATen op of the traced model: how many nodes run it and which "
+        "rule costs it; ops without a rule are listed first and are not counted anywhere.",
+        epilog="Exit status 1 with --strict when an op is unsupported; 2 on a user error.")
+    _model_options(cov)
+    cov.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    cov.set_defaults(run=cmd_coverage)
+
     pl = verbs.add_parser(
         "plan", help="rank parallel plans (dp x tp x pp, sharding, checkpointing) by step time",
         description="Every dp x tp x pp that multiplies to --gpus, with each --micro-batch, "
@@ -1377,6 +1414,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.verb is None:
             parser.print_help(sys.stderr)
             return EXIT_USAGE
+        for path in getattr(args, "rules", None) or []:
+            from graphcost.coverage import load_rule_file
+
+            load_rule_file(path)
         return args.run(args)
     except SystemExit as exc:  # --help, --version
         return exc.code if isinstance(exc.code, int) else 0
