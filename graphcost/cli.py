@@ -1026,13 +1026,18 @@ def _model_options(p: argparse.ArgumentParser, *, dtype: bool = True) -> None:
                        help="cast the model's floating parameters: fp32, bf16 or fp16 "
                        "(default: fp32 for zoo models, as built for file models)")
     _device_options(p)
-    p.add_argument("--strict", action="store_true",
-                   help="an op without a cost rule is an error (default: listed and warned)")
     p.add_argument("--no-targets", action="store_true",
                    help="zoo models: no targets, so the backward starts from the sum of the "
                    "outputs instead of the model's own cross-entropy loss")
+    _rule_options(p)
+
+
+def _rule_options(p: argparse.ArgumentParser) -> None:
+    """--set, --strict and --rules: how the model is configured and costed (every verb)."""
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="zoo models: override a config field, e.g. --set n_layers=2 (repeatable)")
+    p.add_argument("--strict", action="store_true",
+                   help="an op without a cost rule is an error (default: listed and warned)")
     p.add_argument("--rules", action="append", default=[], metavar="FILE.py",
                    help="a Python file registering your own op rules with "
                    "graphcost.register_rule (repeatable; docs/rules.md)")
@@ -1296,10 +1301,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--reserve", default=None,
                    help="without --budget: memory of --device kept free for the CUDA context "
                    f"and allocator (default {DEFAULT_RESERVE_BYTES // 2**30}GiB, as fit's)")
-    s.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="zoo models: override a config field (repeatable)")
-    s.add_argument("--strict", action="store_true",
-                   help="an op without a cost rule is an error (default: listed and warned)")
+    _rule_options(s)
     s.add_argument("--csv", metavar="FILE.csv", default=None, help="write the table as CSV")
     s.add_argument("--plot", metavar="FILE.png", default=None,
                    help="save MFU against batch size, one line per --seq (needs matplotlib)")
@@ -1347,10 +1349,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--reserve", default=f"{DEFAULT_RESERVE_BYTES}",
                     help="memory kept free per device (default 2GiB)")
     pl.add_argument("--top", type=_positive, default=10, help="plans to list (default 10)")
-    pl.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                    help="zoo models: override a config field (repeatable)")
-    pl.add_argument("--strict", action="store_true",
-                    help="an op without a cost rule is an error (default: listed and warned)")
+    _rule_options(pl)
     pl.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     pl.set_defaults(run=cmd_plan, no_targets=False, batch=1)
 

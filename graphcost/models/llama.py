@@ -148,8 +148,9 @@ class TransformerBlock(nn.Module):
         self.attention = Attention(config)
         self.ffn_norm = Norm(config.dim, eps=config.norm_eps)
         if config.n_experts:
-            self.feed_forward = MoEFeedForward(config.dim, config.ffn_dim, config.n_experts,
-                                               config.top_k, config.capacity_factor)
+            self.feed_forward = MoEFeedForward(
+                config.dim, lambda: FeedForward(config.dim, config.ffn_dim), config.n_experts,
+                config.top_k, config.capacity_factor)
         else:
             self.feed_forward = FeedForward(config.dim, config.ffn_dim)
 

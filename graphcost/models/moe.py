@@ -24,20 +24,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-class Expert(nn.Module):
-    def __init__(self, dim: int, hidden_dim: int):
-        super().__init__()
-        self.w1 = nn.Linear(dim, hidden_dim, bias=False)  # gate
-        self.w2 = nn.Linear(hidden_dim, dim, bias=False)  # down
-        self.w3 = nn.Linear(dim, hidden_dim, bias=False)  # up
-
-    def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
-
-
 class MoEFeedForward(nn.Module):
-    def __init__(self, dim: int, hidden_dim: int, n_experts: int, top_k: int,
+    def __init__(self, dim: int, make_expert, n_experts: int, top_k: int,
                  capacity_factor: float = 1.0):
+        """`make_expert()` builds one expert (a module from dim to dim): LLaMA's SwiGLU
+        feed-forward for the zoo's Mixtral."""
         super().__init__()
         if not 1 <= top_k <= n_experts:
             raise ValueError(f"top_k={top_k} must be between 1 and n_experts={n_experts}")
@@ -45,7 +36,7 @@ class MoEFeedForward(nn.Module):
             raise ValueError(f"capacity_factor={capacity_factor} must be at least 1")
         self.n_experts, self.top_k, self.capacity_factor = n_experts, top_k, capacity_factor
         self.gate = nn.Linear(dim, n_experts, bias=False)  # the router
-        self.experts = nn.ModuleList([Expert(dim, hidden_dim) for _ in range(n_experts)])
+        self.experts = nn.ModuleList([make_expert() for _ in range(n_experts)])
 
     def forward(self, x):
         B, T, D = x.shape
