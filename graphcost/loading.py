@@ -1,5 +1,6 @@
-"""MODEL as the command line names it: a zoo name or `path/to/file.py:factory`, built on the
-meta device, with the dtype and shape options applied. Errors are `CliError`s: one message."""
+"""MODEL as the command line names it: a zoo name, `path/to/file.py:factory` or
+`hf:path/to/config.json` (a Hugging Face config, graphcost.hf), built on the meta device, with
+the dtype and shape options applied. Errors are `CliError`s: one message."""
 
 from __future__ import annotations
 
@@ -15,9 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from graphcost.errors import GraphcostError
+from graphcost.errors import ConfigError, GraphcostError
 from graphcost.models import UnknownModelError, list_models, load
 
+HF_PREFIX = "hf:"  # MODEL = hf:path/to/config.json, a Hugging Face config (graphcost.hf)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16",
                  "float": "fp32"}
@@ -70,7 +72,10 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 def load_model(spec: str, *, batch: int | None = None, seq: int | None = None,
                dtype: str | None = None, targets: bool = True,
                overrides: dict[str, Any] | None = None) -> LoadedModel:
-    """A zoo name or `path/to/file.py:factory`, built on the meta device."""
+    """A zoo name, `path/to/file.py:factory` or `hf:CONFIG`, built on the meta device."""
+    if spec.startswith(HF_PREFIX):
+        return _load_hf(spec, batch=batch, seq=seq, dtype=dtype, targets=targets,
+                        overrides=overrides or {})
     if spec in list_models() or not (":" in spec or spec.endswith(".py")):
         return _load_zoo(spec, batch=batch, seq=seq, dtype=dtype, targets=targets,
                          overrides=overrides or {})
@@ -93,6 +98,26 @@ def _load_zoo(name, *, batch, seq, dtype, targets, overrides) -> LoadedModel:
     # seq: the token count of an LM's (batch, seq) ids, the image size of the CNN's images
     return LoadedModel(name, module, tuple(inputs), batch, int(inputs[0].shape[-1]),
                        _tokens(inputs), dtype)
+
+
+def _load_hf(spec, *, batch, seq, dtype, targets, overrides) -> LoadedModel:
+    """`hf:path/to/config.json` or `hf:path/to/model_dir`: transformers builds the model of the
+    config on the meta device; `--set FIELD=VALUE` sets config fields."""
+    from graphcost.hf import load_hf
+
+    path = spec[len(HF_PREFIX):]
+    if not path:
+        raise CliError(f"no config named in {spec!r}; give hf:path/to/config.json or "
+                       "hf:path/to/model_dir")
+    batch = 1 if batch is None else batch
+    dtype = dtype or "fp32"
+    try:
+        hf = load_hf(path, batch=batch, seq=seq, dtype=DTYPES[dtype], targets=targets,
+                     overrides=overrides)
+    except ConfigError as exc:
+        raise CliError(f"{exc} (from MODEL {spec!r})") from None
+    return LoadedModel(hf.name, hf.module, hf.inputs, batch, int(hf.inputs[0].shape[-1]),
+                       _tokens(hf.inputs), dtype)
 
 
 def _tokens(inputs: tuple) -> int | None:
