@@ -115,7 +115,7 @@ def _load_hf(spec, *, batch, seq, dtype, targets, overrides) -> LoadedModel:
         hf = load_hf(path, batch=batch, seq=seq, dtype=DTYPES[dtype], targets=targets,
                      overrides=overrides)
     except ConfigError as exc:
-        raise CliError(f"{exc} (from MODEL {spec!r})") from None
+        raise CliError(str(exc)) from None
     return LoadedModel(hf.name, hf.module, hf.inputs, batch, int(hf.inputs[0].shape[-1]),
                        _tokens(hf.inputs), dtype)
 
