@@ -33,6 +33,8 @@ from graphcost.rules.registry import (OpCost, Out, RuleContext, RuleRegistry, Te
 aten = torch.ops.aten
 NOT_ACTIVATIONS = ("param", "buffer", "input", "constant")
 COPY_IF_NEEDED = {aten.contiguous.default, aten.reshape.default, aten.flatten.using_ints}
+SAME_SHAPE_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default,
+                    aten.alias.default}
 
 
 def annotate(graph: nx.DiGraph, *, device: str | Device = "cpu", rules: RuleRegistry | None = None,
@@ -215,4 +217,7 @@ class _Layouts:
             own = data["storages"][0]
             if own is not None and own != x.storage:
                 self.alias[own] = self.find(x.storage)
+        elif target in SAME_SHAPE_VIEWS and data["outputs"] and data["outputs"][0] is not None \
+                and tuple(data["outputs"][0].shape) == tuple(x.spec.shape):
+            self.order[name] = order  # a reshape to the same shape changes no memory order
 

@@ -48,10 +48,7 @@ ROPE = "the rotary embedding's @torch.no_grad() forward traces as the higher-ord
        "wrap_with_set_grad_enabled, which has no rule"
 UNSUPPORTED = {  # architecture -> why its trace lists unsupported ops (no FLOPs are lost)
     "llama": ROPE, "mistral": ROPE, "qwen2": ROPE, "mixtral": ROPE,
-    "t5": "aten.min.other (the relative position buckets) has no rule",
 }
-LAYOUT = "graphcost loses the SDPA output's (B, T, H, D) order at transformers' same-shape " \
-         "reshape before .transpose(1, 2).contiguous(), and counts that copy as saved"
 
 
 @pytest.fixture(scope="module")
@@ -112,9 +109,7 @@ NO_DROPOUT = {"attn_pdrop": 0.0, "resid_pdrop": 0.0, "embd_pdrop": 0.0}
 
 @pytest.mark.parametrize("arch, overrides", [
     ("gpt2", {}), ("bert", {}), ("t5", {}),  # attention dropout: SDPA's math path on the CPU
-    *(pytest.param(arch, overrides, marks=pytest.mark.xfail(reason=LAYOUT))  # fused kernels
-      for arch, overrides in (("gpt2", NO_DROPOUT), ("llama", {}), ("mixtral", {}),
-                              ("vit", {})))])
+    ("gpt2", NO_DROPOUT), ("llama", {}), ("mixtral", {}), ("vit", {})])  # fused kernels
 def test_saved_bytes_match_autograd_on_cpu(arch, overrides, configs):
     meta = load_hf(str(configs / arch), batch=B, seq=T, overrides=overrides)
     predicted = analyze(meta.module, meta.inputs, device="cpu").saved_activation_bytes

@@ -80,6 +80,12 @@ def saves_input(ctx: RuleContext) -> OpCost:
     return OpCost(saved=ctx.saved_if_grad(*ctx.inputs))
 
 
+@register(aten.minimum, aten.maximum, aten.min.other, aten.max.other)
+def elementwise_min_max_cost(ctx: RuleContext) -> OpCost:
+    """minimum(a, b): the gradient goes to the smaller (split on ties): both are kept."""
+    return OpCost(saved=ctx.saved_if_grad(*ctx.inputs))
+
+
 @register(aten.rsqrt, aten.sqrt, aten.exp, aten.tanh, aten.sigmoid, aten.relu, aten.relu_,
           aten.reciprocal,
           aten.softmax, aten._softmax, aten.log_softmax, aten._log_softmax, aten._safe_softmax,
