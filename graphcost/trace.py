@@ -6,6 +6,7 @@ Every node of the result keeps `meta["val"]` (a fake tensor: shape, dtype, strid
 
 from __future__ import annotations
 
+import operator
 import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -76,6 +77,7 @@ def trace(module: nn.Module, example_inputs: Any, *, kwargs: dict | None = None,
             return trace(module, example_inputs, kwargs=kwargs, model_name=model_name,
                          reuse_blocks=False, autocast=autocast)
         raise TraceError(_explain_trace_failure(name, module, exc)) from exc
+    inline_grad_mode_regions(program.graph_module)
     if autocast is not None:
         from graphcost.autocast import rerun
 
@@ -86,6 +88,45 @@ def trace(module: nn.Module, example_inputs: Any, *, kwargs: dict | None = None,
                              f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}; "
                              "analyze it without mixed precision") from exc
     return Trace(program, module, name, blocks, autocast)
+
+
+def inline_grad_mode_regions(gm: torch.fx.GraphModule) -> None:
+    """Inline torch.export's `wrap_with_set_grad_enabled` regions (a `with torch.no_grad()`
+    block or a `@torch.no_grad()` forward, such as transformers' rotary embedding), so that
+    their ops are costed one by one like any other: each region becomes its ops between two
+    `_set_grad_enabled` calls, which the graph builder already follows."""
+    hop = getattr(torch.ops.higher_order, "wrap_with_set_grad_enabled", None)
+    if hop is None:
+        return
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not hop:
+            continue
+        enabled, body, *args = node.args
+        sub = getattr(gm, body.target)
+        env: dict = {}
+        outputs = None
+        with graph.inserting_before(node):
+            graph.call_function(torch._C._set_grad_enabled, (enabled,))
+            placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
+            env.update(zip(placeholders, args))
+            for inner in sub.graph.nodes:
+                if inner.op == "placeholder":
+                    continue
+                if inner.op == "output":
+                    outputs = inner.args[0]
+                    continue
+                env[inner] = graph.node_copy(inner, lambda x: env[x])
+            graph.call_function(torch._C._set_grad_enabled, (torch.is_grad_enabled(),))
+        outs = outputs if isinstance(outputs, (list, tuple)) else (outputs,)
+        for user in list(node.users):
+            if user.target is operator.getitem:
+                user.replace_all_uses_with(env[outs[user.args[1]]])
+                graph.erase_node(user)
+        if node.users:  # a single output used directly
+            node.replace_all_uses_with(env[outs[0]])
+        graph.erase_node(node)
+    graph.lint()
 
 
 def _explain_trace_failure(name: str, module: nn.Module, exc: BaseException) -> str:

@@ -19,6 +19,8 @@ DEPTH_KEY = {"gpt2": "n_layer", "llama": "n_layers", "cs336": "n_layers"}
 
 
 def family(name: str) -> str:
+    if name.startswith("mixtral"):
+        return "llama"  # the LLaMA code with mixture-of-experts feed-forwards
     return next(f for f in ("cs336", "gpt2", "llama", "resnet") if f in name)
 
 

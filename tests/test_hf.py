@@ -44,11 +44,6 @@ def tiny_configs() -> dict:
 
 
 ARCHS = list(tiny_configs())
-ROPE = "the rotary embedding's @torch.no_grad() forward traces as the higher-order op " \
-       "wrap_with_set_grad_enabled, which has no rule"
-UNSUPPORTED = {  # architecture -> why its trace lists unsupported ops (no FLOPs are lost)
-    "llama": ROPE, "mistral": ROPE, "qwen2": ROPE, "mixtral": ROPE,
-}
 
 
 @pytest.fixture(scope="module")
@@ -98,8 +93,7 @@ def test_analyze_matches_flop_counter_and_parameters(capsys, configs, arch):
 
 
 @pytest.mark.parametrize("arch", [
-    pytest.param(a, marks=pytest.mark.xfail(reason=UNSUPPORTED[a])) if a in UNSUPPORTED else a
-    for a in ARCHS])
+    a for a in ARCHS])
 def test_every_op_has_a_rule(capsys, configs, arch):
     assert analyzed(capsys, configs, arch)["unsupported_ops"] == {}
 
