@@ -92,7 +92,7 @@ def _load_zoo(name, *, batch, seq, dtype, targets, overrides) -> LoadedModel:
         module, inputs = load(name, batch=batch, seq=seq, dtype=DTYPES[dtype],
                               with_targets=targets, **overrides)
     except UnknownModelError as exc:
-        raise CliError(f"{exc}; or pass path/to/file.py:factory") from None
+        raise CliError(f"{exc}; or pass path/to/file.py:factory or hf:path/to/config.json") from None
     except (ValueError, TypeError) as exc:
         raise CliError(f"bad --batch/--seq/--set for {name!r}: {exc}") from None
     # seq: the token count of an LM's (batch, seq) ids, the image size of the CNN's images
