@@ -119,3 +119,22 @@ def frozen(make_module: MakeModule, *prefixes: str) -> MakeModule:
                 p.requires_grad_(False)
         return module
     return make
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    """`graphcost ARGV` in-process: (exit status, stdout, stderr)."""
+    from graphcost.cli import main
+
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_user_error(capsys, argv, needle: str) -> None:
+    """A user error: exit status 2, nothing on stdout, one message naming `needle`, no
+    traceback."""
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 2
+    assert out == ""
+    assert needle in err and "Traceback" not in err
+    assert err.count("graphcost: error:") == 1

@@ -15,6 +15,7 @@ from graphcost.cli import main
 from graphcost.loading import load_model
 from graphcost.passes.checkpoint import BUILTIN_POLICIES
 from graphcost.passes.checkpoint_search import compare
+from tests.helpers import assert_user_error
 
 # 4 blocks, and enough tokens (8 x 32) that the activations, not the optimizer, make the peak
 GPT2 = dict(n_layer=4, n_embd=64, n_head=4, vocab_size=100, block_size=32)
@@ -124,11 +125,7 @@ def test_builtins_that_do_not_apply_are_skipped_with_a_note(capsys):
     (["fit", "gpt2", "--device", "l4", "--checkpoint", "most"], "'most'"),
 ])
 def test_user_errors_exit_2(capsys, argv, needle):
-    code, out, err = run(capsys, *argv)
-    assert code == 2
-    assert out == ""
-    assert needle in err and "Traceback" not in err
-    assert err.count("graphcost: error:") == 1
+    assert_user_error(capsys, argv, needle)
 
 
 def test_memory_checkpoint_full(capsys, rows_by_policy):

@@ -13,6 +13,7 @@ from graphcost.cli import main
 from graphcost.hardware import PRESETS
 from graphcost.memtrack import measure_training_peak
 from graphcost.models import load
+from tests.helpers import assert_user_error
 
 SMALL = ["--set", "n_layer=2", "--set", "n_embd=64", "--set", "n_head=4",
          "--set", "vocab_size=100", "--set", "block_size=32"]
@@ -82,11 +83,7 @@ def test_fit_json(capsys):
     (["fit", "gpt2"], "--device"),
 ])
 def test_user_errors_exit_2(capsys, argv, needle):
-    code, out, err = run(capsys, *argv)
-    assert code == 2
-    assert out == ""
-    assert needle in err and "Traceback" not in err
-    assert err.count("graphcost: error:") == 1
+    assert_user_error(capsys, argv, needle)
 
 
 def test_fit_a_model_without_tokens(capsys):

@@ -21,6 +21,7 @@ from graphcost.loading import load_model
 from graphcost.passes.roofline import (Efficiency, compute_bound_batch, decode_time,
                                        forward_time, memory_bound_context, training_step_time)
 from graphcost.passes.schedule import TrainingConfig
+from tests.helpers import assert_user_error
 
 # 2 blocks; enough tokens (8 x 32) that activations, not the optimizer state, make the peak
 GPT2 = dict(n_layer=2, n_embd=64, n_head=4, vocab_size=100, block_size=64)
@@ -260,11 +261,7 @@ def test_sweep_csv_plot_and_json(capsys, tmp_path):
     (["roofline", "resnet-cnn", *GPU, "--inference"], "does not take (batch, seq) token ids"),
 ])
 def test_user_errors_exit_2(capsys, argv, needle):
-    code, out, err = run(capsys, *argv)
-    assert code == 2
-    assert out == ""
-    assert needle in err and "Traceback" not in err
-    assert err.count("graphcost: error:") == 1
+    assert_user_error(capsys, argv, needle)
 
 
 def test_cost_inference_is_the_forward_next_to_2nd(capsys):
