@@ -10,8 +10,9 @@
     graphcost sweep gpt2 --device h100-sxm --batch 1,2,4,8 --seq 512,1024 --csv sweep.csv
     graphcost devices
 
-MODEL is a zoo name (`graphcost models` lists them) or `path/to/file.py:factory`, where
-`factory()` returns `(module, example_inputs)` and runs under `torch.device("meta")`.
+MODEL is a zoo name (`graphcost models` lists them), `path/to/file.py:factory`, where
+`factory()` returns `(module, example_inputs)` and runs under `torch.device("meta")`, or
+`hf:path/to/config.json` (a Hugging Face config, docs/huggingface.md).
 Errors a user can cause print one line-led message, `graphcost: error: ...`, and exit with 2.
 """
 
@@ -52,6 +53,8 @@ from graphcost.passes.schedule import (OPTIMIZER_IMPLS, OPTIMIZERS, TrainingConf
 
 EXIT_USAGE = 2
 
+
+MODEL_HELP = "zoo name, path/to/file.py:factory or hf:path/to/config.json"
 
 def _argument(convert, ok, expected: str):
     """An argparse type: `convert(text)` that passes `ok`, else 'expected <expected>'."""
@@ -1016,7 +1019,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _model_options(p: argparse.ArgumentParser, *, dtype: bool = True) -> None:
     """MODEL and the options that pick its shape, dtype and device (shared by the verbs)."""
-    p.add_argument("model", metavar="MODEL", help="zoo name or path/to/file.py:factory")
+    p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     p.add_argument("--batch", type=_positive, default=None, help="batch size (default 1)")
     p.add_argument("--seq", type=_positive, default=None,
                    help="sequence length, or image size for the CNN (default: the zoo "
@@ -1120,7 +1123,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="MODEL is a zoo name (see 'graphcost models') or path/to/file.py:factory, where "
         "factory() returns (module, example_inputs) and is called under "
         "torch.device('meta') so nothing is allocated; a factory with batch/seq parameters "
-        "receives --batch/--seq. Exit status 2 on a user error (bad option, unknown model or "
+        "receives --batch/--seq; or hf:path/to/config.json, a Hugging Face config built by "
+        "transformers on the meta device. Exit status 2 on a user error (bad option, unknown model or "
         "device, untraceable model, --strict with an unsupported op).")
     _model_options(a)
     a.add_argument("--json", action="store_true",
@@ -1169,7 +1173,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="The reserve stands for the CUDA context (0.3-1.5 GiB) and allocator slack. "
         "File models need a factory with a batch parameter, and a seq parameter for the "
         "context search. Exit status 2 on a user error.")
-    f.add_argument("model", metavar="MODEL", help="zoo name or path/to/file.py:factory")
+    f.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     _device_options(f, required=True)
     f.add_argument("--seq", type=_positive, default=None,
                    help="context for the batch search (default: the model's default)")
@@ -1285,7 +1289,7 @@ def build_parser() -> argparse.ArgumentParser:
         "and optionally a CSV and a plot of MFU against batch size.",
         epilog="One trace per combination. 'fits?' is judged against --budget, else the "
         "device's memory less --reserve. Exit status 2 on a user error.")
-    s.add_argument("model", metavar="MODEL", help="zoo name or path/to/file.py:factory")
+    s.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     s.add_argument("--batch", default="1", metavar="B1,B2,...",
                    help="batch sizes, comma-separated (default 1)")
     s.add_argument("--seq", default=None, metavar="T1,T2,...",
@@ -1325,7 +1329,7 @@ def build_parser() -> argparse.ArgumentParser:
         "step time, and why the others were rejected.",
         epilog="Tensor parallelism stays inside a node with sequence parallelism on; see "
         "docs/parallel.md for the model. Exit status 2 on a user error.")
-    pl.add_argument("model", metavar="MODEL", help="zoo name or path/to/file.py:factory")
+    pl.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     pl.add_argument("--gpus", type=_positive, required=True, help="devices in all")
     pl.add_argument("--global-batch", type=_positive, required=True,
                     help="sequences per optimizer step, all data-parallel ranks")
