@@ -186,10 +186,13 @@ def expand_blocks(g: nx.DiGraph, blocks: RepeatedBlocks) -> nx.DiGraph | None:
     out.graph["outputs"] = [to_last(v) for v in g.graph.get("outputs", [])]
 
     # Parameters stay in the module's order (the optimizer walks them in it): the copies' right
-    # after block 1's.
+    # after block 1's; so do buffers (torch.export lists them after all parameters).
     placeholders = [n for n in order if g.nodes[n]["kind"] != "op"]
-    cut = max(placeholders.index(n) for n in p1) + 1
-    placeholders = placeholders[:cut] + new_params + placeholders[cut:]
+    for kind in ("param", "buffer"):
+        mine = [n for n in p1 if g.nodes[n]["kind"] == kind]
+        if mine:
+            cut = max(placeholders.index(n) for n in mine) + 1
+            placeholders[cut:cut] = [n for n in new_params if out.nodes[n]["kind"] == kind]
     before = ops[: ops.index(b1[-1]) + 1]
     for k, n in enumerate(placeholders + before + copies + after):
         out.nodes[n]["order"] = k

@@ -19,6 +19,7 @@ def rows(a):
 
 @pytest.mark.parametrize("name, overrides", [
     ("gpt2", dict(n_layer=5)),
+    ("gpt2", dict(n_layer=5, flash=False)),  # a causal-mask buffer in every block
     ("llama3-8b", dict(n_layers=5, dim=256, n_heads=8, n_kv_heads=2, ffn_dim=512)),
     ("cs336-gpt2-xl", dict(n_layers=4, d_model=128, n_heads=4, d_ff=256)),
 ])
@@ -34,6 +35,10 @@ def test_copied_blocks_equal_full_export(name, overrides, dtype):
                                                 key=lambda item: item[1]["order"])
               if d["kind"] == "param"]
     assert params == [n for n, _ in module.named_parameters()]
+    buffers = [d["names"][0] for _, d in sorted(fast.graph.nodes(data=True),
+                                                 key=lambda item: item[1]["order"])
+               if d["kind"] == "buffer"]
+    assert buffers == [n for n, _ in module.named_buffers()]
 
 
 def test_frozen_blocks_are_not_identical():
