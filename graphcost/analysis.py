@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from graphcost.annotate import annotate
-from graphcost.blocks import expand_blocks
+from graphcost.blocks import BlockTemplate, expand_blocks
+from graphcost.collector import collector_paused
 from graphcost.graph import build_graph, op_nodes
 from graphcost.hardware import DEFAULT_DEVICE, Device, get_device
 from graphcost.rules.registry import RuleRegistry
@@ -124,6 +125,7 @@ def _group(rows, key, params, sort=True) -> list[GroupRow]:
     return out
 
 
+@collector_paused()
 def analyze(module: nn.Module, example_inputs: Any, *, kwargs: dict | None = None,
             device: str | Device = DEFAULT_DEVICE, rules: RuleRegistry | None = None,
             strict: bool = False, model_name: str | None = None,
@@ -144,8 +146,11 @@ def analyze(module: nn.Module, example_inputs: Any, *, kwargs: dict | None = Non
                reuse_blocks=reuse_blocks, autocast=autocast)
     g = build_graph(tr)
     if tr.blocks is not None:
-        g = expand_blocks(g, tr.blocks)
-        if g is None:  # the two-block trace did not repeat cleanly: export the whole model
+        two = g
+        g = expand_blocks(two, tr.blocks)
+        if g is not None:  # kept for the walk of a deep stack (passes/stack.py)
+            g.graph["block_template"] = BlockTemplate(two, tr.blocks, device, rules)
+        else:  # the two-block trace did not repeat cleanly: export the whole model
             g = build_graph(trace(module, example_inputs, kwargs=kwargs, model_name=model_name,
                                   reuse_blocks=False, autocast=autocast))
     return summarize(annotate(g, device=device, rules=rules, strict=strict))

@@ -13,8 +13,9 @@ blocks) falls back to exporting the whole model.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import networkx as nx
@@ -29,6 +30,31 @@ MIN_BLOCKS = 4  # below this, copying saves too little to be worth it
 class RepeatedBlocks:
     path: str  # module path of the ModuleList / Sequential: "layers", "h", "encoder.layers"
     count: int  # how many blocks the real model has
+
+
+@dataclass(frozen=True, eq=False)
+class BlockTemplate:
+    """What analyze() built a full graph from: the two-block graph and how it was costed. The
+    walk of a deep stack derives the full timeline from shortened ones (passes/stack.py)."""
+
+    graph: nx.DiGraph  # the two-block graph, before expand_blocks and annotate
+    blocks: RepeatedBlocks
+    device: Any  # hardware.Device
+    rules: Any = None  # rules.registry.RuleRegistry
+    _short: dict = field(default_factory=dict, repr=False)
+
+    def shortened(self, n_blocks: int) -> nx.DiGraph | None:
+        """The costed graph of the model with `n_blocks` blocks (cached)."""
+        from graphcost.annotate import annotate
+
+        if n_blocks not in self._short:
+            g = expand_blocks(self.graph, replace(self.blocks, count=n_blocks))
+            if g is not None:
+                with warnings.catch_warnings():  # the full graph's annotate has warned
+                    warnings.simplefilter("ignore")
+                    g = annotate(g, device=self.device, rules=self.rules)
+            self._short[n_blocks] = g
+        return self._short[n_blocks]
 
 
 def _signature(block: nn.Module) -> tuple:

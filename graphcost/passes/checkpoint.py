@@ -36,6 +36,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import re
+import weakref
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -216,8 +217,26 @@ def segment_size(n_blocks: int) -> int:
     return math.ceil(math.sqrt(n_blocks))
 
 
+_MEMO: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # costed graph -> results
+
+
+def _memo(g: nx.DiGraph, name: str, ops: list[str], compute):
+    """A result that depends only on the costed graph (not changed after annotate) and its op
+    order, computed once per graph: the walks of many policies ask for it again."""
+    key = (name, len(ops), ops[0] if ops else None, ops[-1] if ops else None)
+    memo = _MEMO.setdefault(g, {})
+    if key not in memo:
+        memo[key] = compute()
+    return memo[key]
+
+
 def _module_calls(g: nx.DiGraph, ops: list[str]) -> dict[str, list[int]]:
     """{module call path: [first op index, last op index]} in order of first op."""
+    spans = _memo(g, "module_calls", ops, lambda: _find_module_calls(g, ops))
+    return {c: list(span) for c, span in spans.items()}
+
+
+def _find_module_calls(g: nx.DiGraph, ops: list[str]) -> dict[str, list[int]]:
     spans: dict[str, list[int]] = {}
     for i, n in enumerate(ops):
         for c in g.nodes[n].get("module_calls", ()):
@@ -239,6 +258,10 @@ def main_blocks(g: nx.DiGraph, ops: list[str] | None = None) -> list[str]:
     container P with the most children that are all of one module class and run the same ops
     (ties: the outermost). Empty when no container has two such children."""
     ops = ops if ops is not None else op_nodes(g)
+    return list(_memo(g, "main_blocks", ops, lambda: _find_main_blocks(g, ops)))
+
+
+def _find_main_blocks(g: nx.DiGraph, ops: list[str]) -> list[str]:
     types: dict[str, str] = {}
     signature: dict[str, list[str]] = defaultdict(list)
     for n in ops:

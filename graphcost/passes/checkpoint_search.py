@@ -34,11 +34,12 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from graphcost.analysis import Analysis
+from graphcost.collector import collector_paused
 from graphcost.errors import ConfigError
 from graphcost.graph import op_nodes
 from graphcost.passes.checkpoint import (BLOCK_OPTIONS, BUILTIN_POLICIES, _module_calls,
                                          main_blocks, parse_policy, per_block_spec)
-from graphcost.passes.schedule import MemoryTimeline, TrainingConfig, training_timeline
+from graphcost.passes.schedule import PHASES, MemoryTimeline, TrainingConfig, training_timeline
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,7 @@ def _row(analysis: Analysis, timeline: MemoryTimeline, budget: float | None) -> 
         fits=None if budget is None else timeline.peak_bytes <= budget)
 
 
+@collector_paused()
 def compare(analysis: Analysis, policies=BUILTIN_POLICIES, config: TrainingConfig | None = None,
             budget_bytes: float | None = None) -> list[PolicyRow]:
     """One row per policy, in the order given. A policy that does not apply to the model
@@ -104,6 +106,7 @@ class Optimum:
     search_seconds: float  # the integer program and the walk of the mix it found
 
 
+@collector_paused()
 def optimize(analysis: Analysis, budget_bytes: float, config: TrainingConfig | None = None,
              policies=BUILTIN_POLICIES) -> Optimum:
     """The per-block mix with the least recompute FLOPs whose peak is within `budget_bytes`;
@@ -147,6 +150,24 @@ def optimize(analysis: Analysis, budget_bytes: float, config: TrainingConfig | N
                    smallest=min(walked, key=lambda r: r.peak_bytes), search_seconds=seconds)
 
 
+def _block_kept(t: MemoryTimeline, where: dict[str, int], L: int) -> list[int]:
+    """Bytes each block keeps for its backward (index L: kept after the stack). A kept tensor
+    belongs to the first block that keeps it (the one whose backward releases it last): a
+    block's input kept by its checkpoint frame, made by the block before, is the keeping
+    block's."""
+    out = [0] * (L + 1)
+    if t.block_kept_bytes is not None:  # derived from a shortened stack (passes/stack.py)
+        for i, nbytes in t.block_kept_bytes.items():
+            if i >= 0:
+                out[min(i, L)] += nbytes
+        return out
+    for sid, nbytes in t.kept_storages.items():
+        i = min(where.get(n, L) for n in t.kept_by[sid])
+        if i >= 0:
+            out[min(i, L)] += nbytes
+    return out
+
+
 def _cheapest(r: PolicyRow) -> tuple:
     return r.recompute_flops, r.recompute_bytes, r.peak_bytes
 
@@ -182,22 +203,20 @@ class _Decomposition:
         self.traffic = np.zeros(len(self.options))
         for k, option in enumerate(self.options):
             t = walks[option]
-            for sid, nbytes in t.kept_storages.items():
-                # a kept tensor belongs to the first block that keeps it (the one whose
-                # backward releases it last): a block's input kept by its checkpoint frame,
-                # made by the block before, is the keeping block's
-                i = min(where.get(n, L) for n in t.kept_by[sid])
-                if 0 <= i < L:
-                    self.kept[i, k] += nbytes
+            self.kept[:, k] = _block_kept(t, where, L)[:L]
             prefix = np.concatenate([[0.0], np.cumsum(self.kept[:, k])])
-            for e in t.events:
-                i = where.get(e.node, -1) if e.phase != "optimizer" else -1
-                if 0 <= i < L:
-                    self.local[i, k] = max(self.local[i, k], e.total_bytes - prefix[i])
-                elif i == L:
-                    self.tail[k] = max(self.tail[k], e.total_bytes - prefix[L])
-                else:
-                    self.constant = max(self.constant, e.total_bytes)
+            # each event's block: -1 before the stack (and the optimizer), L after it
+            block = np.array([where.get(n, -1) for n in t.table.node])
+            block[t.table.phase == PHASES.index("optimizer")] = -1
+            totals = t.table.total_bytes.astype(float)
+            inside = (block >= 0) & (block < L)
+            local = totals[inside] - prefix[block[inside]]
+            np.maximum.at(self.local[:, k], block[inside], local)
+            after = block == L
+            if after.any():
+                self.tail[k] = float(np.max(totals[after] - prefix[L]))
+            if (block < 0).any():
+                self.constant = max(self.constant, float(np.max(totals[block < 0])))
             self.recompute[k] = t.recompute_flops / L
             self.traffic[k] = t.recompute_bytes / L
         self.tail_max = float(np.max(self.tail))

@@ -18,16 +18,15 @@ timelines traced at it and one past it.
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from graphcost.analysis import analyze
+from graphcost.collector import collector_paused
 from graphcost.errors import ConfigError, GraphcostError
 from graphcost.hardware import Device, get_device
 from graphcost.passes.inference import inference_memory
@@ -96,23 +95,8 @@ def _events(load: Loader, batch: int, seq: int, training: bool, config: Training
     module, inputs = load(batch, seq, training)
     analysis = analyze(module, inputs, device=device, autocast=autocast)
     if training:
-        return np.array([e.total_bytes for e in training_timeline(analysis, config).events],
-                        dtype=np.float64)
+        return training_timeline(analysis, config).table.total_bytes.astype(np.float64)
     return np.array(inference_memory(analysis).event_bytes, dtype=np.float64)
-
-
-@contextlib.contextmanager
-def _collector_paused() -> Iterator[None]:
-    """Python's cyclic garbage collector, held off while the search builds its graphs: each of
-    its full passes walks the ~300k objects torch keeps alive (about 0.25 s here) and the
-    traces trigger one or two. What the search leaves behind is collected afterwards."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def _largest(peak: Callable[[int], float], budget: float, low: int, high: int) -> int:
@@ -179,7 +163,7 @@ def fit(load: Loader, *, device: str | Device, seq: int | None, model_max_seq: i
     shapes = [(1, seq), (2, seq)]
     if model_max_seq:
         shapes += [(1, t) for t in _seq_points(seq) if t != seq]
-    with _collector_paused():
+    with collector_paused():
         for training in (True, False):
             events.prepare(shapes, training, model_max_seq or None)
         result = dict(

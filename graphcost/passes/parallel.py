@@ -46,8 +46,8 @@ from graphcost.analysis import Analysis
 from graphcost.errors import ConfigError
 from graphcost.graph import op_nodes
 from graphcost.passes.checkpoint import _module_calls, main_blocks, short_op
-from graphcost.passes.schedule import (STEP_TENSOR_BYTES, MemoryTimeline, TrainingConfig,
-                                       training_timeline)
+from graphcost.passes.schedule import (CATEGORIES, PHASES, STEP_TENSOR_BYTES, MemoryTimeline,
+                                       TrainingConfig, training_timeline)
 from graphcost.rules.registry import values_in
 
 LINEAR_OPS = ("linear",)
@@ -358,10 +358,10 @@ def per_device_memory(analysis: Analysis, plan: ParallelPlan,
         divided = (sid in split.split_storages or plan.sequence_parallel
                    or (plan.partition_activations and any(h in frames for h in holders)))
         kept[stage] += math.ceil(nbytes / plan.tp) if divided else nbytes
-    step_transient = max((e.transient for e in timeline.events if e.phase != "optimizer"),
-                         default=0)
-    optimizer_transient = max((e.transient for e in timeline.events
-                               if e.phase == "optimizer"), default=0)
+    transient = timeline.table.category_bytes[:, CATEGORIES.index("transient")]
+    at_optimizer = timeline.table.phase == PHASES.index("optimizer")
+    step_transient = int(transient[~at_optimizer].max(initial=0))
+    optimizer_transient = int(transient[at_optimizer].max(initial=0))
     whole = model_states_per_rank(analysis, ParallelPlan(), config).params_bytes or 1
     out = []
     for s in range(plan.pp):

@@ -34,16 +34,20 @@ few activations (up to 2.3% on the zoo's small configs; the overall peak is not 
 
 from __future__ import annotations
 
+import weakref
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import networkx as nx
+import numpy as np
 import torch
 
 from graphcost.analysis import Analysis
-from graphcost.errors import ConfigError
 from graphcost.annotate import new_storages, storage_root
 from graphcost.autocast import cast_dtype, cast_inputs
+from graphcost.errors import ConfigError
 from graphcost.graph import op_nodes
 from graphcost.passes.checkpoint import Plan, Region, parse_policy, plan
 from graphcost.passes.liveness import last_reads
@@ -53,6 +57,7 @@ OPTIMIZERS = ("adamw", "adam", "sgd", "sgd-momentum")
 OPTIMIZER_IMPLS = ("auto", "single-tensor", "foreach", "fused")
 STEP_TENSOR_BYTES = 4  # Adam's per-parameter `step`: a 0-dim float32 tensor on the CPU
 CATEGORIES = ("params", "grads", "optimizer_state", "activations", "transient")
+PHASES = ("forward", "recompute", "backward", "optimizer")
 
 
 @dataclass(frozen=True)
@@ -102,11 +107,61 @@ class MemoryEvent:
         return {c: getattr(self, c) for c in CATEGORIES}
 
 
+@dataclass(frozen=True, eq=False)
+class EventTable:
+    """The events of a walk, column by column (MemoryTimeline.events makes MemoryEvents of
+    them on demand: a deep model's step has tens of thousands)."""
+
+    category_bytes: np.ndarray  # (events, len(CATEGORIES)) int64
+    step: np.ndarray  # (events,) int
+    phase: np.ndarray  # (events,) index into PHASES
+    node: list[str]
+    op: list[str]
+    module_path: list[str]
+
+    @classmethod
+    def from_rows(cls, rows: list[tuple]) -> EventTable:
+        """Rows of (step, phase index, node, op, module path, *CATEGORIES bytes)."""
+        if not rows:
+            return cls(np.zeros((0, len(CATEGORIES)), np.int64), np.zeros(0, int),
+                       np.zeros(0, int), [], [], [])
+        step, phase, node, op, where, *categories = zip(*rows)
+        try:
+            values = np.array(categories, dtype=np.int64)
+        except (TypeError, OverflowError):  # byte counts at several shapes at once, packed
+            # in one integer or carried side by side (passes/retrace.py, passes/sampled.py)
+            values = np.array(categories, dtype=object)
+        return cls(values.T.copy(), np.array(step), np.array(phase), list(node), list(op),
+                   list(where))
+
+    def __len__(self) -> int:
+        return len(self.node)
+
+    @cached_property
+    def total_bytes(self) -> np.ndarray:
+        return self.category_bytes.sum(axis=1)
+
+    def event(self, i: int) -> MemoryEvent:
+        b = self.category_bytes[i]
+        return MemoryEvent(int(i), int(self.step[i]), PHASES[self.phase[i]], self.node[i],
+                           self.op[i], self.module_path[i],
+                           *(int(x) if isinstance(x, np.integer) else x for x in b))
+
+
 @dataclass(frozen=True)
+class KeptTensors:
+    """What a step keeps for backward at the end of its forward, by storage: the tensors
+    autograd saves outside checkpointed regions, the regions' inputs and the outputs their
+    policy keeps; `by`: who keeps each (the ops that save it, or a region's first op)."""
+
+    storages: dict[int, int]  # storage -> bytes
+    by: dict[int, tuple[str, ...]]
+
+
+@dataclass(frozen=True, eq=False)
 class MemoryTimeline:
     config: TrainingConfig
-    events: tuple[MemoryEvent, ...] = field(repr=False)
-    peak: MemoryEvent
+    table: EventTable = field(repr=False)
     optimizer_impl: str = "single-tensor"  # the implementation walked ("auto" resolved)
     plan: Plan | None = None  # the checkpoint regions walked
     # FLOPs the backward spends re-running checkpointed forward ops, per micro-batch, and the
@@ -114,22 +169,46 @@ class MemoryTimeline:
     recompute_flops: int = 0
     recompute_bytes: int = 0
     recomputed_ops: tuple[str, ...] = ()  # the forward ops run again, once per micro-batch
-    # bytes kept for backward at the end of a forward: tensors autograd saves outside the
-    # checkpointed regions, the regions' inputs and the outputs their policy keeps
+    # bytes kept for backward at the end of a forward (see KeptTensors)
     saved_activation_bytes: int = 0
-    kept_storages: dict[int, int] = field(default_factory=dict, repr=False)  # those, by storage
-    # who keeps each of them: the ops that save it, or a checkpointed region's first op
-    kept_by: dict[int, tuple[str, ...]] = field(default_factory=dict, repr=False)
+    # KeptTensors, or how to get them (a timeline derived from a shortened stack walks the
+    # whole graph when they are asked for: passes/stack.py)
+    kept: KeptTensors | Callable[[], KeptTensors] = field(default=None, repr=False)
+    # kept bytes by the block of the main stack that keeps them (-1: before the stack, the
+    # number of blocks: after it), when the timeline was derived from a shortened stack
+    block_kept_bytes: dict[int, int] | None = field(default=None, repr=False)
+
+    @cached_property
+    def events(self) -> tuple[MemoryEvent, ...]:
+        return tuple(self.table.event(i) for i in range(len(self.table)))
+
+    @cached_property
+    def peak(self) -> MemoryEvent:
+        """The first event at the maximum."""
+        return self.table.event(int(np.argmax(self.table.total_bytes)))
 
     @property
     def peak_bytes(self) -> int:
         return self.peak.total_bytes
 
+    @cached_property
+    def _kept(self) -> KeptTensors:
+        return self.kept() if callable(self.kept) else self.kept
+
+    @property
+    def kept_storages(self) -> dict[int, int]:
+        return self._kept.storages
+
+    @property
+    def kept_by(self) -> dict[int, tuple[str, ...]]:
+        return self._kept.by
+
     def phase_peaks(self) -> dict[tuple[int, str], int]:
         peaks: dict[tuple[int, str], int] = {}
-        for e in self.events:
-            key = (e.step, e.phase)
-            peaks[key] = max(peaks.get(key, 0), e.total_bytes)
+        totals, steps, phases = self.table.total_bytes, self.table.step, self.table.phase
+        for key in dict.fromkeys(zip(steps.tolist(), phases.tolist())):
+            mask = (steps == key[0]) & (phases == key[1])
+            peaks[(key[0], PHASES[key[1]])] = int(totals[mask].max())
         return peaks
 
 
@@ -157,8 +236,12 @@ class _Live:
             self.add(key, nbytes, category)
 
 
-def training_timeline(analysis: Analysis, config: TrainingConfig | None = None) -> MemoryTimeline:
+def training_timeline(analysis: Analysis, config: TrainingConfig | None = None, *,
+                      derive: bool = True) -> MemoryTimeline:
     """Walk `config.steps` training steps over `analysis.graph`; return every event and the peak.
+
+    A deep stack of identical blocks is walked as a few short stacks and the rest derived
+    (passes/stack.py: the same events, faster); `derive=False` walks every block.
 
     >>> from graphcost import analyze
     >>> from graphcost.models import load
@@ -167,16 +250,23 @@ def training_timeline(analysis: Analysis, config: TrainingConfig | None = None) 
     (1, 'backward', 'wte')
     """
     config = config or TrainingConfig()
+    if derive:
+        from graphcost.passes.stack import derived_timeline
+
+        timeline = derived_timeline(analysis.graph, config)
+        if timeline is not None:
+            return timeline
     return _Walk(analysis.graph, config).run()
 
 
-class _Walk:
-    def __init__(self, g: nx.DiGraph, config: TrainingConfig) -> None:
-        self.g, self.config = g, config
+class _GraphFacts:
+    """What every walk of one costed graph needs, whatever the policy: computed once per graph
+    (the checkpoint search and fit walk the same graph many times)."""
+
+    def __init__(self, g: nx.DiGraph) -> None:
         self.nd: dict[str, dict] = dict(g.nodes(data=True))  # node -> its attributes
         owner, nbytes = g.graph["storage_owner"], g.graph["storage_bytes"]
         find = storage_root(g)
-
         self.find, self.nbytes, self.owner = find, nbytes, owner
         self.ops = op_nodes(g)
         self.persistent = {}  # storage -> category: params and buffers (inputs: transient)
@@ -189,25 +279,58 @@ class _Walk:
             self.persistent[sid] = "params" if d["kind"] in ("param", "buffer") else "transient"
             if d["kind"] == "param" and d["requires_grad"]:
                 self.params.append((sid, nbytes[sid]))
-        self.trainable = {sid for sid, _ in self.params}
-
         self.reads: dict[str, set[int]] = {}
         self.new: dict[str, list[int]] = {}
         self.inputs_of: dict[str, list] = {n: _inputs(self.nd[n]) for n in self.ops}
         for n in self.ops:
             self.reads[n] = {find(v.storage) for v in self.inputs_of[n]}
             self.new[n] = new_storages(g, n)
+        self.read_anywhere = set().union(*self.reads.values()) if self.reads else set()
         self.frees_after: dict[str, list[int]] = defaultdict(list)
         for sid, i in last_reads(g, self.ops, find).items():
             self.frees_after[self.ops[i]].append(sid)
-
-        outputs = [v for v in g.graph.get("outputs", [])]
-        self.outputs = {find(v.storage) for v in outputs}
+        self.graph_outputs = list(g.graph.get("outputs", []))
+        self.outputs = {find(v.storage) for v in self.graph_outputs}
         self.backward_ops = [n for n in reversed(self.ops) if self.nd[n]["runs_backward"]]
-        self.plan = plan(g, config.checkpoint)
+        self.recompute_frees: dict[tuple, tuple] = {}  # a recomputation's last reads, by ops
+        self.value_bytes: dict[tuple[str, int], int] = {}
+        self.param_consumers: dict[str, int] = defaultdict(int)
+        for n in self.backward_ops:
+            keys = set()
+            for v in self.inputs_of[n]:
+                self.value_bytes[(v.node, v.index)] = v.spec.nbytes
+                if v.requires_grad and v.kind == "param":
+                    keys.add(v.node)
+            for node in keys:
+                self.param_consumers[node] += 1
+
+
+_FACTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _facts(g: nx.DiGraph) -> _GraphFacts:
+    if g not in _FACTS:
+        _FACTS[g] = _GraphFacts(g)
+    return _FACTS[g]
+
+
+class _Walk:
+    def __init__(self, g: nx.DiGraph, config: TrainingConfig,
+                 checkpoint_plan: Plan | None = None) -> None:
+        self.g, self.config = g, config
+        f = _facts(g)
+        self.nd, self.find, self.nbytes, self.owner = f.nd, f.find, f.nbytes, f.owner
+        self.ops, self.persistent, self.params = f.ops, f.persistent, f.params
+        self.reads, self.new, self.inputs_of = f.reads, f.new, f.inputs_of
+        self.frees_after, self._read_anywhere = f.frees_after, f.read_anywhere
+        self.graph_outputs, self.outputs, self.backward_ops = (f.graph_outputs, f.outputs,
+                                                               f.backward_ops)
+        self.value_bytes, self.param_consumers = f.value_bytes, f.param_consumers
+        self.recompute_frees = f.recompute_frees
+        find, nbytes, outputs = f.find, f.nbytes, f.graph_outputs
+        self.plan = checkpoint_plan or plan(g, config.checkpoint)
         self.regions = [self._region(i, r) for i, r in enumerate(self.plan.regions)]
         self.region_of = {n: r for r in self.regions for n in r.ops}
-        self.recompute_frees: dict[int, tuple] = {}  # region -> its recompute's last reads
         # holders of each storage through the backward: the ops outside checkpointed regions
         # that save it, and the regions that keep it (their inputs, their policy's outputs)
         self.savers: dict[int, int] = defaultdict(int)
@@ -224,20 +347,9 @@ class _Walk:
         self.saved_activation_bytes = sum(nbytes[sid] for sid in self.savers
                                           if sid not in self.persistent)
         self.grad_output_roots = {find(v.storage) for v in outputs if v.requires_grad}
-        self.graph_outputs = outputs
         self.scalar_roots = {find(v.storage) for v in outputs if v.requires_grad
                              and not v.spec.shape}
-        self.value_bytes: dict[tuple[str, int], int] = {}
-        self.param_consumers: dict[str, int] = defaultdict(int)
-        for n in self.backward_ops:
-            keys = set()
-            for v in self.inputs_of[n]:
-                self.value_bytes[(v.node, v.index)] = v.spec.nbytes
-                if v.requires_grad and v.kind == "param":
-                    keys.add(v.node)
-            for node in keys:
-                self.param_consumers[node] += 1
-        self.events: list[MemoryEvent] = []
+        self.rows: list[tuple] = []  # see EventTable.from_rows
         self.live = _Live()
 
     # -- events -------------------------------------------------------------------------------
@@ -249,11 +361,8 @@ class _Walk:
             op, where = d["op"], d["module_path"]
         else:  # the optimizer's update of one parameter (or of all: foreach, fused)
             op, where = f"{self.config.optimizer} update", where or d["names"][0]
-        self.events.append(MemoryEvent(
-            index=len(self.events), step=step, phase=phase, node=node, op=op,
-            module_path=where, params=b["params"], grads=b["grads"],
-            optimizer_state=b["optimizer_state"], activations=b["activations"],
-            transient=b["transient"]))
+        self.rows.append((step, _PHASE_INDEX[phase], node, op, where, b["params"], b["grads"],
+                          b["optimizer_state"], b["activations"], b["transient"]))
 
     def run(self) -> MemoryTimeline:
         for sid, category in self.persistent.items():
@@ -268,17 +377,15 @@ class _Walk:
                 self.backward(step)
             self.optimizer(step, create_state=not state_created)
             state_created = True
-        peak = max(self.events, key=lambda e: e.total_bytes)  # the first event at the maximum
-        return MemoryTimeline(self.config, tuple(self.events), peak, self.optimizer_impl,
+        kept = {sid: self.nbytes[sid] for sid in self.savers if sid not in self.persistent}
+        return MemoryTimeline(self.config, EventTable.from_rows(self.rows), self.optimizer_impl,
                               plan=self.plan,
                               recompute_flops=sum(r.recompute_flops for r in self.regions),
                               recompute_bytes=sum(r.recompute_bytes for r in self.regions),
                               recomputed_ops=tuple(n for r in self.regions for n in r.rerun),
                               saved_activation_bytes=self.saved_activation_bytes,
-                              kept_storages={sid: self.nbytes[sid] for sid in self.savers
-                                             if sid not in self.persistent},
-                              kept_by={sid: tuple(self.holders[sid]) for sid in self.savers
-                                       if sid not in self.persistent})
+                              kept=KeptTensors(kept, {sid: tuple(self.holders[sid])
+                                                      for sid in kept}))
 
     def _region(self, index: int, region: Region) -> _Region:
         """What a checkpointed region holds and recomputes (torch.utils.checkpoint, non-reentrant,
@@ -350,12 +457,6 @@ class _Walk:
         # `frees_after` at its last reader.
         return {sid} if any(sid in self.reads[m] for m in self.g.successors(n)) or \
             sid in self._read_anywhere else set()
-
-    @property
-    def _read_anywhere(self) -> set[int]:
-        if not hasattr(self, "_reads_all"):
-            self._reads_all = set().union(*self.reads.values()) if self.reads else set()
-        return self._reads_all
 
     def backward(self, step: int) -> None:
         """Autograd's engine, node by node in reverse forward order (see module docstring)."""
@@ -473,13 +574,14 @@ class _Walk:
         (the outputs its policy kept are taken from the cache), those its ops save stay for
         the backward, the rest are freed after their last use."""
         ops = region.recompute
-        if region.index not in self.recompute_frees:
+        key = (ops[0], ops[-1], len(ops)) if ops else ()
+        if key not in self.recompute_frees:
             last = last_reads(self.g, ops, self.find)
             frees: dict[int, list[int]] = defaultdict(list)
             for sid, i in last.items():
                 frees[i].append(sid)
-            self.recompute_frees[region.index] = (last, frees)
-        last, frees = self.recompute_frees[region.index]
+            self.recompute_frees[key] = (last, frees)
+        last, frees = self.recompute_frees[key]
         local: dict[int, object] = {}  # storage -> its key, for those the recomputation made
         for i, m in enumerate(ops):
             made = self.new[m]
@@ -651,3 +753,4 @@ def _cost(d: dict) -> OpCost:
 
 
 _NO_COST = OpCost()
+_PHASE_INDEX = {p: i for i, p in enumerate(PHASES)}
