@@ -115,10 +115,20 @@ def _largest(peak: Callable[[int], float], budget: float, low: int, high: int) -
 def max_batch(events: _Events, *, seq: int, budget_bytes: float, training: bool,
               limit: int = 1 << 20) -> int:
     one, two = (events(b, seq, training) for b in (1, 2))
-    if one.shape != two.shape:
+    if one.shape == two.shape:
+        slope, intercept = two - one, 2 * one - two
+        return _largest(lambda b: float(np.max(intercept + slope * b)), budget_bytes, 1, limit)
+    # Batch 1 can run other events: a (1, T, d) parameter added to a (B, T, d) activation gets
+    # its gradient summed over the batch only when B >= 2 (ViT's position embeddings). Then
+    # batch 1 is checked on its own and the line comes from batches 2 and 3.
+    three = events(3, seq, training)
+    if three.shape != two.shape:
         raise ConfigError("the step's events change with the batch size; cannot extrapolate")
-    slope, intercept = two - one, 2 * one - two
-    return _largest(lambda b: float(np.max(intercept + slope * b)), budget_bytes, 1, limit)
+    if float(np.max(one)) > budget_bytes:
+        return 0
+    slope, intercept = three - two, 3 * two - 2 * three
+    return max(1, _largest(lambda b: float(np.max(intercept + slope * b)), budget_bytes, 2,
+                           limit))
 
 
 def _seq_points(seq: int) -> list[int]:
