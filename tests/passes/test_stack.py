@@ -100,7 +100,7 @@ def test_kept_tensors(analyses, model):
     ops = op_nodes(analysis.graph)
     spans = _module_calls(analysis.graph, ops)
     blocks = main_blocks(analysis.graph, ops)
-    first, last = spans[blocks[0]][0], spans[blocks[-1]][1]
+    first = spans[blocks[0]][0]
     where = {n: -1 if k < first else L for k, n in enumerate(ops)}  # as the search has it
     where.update({n: i for i, b in enumerate(blocks) for n in ops[spans[b][0]:spans[b][1] + 1]})
     assert _block_kept(derived, where, L) == _block_kept(walked, where, L)
