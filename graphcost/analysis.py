@@ -81,11 +81,20 @@ class Analysis:
             parts = path.split(".") if path else []
             return ".".join(parts[:depth] if depth is not None else parts) or "<root>"
 
+        with_ops = {key(r.module_path) for r in self.ops}
+
+        def owner(name: str) -> str:
+            """The row of a parameter: its module's, else its nearest ancestor's that runs ops
+            (a module stood in for as one op, graphcost.opaque, holds its children's)."""
+            path = name.rsplit(".", 1)[0] if "." in name else ""
+            while key(path) not in with_ops and path:
+                path = path.rpartition(".")[0]
+            return key(path)
+
         params: dict[str, int] = defaultdict(int)
         for _, data in self.graph.nodes(data=True):
             if data["kind"] == "param":
-                params[key(data["names"][0].rsplit(".", 1)[0] if "." in data["names"][0] else "")] \
-                    += data["outputs"][0].numel
+                params[owner(data["names"][0])] += data["outputs"][0].numel
         return _group(self.ops, lambda r: key(r.module_path), params, sort=False)
 
     def totals(self) -> dict[str, Any]:
@@ -135,6 +144,8 @@ def analyze(module: nn.Module, example_inputs: Any, *, kwargs: dict | None = Non
     `reuse_blocks` exports a stack of identical blocks once and copies it (graphcost.blocks);
     pass False to export every block. `autocast=torch.bfloat16` costs the model as it runs
     under torch.autocast (graphcost.autocast): fp32 weights, ops in bf16, autocast's copies.
+    A submodule torch.export cannot capture is one opaque op, listed under unsupported_ops
+    (graphcost.opaque); with `strict` it is a TraceError instead.
 
     >>> from graphcost.models import load
     >>> a = analyze(*load("gpt2", seq=128, n_layer=2))
@@ -143,7 +154,7 @@ def analyze(module: nn.Module, example_inputs: Any, *, kwargs: dict | None = Non
     """
     device = get_device(device)
     tr = trace(module, example_inputs, kwargs=kwargs, model_name=model_name,
-               reuse_blocks=reuse_blocks, autocast=autocast)
+               reuse_blocks=reuse_blocks, autocast=autocast, opaque_submodules=not strict)
     g = build_graph(tr)
     if tr.blocks is not None:
         two = g
@@ -152,7 +163,8 @@ def analyze(module: nn.Module, example_inputs: Any, *, kwargs: dict | None = Non
             g.graph["block_template"] = BlockTemplate(two, tr.blocks, device, rules)
         else:  # the two-block trace did not repeat cleanly: export the whole model
             g = build_graph(trace(module, example_inputs, kwargs=kwargs, model_name=model_name,
-                                  reuse_blocks=False, autocast=autocast))
+                                  reuse_blocks=False, autocast=autocast,
+                                  opaque_submodules=not strict))
     return summarize(annotate(g, device=device, rules=rules, strict=strict))
 
 

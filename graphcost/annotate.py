@@ -8,7 +8,8 @@ Writes, on a copy of the graph, for each op node:
                     does not reach it)
     saved           frozenset of storage ids autograd keeps for this op's backward
     bytes_read, bytes_written, weight_bytes (bytes of parameters it reads)
-and on the graph: `unsupported_ops` (Counter of op names), `device`, and `saved_storages`
+and on the graph: `unsupported_ops` (Counter of op names; a submodule graphcost could not trace
+is 'opaque module PATH (TYPE)', graphcost.opaque), `device`, and `saved_storages`
 ({storage id: bytes} of every storage saved for backward that is not a parameter, buffer,
 constant or model input), `extra_storages` (storages the kernels create: their owner is the op).
 """
@@ -26,6 +27,8 @@ from graphcost.autocast import as_cast, cast_dtype, cast_inputs
 from graphcost.errors import GraphcostError, UnsupportedOpError
 from graphcost.graph import op_nodes
 from graphcost.hardware import Device, get_device
+from graphcost.opaque import OPAQUE, unsupported_name
+from graphcost.opaque import warning as opaque_warning
 from graphcost.rules import REGISTRY
 from graphcost.rules.registry import (OpCost, Out, RuleContext, RuleRegistry, TensorSpec, Value,
                                       values_in)
@@ -77,7 +80,7 @@ def annotate(graph: nx.DiGraph, *, device: str | Device = "cpu", rules: RuleRegi
             kwargs = {k: _replace_values(x, copied) for k, x in kwargs.items()}
             inputs = tuple(copied.get(v, v) for v in inputs)
         if rule is None:
-            unsupported[data["op"]] += 1
+            unsupported[unsupported_name(data)] += 1
             cost = None
         else:
             ctx = RuleContext(name=name, op=data["target"], args=args,
@@ -135,14 +138,28 @@ def annotate(graph: nx.DiGraph, *, device: str | Device = "cpu", rules: RuleRegi
     g.graph["storage_alias"] = layouts.alias
     g.graph["unsupported_ops"] = unsupported
     if unsupported:
-        listing = ", ".join(f"{op} (x{n})" for op, n in sorted(unsupported.items()))
-        if strict:
-            raise UnsupportedOpError(
-                f"no cost rule for: {listing}. Add one with graphcost.register_rule "
-                "(see docs/rules.md), or drop --strict to list them as unsupported.")
-        warnings.warn(f"graphcost: no cost rule for {listing}; their costs are NOT included "
-                      "(listed under unsupported_ops)", stacklevel=2)
+        _warn_unsupported(g, unsupported, strict)
     return g
+
+
+def _warn_unsupported(g: nx.DiGraph, unsupported: Counter[str], strict: bool) -> None:
+    """One warning for the ops without a rule and one for the opaque stand-ins of submodules
+    graphcost could not trace (graphcost.opaque); with `strict`, an UnsupportedOpError."""
+    listing = ", ".join(f"{op} (x{n})" for op, n in sorted(unsupported.items()))
+    if strict:
+        raise UnsupportedOpError(
+            f"no cost rule for: {listing}. Add one with graphcost.register_rule "
+            "(see docs/rules.md), or drop --strict to list them as unsupported.")
+    opaque = [n for n in op_nodes(g)
+              if g.nodes[n]["target"] is OPAQUE and g.nodes[n]["cost"] is None]
+    opaque_names = {unsupported_name(g.nodes[n]) for n in opaque}
+    plain = ", ".join(f"{op} (x{n})" for op, n in sorted(unsupported.items())
+                      if op not in opaque_names)
+    if plain:
+        warnings.warn(f"graphcost: no cost rule for {plain}; their costs are NOT included "
+                      "(listed under unsupported_ops)", stacklevel=3)
+    if opaque:
+        warnings.warn(opaque_warning(g, opaque), stacklevel=3)
 
 
 def new_storages(g: nx.DiGraph, node: str, *, with_saved: bool = True) -> list[int]:

@@ -11,12 +11,13 @@ from pathlib import Path
 from graphcost.analysis import Analysis
 from graphcost.errors import ConfigError
 from graphcost.graph import op_nodes
+from graphcost.opaque import unsupported_name
 from graphcost.rules import REGISTRY
 
 
 @dataclass(frozen=True)
 class CoverageRow:
-    op: str  # "aten.linear.default"
+    op: str  # "aten.linear.default"; "opaque module PATH (TYPE)" for graphcost.opaque
     count: int  # nodes of the graph running it
     rule: str  # "graphcost.rules.matmul.linear_cost", or "" when unsupported
     forward_flops: int
@@ -35,9 +36,10 @@ def coverage(analysis: Analysis) -> list[CoverageRow]:
     targets = {}
     for n in op_nodes(g):
         d = g.nodes[n]
-        counts[d["op"]] += 1
-        targets[d["op"]] = d["target"]
-        f = flops.setdefault(d["op"], [0, 0])
+        op = unsupported_name(d)  # a module stood in for (graphcost.opaque) is one row each
+        counts[op] += 1
+        targets[op] = d["target"]
+        f = flops.setdefault(op, [0, 0])
         f[0] += d["forward_flops"]
         f[1] += d["backward_flops"]
     rows = []

@@ -31,6 +31,7 @@ import torch
 from torch.export.graph_signature import InputKind
 from torch.multiprocessing.reductions import StorageWeakRef
 
+from graphcost import opaque
 from graphcost.rules.registry import TensorSpec, Value, op_name, values_in
 from graphcost.trace import Trace
 
@@ -84,11 +85,13 @@ def _call_types_of(node: torch.fx.Node) -> tuple[str, ...]:
 
 def _source(node: torch.fx.Node) -> str:
     """The innermost frame of the model's own code ('file:line: code'), skipping torch's files
-    (nn.Linear's `F.linear(...)` says less than the model line that called the Linear)."""
+    (nn.Linear's `F.linear(...)` says less than the model line that called the Linear) and
+    graphcost's stand-ins for modules export cannot capture (graphcost.opaque)."""
     lines = (node.meta.get("stack_trace") or "").strip().splitlines()
     frames = [(lines[i].strip(), lines[i + 1].strip() if i + 1 < len(lines) else "")
               for i in range(len(lines)) if lines[i].lstrip().startswith("File ")]
-    own = [f for f in frames if f"{os.sep}torch{os.sep}" not in f[0]] or frames
+    own = [f for f in frames if f"{os.sep}torch{os.sep}" not in f[0]
+           and f'"{opaque.__file__}"' not in f[0]] or frames
     if not own:
         return ""
     where, code = own[-1]

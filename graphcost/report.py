@@ -17,6 +17,7 @@ from collections.abc import Iterable, Sequence
 
 
 from graphcost.analysis import Analysis, GroupRow
+from graphcost.opaque import OPAQUE_PREFIX
 
 BYTE_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
 FLOP_UNITS = ("FLOP", "KFLOP", "MFLOP", "GFLOP", "TFLOP", "PFLOP", "EFLOP", "ZFLOP", "YFLOP")
@@ -110,8 +111,13 @@ def unsupported_line(analysis: Analysis) -> str:
     if not analysis.unsupported_ops:
         return ""
     listing = ", ".join(f"{op} (x{n})" for op, n in sorted(analysis.unsupported_ops.items()))
+    fixes = []
+    if any(not op.startswith(OPAQUE_PREFIX) for op in analysis.unsupported_ops):
+        fixes.append("add a rule with graphcost.register_rule (docs/rules.md)")
+    if any(op.startswith(OPAQUE_PREFIX) for op in analysis.unsupported_ops):
+        fixes.append("make an opaque module's forward traceable (docs/graph.md)")
     return (f"!! UNSUPPORTED OPS, their costs are NOT included: {listing}. "
-            "Add a rule with graphcost.register_rule (docs/rules.md).")
+            f"{'; '.join(fixes).capitalize()}.")
 
 
 def _inputs(analysis: Analysis) -> str:

@@ -6,7 +6,11 @@ Every node of the result keeps `meta["val"]` (a fake tensor: shape, dtype, strid
 
 from __future__ import annotations
 
+import contextlib
+import io
+import linecache
 import operator
+import sys
 import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,7 +21,15 @@ from torch import nn
 
 from graphcost.blocks import RepeatedBlocks, find_repeated_blocks, first_two_blocks
 from graphcost.errors import TraceError
+from graphcost.opaque import CannotStandIn, StandIn, add_stand_in, first_line, standing_in
 from graphcost.rules.registry import TensorSpec
+
+
+WHAT_TO_DO = ("\n  what to do: graphcost traces with torch.export (non-strict) on meta tensors, "
+              "so the forward must not read tensor values (no .item(), no Python branches on "
+              "tensor data, no data-dependent shapes). Make such control flow static, use "
+              "torch.cond / torch.where, or check that the example inputs have the shapes and "
+              "dtypes the model expects.")
 
 
 def spec(shape: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -50,13 +62,15 @@ def _as_tensor(x: Any, device: torch.device) -> Any:
 
 def trace(module: nn.Module, example_inputs: Any, *, kwargs: dict | None = None,
           model_name: str | None = None, reuse_blocks: bool = True,
-          autocast: torch.dtype | None = None) -> Trace:
+          autocast: torch.dtype | None = None, opaque_submodules: bool = True) -> Trace:
     """Export `module` called on `example_inputs` (tensors, meta tensors or TensorSpecs).
 
     With `reuse_blocks`, a stack of identical blocks is exported with its first two blocks only
     (graphcost.blocks); `Trace.blocks` then says how many the model really has. With
     `autocast` (torch.bfloat16 or torch.float16) the ops carry the dtypes they produce under
-    torch.autocast (graphcost.autocast)."""
+    torch.autocast (graphcost.autocast). With `opaque_submodules`, a submodule torch.export
+    cannot capture becomes one opaque op with the outputs it really has (graphcost.opaque), so
+    the rest of the model is still traced; without, its failure is a TraceError."""
     if not isinstance(module, nn.Module):
         raise TraceError(f"expected an nn.Module, got {type(module).__name__}")
     name = model_name or type(module).__name__
@@ -67,16 +81,14 @@ def trace(module: nn.Module, example_inputs: Any, *, kwargs: dict | None = None,
     kwargs = {k: _as_tensor(v, device) for k, v in (kwargs or {}).items()}
     blocks = find_repeated_blocks(module) if reuse_blocks else None
     try:
-        if blocks is None:
-            program = torch.export.export(module, args, kwargs, strict=False)
-        else:
-            with first_two_blocks(module, blocks):
-                program = torch.export.export(module, args, kwargs, strict=False)
-    except Exception as exc:  # noqa: BLE001 - re-raised with where and what to do
+        with first_two_blocks(module, blocks) if blocks else contextlib.nullcontext():
+            program = _export(module, args, kwargs, name, opaque_submodules)
+    except TraceError:
         if blocks is not None:  # the shortened model may be what failed: try the real one
             return trace(module, example_inputs, kwargs=kwargs, model_name=model_name,
-                         reuse_blocks=False, autocast=autocast)
-        raise TraceError(_explain_trace_failure(name, module, exc)) from exc
+                         reuse_blocks=False, autocast=autocast,
+                         opaque_submodules=opaque_submodules)
+        raise
     inline_grad_mode_regions(program.graph_module)
     if autocast is not None:
         from graphcost.autocast import rerun
@@ -129,27 +141,101 @@ def inline_grad_mode_regions(gm: torch.fx.GraphModule) -> None:
     graph.lint()
 
 
+@dataclass(frozen=True)
+class _Failure:
+    """Why an export cannot be used, and where."""
+
+    path: str | None  # the innermost submodule it happened in; None: the root module's own code
+    reason: str  # one line
+    message: str  # what TraceError says: what, where, what to do
+
+
+def _export(module: nn.Module, args: tuple, kwargs: dict, name: str,
+            opaque_submodules: bool) -> torch.export.ExportedProgram:
+    """torch.export.export, non-strict; with `opaque_submodules`, each submodule that cannot be
+    captured (its forward fails, or an output shape depends on tensor values) is stood in for
+    (graphcost.opaque) and the export tried again."""
+    stand_ins: list[StandIn] = []
+    first_failures: dict[str, _Failure] = {}  # by module: what made graphcost stand in for it
+    while True:
+        cause = None
+        try:
+            with standing_in(stand_ins):
+                program = _export_quietly(module, args, kwargs)
+        except Exception as exc:  # noqa: BLE001 - stood in for, or re-raised with what to do
+            cause = exc
+            failure = _Failure(_failing_submodule(module, exc), first_line(exc),
+                               _explain_trace_failure(name, module, exc))
+        else:
+            failure = _data_dependent_shape(name, module, program)
+            if failure is None:
+                return program
+        if failure.path is None:
+            raise TraceError(failure.message) from cause
+        if not opaque_submodules:
+            raise TraceError(f"{failure.message}\n  without --strict (analyze(strict=False)), "
+                             "graphcost tries to analyse the rest of the model and to list "
+                             f"module {failure.path} as unsupported") from cause
+        first = first_failures.setdefault(failure.path, failure)
+        try:
+            stand_ins = add_stand_in(module, failure.path, args, kwargs, stand_ins,
+                                     failure.reason)
+        except CannotStandIn as why:
+            raise TraceError(f"{first.message}\n  graphcost cannot analyse the rest of the "
+                             f"model without module {failure.path} either: {why}") from cause
+
+
+def _data_dependent_shape(name: str, module: nn.Module,
+                          program: torch.export.ExportedProgram) -> _Failure | None:
+    """The first op whose output shape depends on tensor values (torch.nonzero, a boolean
+    mask, a size read with .item()): export follows it with a symbol, graphcost cannot."""
+    from graphcost.graph import _module_of, _source  # graph builds on this module
+
+    for node in program.graph.nodes:
+        val = node.meta.get("val")
+        for t in val if isinstance(val, (list, tuple)) else [val]:
+            if isinstance(t, torch.Tensor) and not all(isinstance(s, int) for s in t.shape):
+                path, mtype = _module_of(node)
+                reason = (f"the output shape of {node.target}, {tuple(t.shape)}, depends on "
+                          "tensor values")
+                return _Failure(path or None, reason,
+                                f"cannot trace model {name!r}: {reason}\n  in module "
+                                f"{path or '<root>'} ({mtype or type(module).__name__}), "
+                                f"{_source(node)}{WHAT_TO_DO}")
+    return None
+
+
+def _export_quietly(module: nn.Module, args: tuple, kwargs: dict) -> torch.export.ExportedProgram:
+    """torch.export.export, whose stderr is passed on only when it succeeds (on failure it
+    prints its partial graph: graphcost's own message or stand-in replaces that)."""
+    held = io.StringIO()
+    with contextlib.redirect_stderr(held):
+        program = torch.export.export(module, args, kwargs, strict=False)
+    sys.stderr.write(held.getvalue())
+    return program
+
+
+def _module_frames(module: nn.Module, exc: BaseException) -> list[tuple[str, str, str, int]]:
+    """(module path, type name, file, line) of each frame of `exc`'s traceback that runs a
+    method of one of `module`'s modules, outermost first; the root's path is ""."""
+    paths = {id(m): (path, type(m).__name__) for path, m in module.named_modules()}
+    return [(*paths[id(frame.f_locals.get("self"))], frame.f_code.co_filename, lineno)
+            for frame, lineno in traceback.walk_tb(exc.__traceback__)
+            if id(frame.f_locals.get("self")) in paths]
+
+
+def _failing_submodule(module: nn.Module, exc: BaseException) -> str | None:
+    """The path of the innermost submodule (not the root) whose forward raised `exc`."""
+    frames = _module_frames(module, exc)
+    return frames[-1][0] if frames and frames[-1][0] else None
+
+
 def _explain_trace_failure(name: str, module: nn.Module, exc: BaseException) -> str:
     """Name the innermost module whose forward was running, its source line, and a fix."""
-    paths = {id(m): (path or "<root>", type(m).__name__) for path, m in module.named_modules()}
-    where = None
-    for frame, lineno in traceback.walk_tb(exc.__traceback__):
-        owner = frame.f_locals.get("self")
-        if id(owner) in paths:
-            where = (paths[id(owner)], frame.f_code.co_filename, lineno)
-    first_line = (str(exc).strip().splitlines() or [""])[0][:300]
-    msg = f"cannot trace model {name!r}: {type(exc).__name__}: {first_line}"
-    if where:
-        (path, mtype), filename, lineno = where
-        import linecache
-
+    msg = f"cannot trace model {name!r}: {first_line(exc)}"
+    frames = _module_frames(module, exc)
+    if frames:
+        path, mtype, filename, lineno = frames[-1]
         src = linecache.getline(filename, lineno).strip()
-        msg += f"\n  in module {path} ({mtype}), {filename}:{lineno}: {src}"
-    msg += ("\n  what to do: graphcost traces with torch.export (non-strict) on meta tensors, so "
-            "the forward must not read tensor values (no .item(), no Python branches on tensor "
-            "data, no data-dependent shapes). Make such control flow static, use torch.cond / "
-            "torch.where, or check that the example inputs have the shapes and dtypes the model "
-            "expects.")
-    return msg
-
-
+        msg += f"\n  in module {path or '<root>'} ({mtype}), {filename}:{lineno}: {src}"
+    return msg + WHAT_TO_DO
