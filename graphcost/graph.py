@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import operator
 import os
+import weakref
 from typing import Any
 
 import networkx as nx
@@ -195,7 +196,16 @@ def build_graph(tr: Trace) -> nx.DiGraph:
     return g
 
 
+_OP_NODES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def op_nodes(g: nx.DiGraph) -> list[str]:
-    """Op nodes in execution order."""
-    return sorted((n for n, d in g.nodes(data=True) if d["kind"] == "op"),
-                  key=lambda n: g.nodes[n]["order"])
+    """Op nodes in execution order (a new list; the order is computed once per graph and size:
+    the passes ask for it many times, and no pass reorders a graph)."""
+    size = (g.number_of_nodes(), g.number_of_edges())
+    cached = _OP_NODES.get(g)
+    if cached is None or cached[0] != size:
+        cached = (size, sorted((n for n, d in g.nodes(data=True) if d["kind"] == "op"),
+                               key=lambda n: g.nodes[n]["order"]))
+        _OP_NODES[g] = cached
+    return list(cached[1])

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections import defaultdict
 from dataclasses import dataclass, field
 
 import networkx as nx
@@ -405,18 +406,17 @@ def _op_stages(g, pp: int) -> dict[str, int]:
 def _largest_block_param_bytes(g, plan: ParallelPlan, split: TensorSplit) -> int:
     """FSDP all-gathers one block's parameters (TP-local) for its forward and backward and
     reduce-scatters its gradients from a buffer of the same size."""
-    ops = op_nodes(g)
-    blocks = main_blocks(g, ops)
-    best = 0
-    for b in blocks or [""]:
-        total = 0
-        for n, d in _params(g):
-            if not b or d["names"][0].startswith(b + "."):
-                spec = d["outputs"][0]
-                shape = local_shape(spec.shape, split.param_dims.get(n), plan.tp, 0)
-                total += math.prod(shape) * spec.dtype.itemsize
-        best = max(best, total)
-    return best
+    blocks = set(main_blocks(g))
+    totals: dict[str, int] = defaultdict(int)  # by block ("": the whole model, without blocks)
+    for n, d in _params(g):
+        parts = d["names"][0].split(".")
+        block = next((p for p in (".".join(parts[:k]) for k in range(1, len(parts)))
+                      if p in blocks), None) if blocks else ""
+        if block is not None:
+            spec = d["outputs"][0]
+            shape = local_shape(spec.shape, split.param_dims.get(n), plan.tp, 0)
+            totals[block] += math.prod(shape) * spec.dtype.itemsize
+    return max(totals.values(), default=0)
 
 
 def check_plan(analysis: Analysis, plan: ParallelPlan) -> None:
