@@ -40,7 +40,7 @@ from graphcost.graph import op_nodes
 from graphcost.passes.checkpoint import Plan, Region, _module_calls, main_blocks, plan
 from graphcost.passes.schedule import EventTable, MemoryTimeline, TrainingConfig, _Walk
 
-MAX_RUNS = 3  # each run costs one more short walk
+MAX_RUNS = 4  # each run costs one more short walk (a sorted mix of the 4 options: 4)
 MAX_PERIOD = 4  # units of up to this many atoms (every-K alternates full and none blocks)
 MAX_WALKED_SHARE = 0.6  # derive only when the short walks add up to at most this share of L
 

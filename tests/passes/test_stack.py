@@ -181,3 +181,20 @@ def test_bf16_model_with_dropout():
         config = TrainingConfig(checkpoint=policy)
         assert_same(derived_timeline(analysis.graph, config),
                     training_timeline(analysis, config, derive=False))
+
+
+def test_mixed_precision_on_a_cuda_device(monkeypatch):
+    """Under autocast, for a GPU's kernels (foreach AdamW by default there), a per-block mix of
+    all four options: three runs and literal blocks, four short walks."""
+    monkeypatch.setattr(stack, "MAX_WALKED_SHARE", 4.0)
+    module, inputs = load("llama3-8b", seq=16, n_layers=L, dim=64, n_heads=4, n_kv_heads=2,
+                          ffn_dim=128, with_targets=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        analysis = analyze(module, inputs, device="h100-sxm", autocast=torch.bfloat16)
+    for policy in ("none", "full", "per-block:none*4,selective*3,save-matmuls*3,full*2"):
+        config = TrainingConfig(checkpoint=policy)
+        derived = derived_timeline(analysis.graph, config)
+        assert derived is not None, policy
+        assert derived.optimizer_impl == "foreach"
+        assert_same(derived, training_timeline(analysis, config, derive=False))
