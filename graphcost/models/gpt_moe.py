@@ -27,9 +27,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from graphcost.models.gpt2 import GPT2, GPT2Config
+from graphcost.models.moe import balanced_routes
 
 
 @dataclass
@@ -74,16 +74,9 @@ class MoEMLP(nn.Module):
     def forward(self, x):
         B, T, D = x.shape
         tokens = x.reshape(-1, D)  # (N, D)
-        n, k, e = tokens.shape[0], self.top_k, self.n_experts
-        scores, _ = torch.topk(self.gate(tokens), k, dim=-1)  # (N, k)
-        weights = F.softmax(scores, dim=-1, dtype=torch.float).to(x.dtype).reshape(-1)  # (N k,)
-        capacity = math.ceil(self.capacity_factor * k * n / e)
-        # balanced dispatch (graphcost.models.moe): expert i takes pairs i*capacity ...
-        pairs = torch.arange(e * capacity, device=x.device)  # (E C,)
-        valid = (pairs < n * k).to(x.dtype)
-        pairs = pairs % (n * k)
-        token_of = pairs // k
-        xe = tokens[token_of].view(e, capacity, D)  # (E, C, D)
+        capacity, weights, pairs, valid, token_of = balanced_routes(
+            self.gate, tokens, self.top_k, self.n_experts, self.capacity_factor)
+        xe = tokens[token_of].view(self.n_experts, capacity, D)  # (E, C, D)
         h = self.gelu(torch.baddbmm(self.b_fc[:, None, :], xe, self.w_fc))  # (E, C, 4D)
         y = torch.baddbmm(self.b_proj[:, None, :], h, self.w_proj).reshape(-1, D)  # (E C, D)
         y = y * (weights[pairs] * valid)[:, None]

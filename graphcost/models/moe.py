@@ -24,6 +24,22 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+def balanced_routes(gate: nn.Module, tokens: torch.Tensor, top_k: int, n_experts: int,
+                    capacity_factor: float) -> tuple:
+    """The router's weights and the balanced dispatch (module docstring): expert i takes the
+    (token, choice) pairs i*capacity ...; slots past the N k pairs (a capacity factor above 1)
+    repeat pairs and carry no weight. Returns capacity, the weights (N k,), and per slot (E C,)
+    its pair, whether it is valid (1.0/0.0) and its token."""
+    n, k, e = tokens.shape[0], top_k, n_experts
+    scores, _ = torch.topk(gate(tokens), k, dim=-1)  # (N, k)
+    weights = F.softmax(scores, dim=-1, dtype=torch.float).to(tokens.dtype).reshape(-1)  # (N k,)
+    capacity = math.ceil(capacity_factor * k * n / e)
+    pairs = torch.arange(e * capacity, device=tokens.device)  # (E C,)
+    valid = (pairs < n * k).to(tokens.dtype)
+    pairs = pairs % (n * k)
+    return capacity, weights, pairs, valid, pairs // k
+
+
 class MoEFeedForward(nn.Module):
     def __init__(self, dim: int, make_expert, n_experts: int, top_k: int,
                  capacity_factor: float = 1.0):
@@ -41,16 +57,8 @@ class MoEFeedForward(nn.Module):
     def forward(self, x):
         B, T, D = x.shape
         tokens = x.reshape(-1, D)  # (N, D)
-        n, k, e = tokens.shape[0], self.top_k, self.n_experts
-        scores, _ = torch.topk(self.gate(tokens), k, dim=-1)  # (N, k)
-        weights = F.softmax(scores, dim=-1, dtype=torch.float).to(x.dtype).reshape(-1)  # (N k,)
-        capacity = math.ceil(self.capacity_factor * k * n / e)
-        # balanced dispatch (module docstring): expert i takes pairs i*capacity ...; slots past
-        # the N k pairs (a capacity factor above 1) repeat pairs and carry no weight
-        pairs = torch.arange(e * capacity, device=x.device)  # (E C,)
-        valid = (pairs < n * k).to(x.dtype)
-        pairs = pairs % (n * k)
-        token_of = pairs // k
+        capacity, weights, pairs, valid, token_of = balanced_routes(
+            self.gate, tokens, self.top_k, self.n_experts, self.capacity_factor)
         out = torch.zeros_like(tokens)
         for i, expert in enumerate(self.experts):
             slots = slice(i * capacity, (i + 1) * capacity)
