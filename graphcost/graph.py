@@ -196,16 +196,37 @@ def build_graph(tr: Trace) -> nx.DiGraph:
     return g
 
 
-_OP_NODES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_MEMOS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def graph_memo(g: nx.DiGraph) -> dict:
+    """A cache of results that depend only on a costed graph, dropped with it. The passes do
+    not change a graph once costed; the one place that rewrites one in place
+    (graphcost.passes.retrace) calls `forget` after."""
+    return _MEMOS.setdefault(g, {})
+
+
+def forget(g: nx.DiGraph) -> None:
+    _MEMOS.pop(g, None)
+
+
+def _memoized(g: nx.DiGraph, key: str, compute):
+    """compute(), once per graph and node count (a graph still being built grows)."""
+    memo, size = graph_memo(g), g.number_of_nodes()
+    if key not in memo or memo[key][0] != size:
+        memo[key] = (size, compute())
+    return memo[key][1]
 
 
 def op_nodes(g: nx.DiGraph) -> list[str]:
-    """Op nodes in execution order (a new list; the order is computed once per graph and size:
-    the passes ask for it many times, and no pass reorders a graph)."""
-    size = (g.number_of_nodes(), g.number_of_edges())
-    cached = _OP_NODES.get(g)
-    if cached is None or cached[0] != size:
-        cached = (size, sorted((n for n, d in g.nodes(data=True) if d["kind"] == "op"),
-                               key=lambda n: g.nodes[n]["order"]))
-        _OP_NODES[g] = cached
-    return list(cached[1])
+    """Op nodes in execution order (a new list)."""
+    return list(_memoized(g, "op_nodes", lambda: sorted(
+        (n for n, d in g.nodes(data=True) if d["kind"] == "op"),
+        key=lambda n: g.nodes[n]["order"])))
+
+
+def op_inputs(g: nx.DiGraph) -> dict[str, list[Value]]:
+    """The tensor values each op reads, args then kwargs (do not modify the lists)."""
+    return _memoized(g, "op_inputs", lambda: {
+        n: values_in((d["args"], list(d["kwargs"].values())))
+        for n, d in g.nodes(data=True) if d["kind"] == "op"})

@@ -36,14 +36,13 @@ from __future__ import annotations
 import fnmatch
 import math
 import re
-import weakref
 from collections import defaultdict
 from dataclasses import dataclass
 
 import networkx as nx
 
 from graphcost.errors import ConfigError
-from graphcost.graph import op_nodes
+from graphcost.graph import graph_memo, op_nodes
 
 BUILTIN_POLICIES = ("none", "full", "every-2", "sqrt", "selective", "save-matmuls")
 BLOCK_OPTIONS = ("none", "selective", "save-matmuls", "full")  # what per-block mixes
@@ -217,14 +216,11 @@ def segment_size(n_blocks: int) -> int:
     return math.ceil(math.sqrt(n_blocks))
 
 
-_MEMO: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # costed graph -> results
-
-
 def _memo(g: nx.DiGraph, name: str, ops: list[str], compute):
-    """A result that depends only on the costed graph (not changed after annotate) and its op
-    order, computed once per graph: the walks of many policies ask for it again."""
+    """A result of the costed graph and its op order, computed once per graph (graph_memo):
+    the walks of many policies ask for it again."""
     key = (name, len(ops), ops[0] if ops else None, ops[-1] if ops else None)
-    memo = _MEMO.setdefault(g, {})
+    memo = graph_memo(g)
     if key not in memo:
         memo[key] = compute()
     return memo[key]

@@ -30,7 +30,7 @@ import math
 from dataclasses import dataclass, field
 
 from graphcost.analysis import Analysis
-from graphcost.graph import op_nodes
+from graphcost.graph import op_inputs, op_nodes
 from graphcost.hardware import Device, get_device
 from graphcost.network import Network, all_gather_bytes, all_reduce_bytes, network_for
 from graphcost.passes.checkpoint import main_blocks, short_op
@@ -220,11 +220,11 @@ def _tp_all_reduces(g, ops, split: TensorSplit) -> list[tuple[str, int, bool]]:
     """(op, bytes, in the forward?) of each tensor-parallel all-reduce of a micro-batch:
     forward outputs of row-parallel linears and vocab-parallel embeddings, backward input
     gradients of column-parallel linears (one per input value)."""
-    out, seen_inputs = [], set()
+    out, seen_inputs, reads = [], set(), op_inputs(g)
     for n in ops:
         d = g.nodes[n]
         name = short_op(d["op"])
-        inputs = values_in((d["args"], list(d["kwargs"].values())))
+        inputs = reads[n]
         if name in LINEAR_OPS and inputs:
             x = inputs[0]
             row = (x.node, x.index) in split.split_values
@@ -240,9 +240,9 @@ def _tp_all_reduces(g, ops, split: TensorSplit) -> list[tuple[str, int, bool]]:
 
 def _boundary_bytes(g, ops, stage_of, plan: ParallelPlan) -> float:
     """The largest activation that crosses from one pipeline stage to the next."""
-    largest = 0
+    largest, reads = 0, op_inputs(g)
     for n in ops:
-        for v in values_in((g.nodes[n]["args"], list(g.nodes[n]["kwargs"].values()))):
+        for v in reads[n]:
             if v.node in stage_of and stage_of[v.node] < stage_of[n]:
                 nbytes = v.spec.nbytes
                 if plan.sequence_parallel:

@@ -46,7 +46,7 @@ from torch.export.graph_signature import InputKind
 from graphcost.analysis import summarize
 from graphcost.annotate import annotate
 from graphcost.blocks import expand_blocks
-from graphcost.graph import build_graph
+from graphcost.graph import build_graph, forget
 from graphcost.hardware import Device
 from graphcost.passes.inference import inference_memory
 from graphcost.passes.schedule import TrainingConfig, training_timeline
@@ -384,6 +384,7 @@ class _Carry:
                                            d["cost"].backward_workspace_bytes):
                     d["cost"] = replace(d["cost"], forward_workspace_bytes=forward,
                                         backward_workspace_bytes=backward)
+        forget(full)  # what was computed from the graph before it was rewritten
 
 
 # -- all together -----------------------------------------------------------------------------

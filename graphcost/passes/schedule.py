@@ -34,7 +34,6 @@ few activations (up to 2.3% on the zoo's small configs; the overall peak is not 
 
 from __future__ import annotations
 
-import weakref
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,10 +47,10 @@ from graphcost.analysis import Analysis
 from graphcost.annotate import new_storages, storage_root
 from graphcost.autocast import cast_dtype, cast_inputs
 from graphcost.errors import ConfigError
-from graphcost.graph import op_nodes
+from graphcost.graph import graph_memo, op_inputs, op_nodes
 from graphcost.passes.checkpoint import Plan, Region, parse_policy, plan
 from graphcost.passes.liveness import last_reads
-from graphcost.rules.registry import OpCost, values_in
+from graphcost.rules.registry import OpCost
 
 OPTIMIZERS = ("adamw", "adam", "sgd", "sgd-momentum")
 OPTIMIZER_IMPLS = ("auto", "single-tensor", "foreach", "fused")
@@ -281,7 +280,7 @@ class _GraphFacts:
                 self.params.append((sid, nbytes[sid]))
         self.reads: dict[str, set[int]] = {}
         self.new: dict[str, list[int]] = {}
-        self.inputs_of: dict[str, list] = {n: _inputs(self.nd[n]) for n in self.ops}
+        self.inputs_of: dict[str, list] = op_inputs(g)
         for n in self.ops:
             self.reads[n] = {find(v.storage) for v in self.inputs_of[n]}
             self.new[n] = new_storages(g, n)
@@ -305,13 +304,11 @@ class _GraphFacts:
                 self.param_consumers[node] += 1
 
 
-_FACTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
 def _facts(g: nx.DiGraph) -> _GraphFacts:
-    if g not in _FACTS:
-        _FACTS[g] = _GraphFacts(g)
-    return _FACTS[g]
+    memo = graph_memo(g)
+    if "walk facts" not in memo:
+        memo["walk facts"] = _GraphFacts(g)
+    return memo["walk facts"]
 
 
 class _Walk:
@@ -742,10 +739,6 @@ _NOT_DIFFERENTIABLE = {aten.type_as.default: (1,), aten.view_as.default: (1,),
                        aten.reshape_as.default: (1,), aten.expand_as.default: (1,),
                        aten.zeros_like.default: (0,), aten.ones_like.default: (0,),
                        aten.empty_like.default: (0,), aten.full_like.default: (0,)}
-
-
-def _inputs(d: dict) -> list:
-    return values_in((d["args"], list(d["kwargs"].values())))
 
 
 def _cost(d: dict) -> OpCost:

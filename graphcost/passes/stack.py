@@ -28,7 +28,6 @@ the derived timelines against full walks, event for event, on every zoo family a
 from __future__ import annotations
 
 import bisect
-import weakref
 from dataclasses import dataclass, replace
 from functools import cached_property
 
@@ -36,7 +35,7 @@ import networkx as nx
 import numpy as np
 
 from graphcost.blocks import BlockTemplate
-from graphcost.graph import op_nodes
+from graphcost.graph import graph_memo, op_nodes
 from graphcost.passes.checkpoint import Plan, Region, _module_calls, main_blocks, plan
 from graphcost.passes.schedule import EventTable, MemoryTimeline, TrainingConfig, _Walk
 
@@ -86,15 +85,13 @@ class _Stack:
         return where
 
 
-_FULL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # full graph -> its _Stack
-
-
 def _full_stack(g: nx.DiGraph, template: BlockTemplate) -> _Stack | None:
-    if g not in _FULL:
+    memo = graph_memo(g)
+    if "stack" not in memo:
         stack = _Stack(g, template.blocks.path, template.blocks.count)
         blocks = [f"{template.blocks.path}.{i}" for i in range(template.blocks.count)]
-        _FULL[g] = stack if stack.ok and main_blocks(g, stack.ops) == blocks else None
-    return _FULL[g]
+        memo["stack"] = stack if stack.ok and main_blocks(g, stack.ops) == blocks else None
+    return memo["stack"]
 
 
 @dataclass(frozen=True)
