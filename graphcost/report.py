@@ -110,7 +110,11 @@ def unsupported_line(analysis: Analysis) -> str:
     """The loud line naming every op without a cost rule ('' when there are none)."""
     if not analysis.unsupported_ops:
         return ""
-    listing = ", ".join(f"{op} (x{n})" for op, n in sorted(analysis.unsupported_ops.items()))
+    grouped: dict[str, int] = {}  # opaque modules of a stack as one entry: layers.*.router
+    for op, n in sorted(analysis.unsupported_ops.items()):
+        key = re.sub(r"(?<=\.)\d+(?=\.| )", "*", op) if op.startswith(OPAQUE_PREFIX) else op
+        grouped[key] = grouped.get(key, 0) + n
+    listing = ", ".join(f"{op} (x{n})" for op, n in grouped.items())
     fixes = []
     if any(not op.startswith(OPAQUE_PREFIX) for op in analysis.unsupported_ops):
         fixes.append("add a rule with graphcost.register_rule (docs/rules.md)")

@@ -21,6 +21,7 @@ from graphcost.graph import build_graph, op_nodes
 from graphcost.groundtruth import measure_flops
 from graphcost.passes.inference import inference_memory
 from graphcost.passes.schedule import training_timeline
+from graphcost.report import unsupported_line
 from graphcost.trace import trace
 from tests.helpers import assert_user_error, run_cli
 
@@ -271,6 +272,8 @@ def test_repeated_blocks_are_still_exported_twice_and_copied():
     assert reused.params == n_params(model)
     every = analyze_quietly(model, (meta_input(),), reuse_blocks=False)
     assert every.totals() == reused.totals()
+    # the report names them once, as a stack: the JSON keeps one entry per module
+    assert "opaque module layers.*.router (WideRouter) (x4)." in unsupported_line(reused)
 
 
 def test_memory_passes_run_and_count_the_weights():
