@@ -358,37 +358,11 @@ def test_strict_refuses_with_the_module_and_line():
 
 # ---------------------------------------------------------------- the command line
 
-MODEL_FILE = '''
-import torch
-from torch import nn
-
-
-class Router(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.proj = nn.Linear(8, 8)
-
-    def forward(self, x):
-        y = self.proj(x)
-        if y.sum() > 0:  # data-dependent
-            return torch.relu(y)
-        return y
-
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.up = nn.Linear(8, 8)
-        self.router = Router()
-        self.down = nn.Linear(8, 4)
-
-    def forward(self, x):
-        return self.down(self.router(self.up(x)))
-
-
-def net():
-    return Net(), (torch.empty(2, 8),)
-'''
+# the module's own Router and Net, in a file the CLI loads (`path.py:net`)
+MODEL_FILE = "\n".join([
+    "import torch", "from torch import nn", f"D = {D}", "",
+    inspect.getsource(Router), inspect.getsource(Net),
+    "def net():", "    return Net(Router()), (torch.empty(2, D),)", ""])
 
 
 @pytest.fixture(scope="module")
