@@ -170,8 +170,8 @@ class MemoryTimeline:
     recomputed_ops: tuple[str, ...] = ()  # the forward ops run again, once per micro-batch
     # bytes kept for backward at the end of a forward (see KeptTensors)
     saved_activation_bytes: int = 0
-    # KeptTensors, or how to get them (a timeline derived from a shortened stack walks the
-    # whole graph when they are asked for: passes/stack.py)
+    # KeptTensors, or how to get them (a timeline derived from a shortened stack reads them
+    # off the whole graph when they are asked for, without walking it: passes/stack.py)
     kept: KeptTensors | Callable[[], KeptTensors] = field(default=None, repr=False)
     # kept bytes by the block of the main stack that keeps them (-1: before the stack, the
     # number of blocks: after it), when the timeline was derived from a shortened stack
@@ -374,15 +374,18 @@ class _Walk:
                 self.backward(step)
             self.optimizer(step, create_state=not state_created)
             state_created = True
-        kept = {sid: self.nbytes[sid] for sid in self.savers if sid not in self.persistent}
         return MemoryTimeline(self.config, EventTable.from_rows(self.rows), self.optimizer_impl,
                               plan=self.plan,
                               recompute_flops=sum(r.recompute_flops for r in self.regions),
                               recompute_bytes=sum(r.recompute_bytes for r in self.regions),
                               recomputed_ops=tuple(n for r in self.regions for n in r.rerun),
                               saved_activation_bytes=self.saved_activation_bytes,
-                              kept=KeptTensors(kept, {sid: tuple(self.holders[sid])
-                                                      for sid in kept}))
+                              kept=self.kept())
+
+    def kept(self) -> KeptTensors:
+        """What the forward keeps for backward, and who keeps it: known before walking."""
+        kept = {sid: self.nbytes[sid] for sid in self.savers if sid not in self.persistent}
+        return KeptTensors(kept, {sid: tuple(self.holders[sid]) for sid in kept})
 
     def _region(self, index: int, region: Region) -> _Region:
         """What a checkpointed region holds and recomputes (torch.utils.checkpoint, non-reentrant,

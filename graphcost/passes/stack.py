@@ -376,7 +376,7 @@ def _derive(g: nx.DiGraph, full: _Stack, full_plan: Plan, pieces: list[_Piece],
         recompute_flops=linear("recompute_flops"), recompute_bytes=linear("recompute_bytes"),
         recomputed_ops=_recomputed(a, full, pieces),
         saved_activation_bytes=linear("saved_activation_bytes"),
-        kept=lambda: _Walk(g, config, full_plan).run().kept,
+        kept=lambda: _Walk(g, config, full_plan).kept(),
         block_kept_bytes=_block_kept(a, full, pieces))
 
 
