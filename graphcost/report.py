@@ -333,7 +333,7 @@ def _vs_best(optimum) -> tuple[int, float | None] | None:
     return extra, (best.recompute_flops / row.recompute_flops if row.recompute_flops else None)
 
 
-def checkpoint_optimum_dict(optimum, search_seconds: float | None = None) -> dict:
+def checkpoint_optimum_dict(optimum) -> dict:
     """The --json keys of a budget search (checkpoint_search.Optimum). `fits`: whether anything
     fits; `optimum`: the fitting policy with the least recompute (per_block: [] when it is one
     of the compared policies)."""
@@ -347,19 +347,18 @@ def checkpoint_optimum_dict(optimum, search_seconds: float | None = None) -> dic
         "best_builtin_recompute_ratio": vs[1] if vs else None,
         "smallest": optimum.smallest.as_dict(),
         "search_seconds": optimum.search_seconds,  # the integer program and the final walk
-        "total_seconds": search_seconds,  # with the walks of every option and policy
+        "total_seconds": optimum.total_seconds,  # with the walks of every option and policy
     }
 
 
 def checkpoint_report(rows, *, model: str, device: str, budget_line: str,
-                      skipped=(), optimum=None, search_seconds: float | None = None,
-                      unsupported: str = "") -> str:
+                      skipped=(), optimum=None, unsupported: str = "") -> str:
     """The policy table, and with a budget search its optimum (or, loudly, that nothing fits)."""
     lines = [f"graphcost checkpoint: {model} on {device}", f"  {budget_line}", "",
              checkpoint_table(rows)]
     lines += _skipped_lines(skipped)
     if optimum is not None:
-        lines += [""] + _optimum_lines(optimum, search_seconds)
+        lines += [""] + _optimum_lines(optimum)
     lines += ["", "peak: the highest point of the training steps walked; saved act.: what is "
               "kept for backward after the forward;",
               "recompute and hardware FLOPs (forward + backward + recompute) per optimizer step.",
@@ -380,12 +379,10 @@ def _skipped_lines(skipped) -> list[str]:
     return [f"  skipped {', '.join(ps)}: {why}" for why, ps in by_reason.items()]
 
 
-def _optimum_lines(optimum, search_seconds: float | None) -> list[str]:
+def _optimum_lines(optimum) -> list[str]:
     budget, row, best = optimum.budget_bytes, optimum.row, optimum.best_builtin
-    timing = f"{optimum.search_seconds:.2f} s (integer program and its walk)"
-    if search_seconds is not None:
-        timing += f", {search_seconds:.2f} s with every walk"
-    search = f"  search      {timing}"
+    search = (f"  search      {optimum.search_seconds:.2f} s (integer program and its walk), "
+              f"{optimum.total_seconds:.2f} s with every walk")
     if row is None:
         small = optimum.smallest
         return [f"!! NOTHING FITS in {format_bytes(budget)}: the smallest peak found is "

@@ -80,6 +80,8 @@ def test_budget_between_full_and_none_finds_a_cheaper_mix(capsys, rows_by_policy
                        key=lambda r: (r["recompute_flops"], r["peak_bytes"]))
     assert result["best_builtin_extra_recompute_flops"] == (best["recompute_flops"]
                                                             - optimum["recompute_flops"])
+    # the search (integer program and its walk) is part of the whole, walks included
+    assert 0 < result["search_seconds"] <= result["total_seconds"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
