@@ -155,24 +155,6 @@ def optimize(analysis: Analysis, budget_bytes: float, config: TrainingConfig | N
                    total_seconds=time.perf_counter() - started)
 
 
-def _block_kept(t: MemoryTimeline, where: dict[str, int], L: int) -> list[int]:
-    """Bytes each block keeps for its backward (index L: kept after the stack). A kept tensor
-    belongs to the first block that keeps it (the one whose backward releases it last): a
-    block's input kept by its checkpoint frame, made by the block before, is the keeping
-    block's."""
-    out = [0] * (L + 1)
-    if t.block_kept_bytes is not None:  # derived from a shortened stack (passes/stack.py)
-        for i, nbytes in t.block_kept_bytes.items():
-            if i >= 0:
-                out[min(i, L)] += nbytes
-        return out
-    for sid, nbytes in t.kept_storages.items():
-        i = min(where.get(n, L) for n in t.kept_by[sid])
-        if i >= 0:
-            out[min(i, L)] += nbytes
-    return out
-
-
 def _cheapest(r: PolicyRow) -> tuple:
     return r.recompute_flops, r.recompute_bytes, r.peak_bytes
 
@@ -208,7 +190,7 @@ class _Decomposition:
         self.traffic = np.zeros(len(self.options))
         for k, option in enumerate(self.options):
             t = walks[option]
-            self.kept[:, k] = _block_kept(t, where, L)[:L]
+            self.kept[:, k] = t.kept_bytes_by_block(where, L)[:L]
             prefix = np.concatenate([[0.0], np.cumsum(self.kept[:, k])])
             # each event's block: -1 before the stack (and the optimizer), L after it
             block = np.array([where.get(n, -1) for n in t.table.node])

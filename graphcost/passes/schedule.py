@@ -173,9 +173,8 @@ class MemoryTimeline:
     # KeptTensors, or how to get them (a timeline derived from a shortened stack reads them
     # off the whole graph when they are asked for, without walking it: passes/stack.py)
     kept: KeptTensors | Callable[[], KeptTensors] = field(default=None, repr=False)
-    # kept bytes by the block of the main stack that keeps them (-1: before the stack, the
-    # number of blocks: after it), when the timeline was derived from a shortened stack
-    block_kept_bytes: dict[int, int] | None = field(default=None, repr=False)
+    # when derived from a shortened stack: kept_bytes_by_block over the main stack's blocks
+    block_kept_bytes: tuple[int, ...] | None = field(default=None, repr=False)
 
     @cached_property
     def events(self) -> tuple[MemoryEvent, ...]:
@@ -201,6 +200,22 @@ class MemoryTimeline:
     @property
     def kept_by(self) -> dict[int, tuple[str, ...]]:
         return self._kept.by
+
+    def kept_bytes_by_block(self, block_of: dict[str, int], n_blocks: int) -> list[int]:
+        """Bytes each block of a stack keeps for its backward, then (index n_blocks) what is
+        kept after the stack; `block_of`: op -> its block, -1 before the stack, n_blocks after
+        it. A kept tensor belongs to the first block that keeps it (the one whose backward
+        releases it last): a block's input kept by its checkpoint frame, made by the block
+        before, is the keeping block's. (A derived timeline has them for the model's main
+        stack already.)"""
+        if self.block_kept_bytes is not None:
+            return list(self.block_kept_bytes)
+        out = [0] * (n_blocks + 1)
+        for sid, nbytes in self.kept_storages.items():
+            i = min(block_of.get(n, n_blocks) for n in self.kept_by[sid])
+            if i >= 0:
+                out[min(i, n_blocks)] += nbytes
+        return out
 
     def phase_peaks(self) -> dict[tuple[int, str], int]:
         peaks: dict[tuple[int, str], int] = {}

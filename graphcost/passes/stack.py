@@ -398,22 +398,18 @@ def _recomputed(a: _ShortWalk, full: _Stack, pieces: list[_Piece]) -> tuple[str,
     return tuple(out)
 
 
-def _block_kept(a: _ShortWalk, full: _Stack, pieces: list[_Piece]) -> dict[int, int]:
-    """Kept bytes by the first block that keeps them (-1: before the stack, L: after it)."""
-    short_kept: dict[int, int] = {}
-    first_op, index = a.stack.lo[0], a.stack.index
-    for sid, nbytes in a.timeline.kept_storages.items():
-        k = min(a.where[h][0] if h in a.where else (-1 if index[h] < first_op
-                                                     else len(a.blocks))
-                for h in a.timeline.kept_by[sid])
-        short_kept[k] = short_kept.get(k, 0) + nbytes
-    out: dict[int, int] = {}
-    for k, nbytes in short_kept.items():
-        targets = [-1] if k < 0 else [full.count] if k >= len(a.blocks) else \
-            _units(a, pieces, k)
-        for f in targets:
-            out[f] = out.get(f, 0) + nbytes
-    return out
+def _block_kept(a: _ShortWalk, full: _Stack, pieces: list[_Piece]) -> tuple[int, ...]:
+    """kept_bytes_by_block of the full stack, from A's: a unit's for every unit of its run."""
+    n = len(a.blocks)
+    block_of = {m: -1 if i < a.stack.lo[0] else n for i, m in enumerate(a.stack.ops)}
+    block_of.update((m, k) for m, (k, off) in a.where.items() if off >= 0)
+    short = a.timeline.kept_bytes_by_block(block_of, n)
+    out = [0] * (full.count + 1)
+    for k in range(n):
+        for f in _units(a, pieces, k):
+            out[f] += short[k]
+    out[full.count] = short[n]
+    return tuple(out)
 
 
 __all__ = ["derived_timeline"]

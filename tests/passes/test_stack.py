@@ -16,7 +16,6 @@ from graphcost import analyze
 from graphcost.graph import op_nodes
 from graphcost.models import load
 from graphcost.passes.checkpoint import _module_calls, main_blocks
-from graphcost.passes.checkpoint_search import _block_kept
 from graphcost.passes.schedule import TrainingConfig, training_timeline
 from graphcost.passes.stack import derived_timeline
 
@@ -103,7 +102,7 @@ def test_kept_tensors(analyses, model):
     first = spans[blocks[0]][0]
     where = {n: -1 if k < first else L for k, n in enumerate(ops)}  # as the search has it
     where.update({n: i for i, b in enumerate(blocks) for n in ops[spans[b][0]:spans[b][1] + 1]})
-    assert _block_kept(derived, where, L) == _block_kept(walked, where, L)
+    assert derived.kept_bytes_by_block(where, L) == walked.kept_bytes_by_block(where, L)
     assert derived.kept_storages == walked.kept_storages
     assert derived.kept_by == walked.kept_by
 
