@@ -60,6 +60,16 @@ class _Rerun(torch.fx.Interpreter):
         return super().call_function(target, args, kwargs)
 
 
+def placeholder_like(v: torch.Tensor, bases: dict, device: str) -> torch.Tensor:
+    """An empty tensor like a placeholder's example `v` (shape, strides, dtype, requires_grad)
+    on `device`: the same one for placeholders that share a storage (tied parameters)."""
+    key = v.untyped_storage()._cdata
+    if key not in bases:
+        bases[key] = torch.empty_strided(v.shape, v.stride(), dtype=v.dtype,
+                                         device=device).requires_grad_(v.requires_grad)
+    return bases[key]
+
+
 def rerun(program: torch.export.ExportedProgram, dtype: torch.dtype) -> None:
     """Replace each node's meta["val"] by its value under torch.autocast("cpu", dtype)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -76,12 +86,8 @@ def rerun(program: torch.export.ExportedProgram, dtype: torch.dtype) -> None:
             if not isinstance(v, torch.Tensor):
                 args.append(v)
                 continue
-            key = v.untyped_storage()._cdata
-            if key not in bases:
-                bases[key] = torch.empty_strided(v.shape, v.stride(), dtype=v.dtype,
-                                                 device="cpu").requires_grad_(v.requires_grad)
-            args.append(bases[key])
-            record[n] = bases[key]
+            args.append(placeholder_like(v, bases, "cpu"))
+            record[n] = args[-1]
         with torch.autocast("cpu", dtype=dtype):
             _Rerun(gm, record).run(*args)
     for n, value in record.items():  # placeholders too: views keep pointing at their storage

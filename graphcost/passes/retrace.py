@@ -45,6 +45,7 @@ from torch.export.graph_signature import InputKind
 
 from graphcost.analysis import summarize
 from graphcost.annotate import annotate
+from graphcost.autocast import placeholder_like
 from graphcost.blocks import expand_blocks
 from graphcost.graph import build_graph, forget
 from graphcost.hardware import Device
@@ -168,11 +169,7 @@ def _rerun(tr: Trace, rewrite: Rewrite) -> dict[torch.fx.Node, Any]:
                 args.append(torch.empty(rewrite(tuple(v.shape)), dtype=v.dtype, device=device)
                             .requires_grad_(v.requires_grad))
                 continue
-            key = v.untyped_storage()._cdata
-            if key not in bases:
-                bases[key] = torch.empty_strided(v.shape, v.stride(), dtype=v.dtype,
-                                                 device=device).requires_grad_(v.requires_grad)
-            args.append(bases[key])
+            args.append(placeholder_like(v, bases, device))
         interpreter = _Rerun(program.graph_module, rewrite, cpu)
         interpreter.run(*args)
         return interpreter.record
