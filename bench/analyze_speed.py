@@ -13,9 +13,10 @@ import argparse
 import time
 import warnings
 
-import graphcost
-from graphcost.groundtruth import measure_flops
 from graphcost.models import load
+
+import graphcost
+from validation.groundtruth import measure_flops
 
 CASES = [("llama-7b", 1, 2048), ("llama3-405b", 1, 8192)]
 

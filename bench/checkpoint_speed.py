@@ -6,7 +6,7 @@ For each model: `compare` (one training-step walk per built-in policy) and `opti
 halfway between the `full` and `save-matmuls` peaks, where some blocks must recompute matmuls
 (the walks of the built-ins and the four per-block options, the integer program, and one walk
 of the mix found). Each timed call gets a fresh analysis (not counted), so it pays for what a
-first call pays: the shortened stacks it walks (passes/stack.py) and what every walk of a graph
+first call pays: the shortened stacks it walks (passes/memory/stack.py) and what every walk of a graph
 shares. scipy is imported before timing. Best of N. Figures: docs/checkpoint.md.
 """
 
@@ -17,12 +17,12 @@ import time
 import warnings
 
 import torch
+from graphcost.models import load
 
 import graphcost
-from graphcost.models import load
-from graphcost.passes.checkpoint import BUILTIN_POLICIES
-from graphcost.passes.checkpoint_search import compare, optimize
-from graphcost.passes.schedule import TrainingConfig
+from graphcost.passes.checkpoint.policy import BUILTIN_POLICIES
+from graphcost.passes.checkpoint.search import compare, optimize
+from graphcost.passes.memory.training import TrainingConfig
 
 # pure bf16 training at a batch where activations, not AdamW's state, set the peak
 CASES = [("llama-7b", 8, 2048), ("llama3-405b", 4, 8192)]

@@ -14,11 +14,11 @@ import time
 import warnings
 
 import torch
+from graphcost.models import load, max_context
 
 import graphcost
-from graphcost.models import load, max_context
-from graphcost.passes.fit import fit
-from graphcost.passes.schedule import training_timeline
+from graphcost.passes.memory.timeline import training_timeline
+from graphcost.sizing.fit import fit
 
 CASES = [("llama-7b", 1, 2048), ("llama3-405b", 1, 8192)]
 # NB: MemTracker on llama3-405b takes about 4 minutes here; --skip-memtracker leaves it out.

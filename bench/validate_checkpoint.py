@@ -16,15 +16,16 @@ import contextlib
 import warnings
 
 import torch
+from graphcost.models import SMALL_OVERRIDES, load
+from graphcost.models import gpt2 as gpt2_module
 from torch.utils.checkpoint import checkpoint
 
 from graphcost import analyze
-from graphcost.checkpoint_apply import checkpointed
-from graphcost.groundtruth import measure_flops
-from graphcost.memtrack import measure_training_peak
-from graphcost.models import SMALL_OVERRIDES, load
-from graphcost.models import gpt2 as gpt2_module
-from graphcost.passes.schedule import TrainingConfig, training_timeline
+from graphcost.passes.checkpoint.apply import checkpointed
+from graphcost.passes.memory.timeline import training_timeline
+from graphcost.passes.memory.training import TrainingConfig
+from validation.groundtruth import measure_flops
+from validation.memtrack import measure_training_peak
 
 FAMILIES = {
     "gpt2": ("gpt2", dict(SMALL_OVERRIDES["gpt2"], n_layer=4)),

@@ -17,10 +17,10 @@ import time
 import warnings
 
 import torch
+from graphcost.models import load
 
 from graphcost import analyze
-from graphcost.calibrate import calibrate
-from graphcost.models import load
+from graphcost.hardware.calibrate import calibrate
 from graphcost.passes.roofline import training_step_time
 
 CONFIGS = [

@@ -16,10 +16,10 @@ import sys
 import warnings
 
 import torch
+from graphcost.models import build_model, example_inputs, get_config
 
 import graphcost
-from graphcost.models import build_model, example_inputs, get_config
-from graphcost.passes.schedule import training_timeline
+from graphcost.passes.memory.timeline import training_timeline
 
 MODELS = {
     "gpt2-124m": ("gpt2", {}),

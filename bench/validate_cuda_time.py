@@ -20,9 +20,9 @@ import sys
 import warnings
 
 import torch
+from graphcost.models import build_model, example_inputs, get_config
 
 import graphcost
-from graphcost.models import build_model, example_inputs, get_config
 from graphcost.passes.roofline import training_step_time
 
 MODELS = {
@@ -69,7 +69,7 @@ def main() -> int:
     warnings.simplefilter("ignore")
     device = args.device
     if args.calibrate:
-        from graphcost.calibrate import calibrate
+        from graphcost.hardware.calibrate import calibrate
 
         device = calibrate("cuda", seconds=10.0, dtypes=("float32", "bfloat16")).device
     print(f"GPU: {torch.cuda.get_device_name()}, figures: "

@@ -13,10 +13,10 @@ from __future__ import annotations
 import warnings
 
 import torch
+from graphcost.models import SMALL_OVERRIDES, list_models, load
 
 import graphcost
-from graphcost.groundtruth import measure_flops, measure_saved_bytes
-from graphcost.models import SMALL_OVERRIDES, list_models, load
+from validation.groundtruth import measure_flops, measure_saved_bytes
 
 PUBLISHED = {
     "gpt2": 124_439_808, "gpt2-medium": 354_823_168, "gpt2-large": 774_030_080,

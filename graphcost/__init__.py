@@ -5,12 +5,12 @@
     >>> analysis = graphcost.analyze(*load("llama-7b", batch=1, seq=2048))
 """
 
-from graphcost.analysis import Analysis, analyze
+from graphcost.analysis.analyze import Analysis, analyze
 from graphcost.errors import ConfigError, GraphcostError, TraceError, UnsupportedOpError
-from graphcost.hardware import PRESETS, Device, get_device
+from graphcost.hardware.devices import PRESETS, Device, get_device
 from graphcost.rules.registry import FLOPS_PER_FMA, OpCost, Out, RuleContext, TensorSpec, Value
 from graphcost.rules.registry import register as register_rule
-from graphcost.trace import spec
+from graphcost.trace.export import spec
 
 __version__ = "0.1.0"
 

@@ -2,6 +2,6 @@
 
 import sys
 
-from graphcost.cli import main
+from graphcost.cli.main import main
 
 sys.exit(main())

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from graphcost import analyze
-from graphcost.analysis import Analysis
-from graphcost.groundtruth import measure_flops, measure_saved_bytes
+from graphcost.analysis.analyze import Analysis
+from validation.groundtruth import measure_flops, measure_saved_bytes
 
 MakeModule = Callable[[], nn.Module]
 MakeInputs = Callable[[torch.device, torch.dtype], Any]
@@ -123,7 +123,7 @@ def frozen(make_module: MakeModule, *prefixes: str) -> MakeModule:
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
     """`graphcost ARGV` in-process: (exit status, stdout, stderr)."""
-    from graphcost.cli import main
+    from graphcost.cli.main import main
 
     code = main(list(argv))
     out, err = capsys.readouterr()

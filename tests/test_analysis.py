@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from graphcost.models import SMALL_OVERRIDES, build_model, list_models, load
 
 from graphcost import analyze
-from graphcost.groundtruth import measure_flops, measure_saved_bytes
-from graphcost.models import SMALL_OVERRIDES, build_model, list_models, load
+from validation.groundtruth import measure_flops, measure_saved_bytes
 
 FULL_DEPTH_SEQ = {"resnet-cnn": 32}
 # Small configs of each family for the real CPU runs (saved-tensor ground truth).

@@ -8,12 +8,13 @@ import warnings
 
 import pytest
 import torch
+from graphcost.models import SMALL_OVERRIDES, load
 
 from graphcost import analyze
-from graphcost.groundtruth import measure_flops, measure_saved_bytes
-from graphcost.memtrack import measure_training_peak
-from graphcost.models import SMALL_OVERRIDES, load
-from graphcost.passes.schedule import TrainingConfig, training_timeline
+from graphcost.passes.memory.timeline import training_timeline
+from graphcost.passes.memory.training import TrainingConfig
+from validation.groundtruth import measure_flops, measure_saved_bytes
+from validation.memtrack import measure_training_peak
 
 BF16 = torch.bfloat16
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from graphcost.models import load
 from torch import nn
 
 from graphcost import analyze
-from graphcost.blocks import find_repeated_blocks
-from graphcost.models import load
+from graphcost.trace.blocks import find_repeated_blocks
 
 
 def rows(a):

@@ -19,13 +19,14 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from graphcost import analyze
-from graphcost.cli import main
 from graphcost.models import load
 from graphcost.models.gpt_moe import GPTMoE, GPTMoEConfig, moe_15b, moe_15b_every_block
-from graphcost.passes.parallel import ParallelPlan, per_device_memory, zero_model_states_bytes
-from graphcost.passes.schedule import TrainingConfig, training_timeline
+
+from graphcost import analyze
+from graphcost.cli.main import main
+from graphcost.passes.memory.timeline import training_timeline
+from graphcost.passes.memory.training import TrainingConfig
+from graphcost.passes.parallel.plan import ParallelPlan, per_device_memory, zero_model_states_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 GiB = 2**30
@@ -270,8 +271,8 @@ def test_moe_flops_add_the_router():
 
 
 def test_the_moe_model_is_what_pytorch_counts():
-    """graphcost/models/gpt_moe.py against FlopCounterMode and autograd's saved tensors."""
-    from graphcost.groundtruth import measure_flops, measure_saved_bytes
+    """models/gpt_moe.py against FlopCounterMode and autograd's saved tensors."""
+    from validation.groundtruth import measure_flops, measure_saved_bytes
 
     config = GPTMoEConfig(n_layer=2, n_head=4, n_embd=32, vocab_size=100, block_size=16,
                           n_experts=4, top_k=2, expert_interval=2, dropout=0.1)
@@ -463,7 +464,7 @@ def test_the_section_shows_commands():
 @pytest.mark.parametrize("command, shown", DOC_COMMANDS, ids=[c[:40] for c, _ in DOC_COMMANDS])
 def test_doc_commands_print_what_the_docs_show(command, shown, capsys, monkeypatch):
     """Each `$ graphcost ...` in the section prints what follows it (up to a final '...')."""
-    monkeypatch.chdir(ROOT)  # graphcost/models/gpt_moe.py:FACTORY is relative to the root
+    monkeypatch.chdir(ROOT)  # models/gpt_moe.py:FACTORY is relative to the root
     assert main(shlex.split(command)) == 0
     out = [line.rstrip() for line in capsys.readouterr().out.rstrip("\n").split("\n")]
     if shown[-1] == "...":

@@ -9,10 +9,10 @@ import time
 import pytest
 import torch
 
-from graphcost.calibrate import calibrate
-from graphcost.cli import main
+from graphcost.cli.main import main
 from graphcost.errors import ConfigError
-from graphcost.hardware import get_device
+from graphcost.hardware.calibrate import calibrate
+from graphcost.hardware.devices import get_device
 from graphcost.rules.registry import FLOPS_PER_FMA
 
 # small sizes: quick, and still well above any timer resolution

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from graphcost.cli import main
-from graphcost.groundtruth import measure_flops
-from graphcost.hardware import PRESETS
 from graphcost.models import load
+
+from graphcost.cli.main import main
+from graphcost.hardware.devices import PRESETS
 from graphcost.rules import REGISTRY
+from validation.groundtruth import measure_flops
 
 SMALL_GPT2 = dict(n_layer=2, n_embd=64, n_head=4, vocab_size=100, block_size=32)
 REQUIRED_KEYS = {"model", "device", "params", "trainable_params", "weight_bytes",

@@ -1,6 +1,6 @@
 """`graphcost checkpoint`, and `--checkpoint POLICY` on `memory` and `fit`, run in-process.
 
-The numbers are the engine's (passes/checkpoint_search.py; its walks are checked against real
+The numbers are the engine's (passes/checkpoint/search.py; its walks are checked against real
 torch.utils.checkpoint runs in tests/passes/): here the CLI must print exactly what `compare`
 and `optimize` return for the same model, judge the budget right, and exit 2 on user errors."""
 
@@ -11,10 +11,10 @@ import json
 import pytest
 
 from graphcost import analyze
-from graphcost.cli import main
-from graphcost.loading import load_model
-from graphcost.passes.checkpoint import BUILTIN_POLICIES
-from graphcost.passes.checkpoint_search import compare
+from graphcost.cli.main import main
+from graphcost.load.model import load_model
+from graphcost.passes.checkpoint.policy import BUILTIN_POLICIES
+from graphcost.passes.checkpoint.search import compare
 from tests.helpers import assert_user_error
 
 # 4 blocks, and enough tokens (8 x 32) that the activations, not the optimizer, make the peak

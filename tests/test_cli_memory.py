@@ -8,12 +8,12 @@ import json
 
 import pytest
 import torch
-
-from graphcost.cli import main
-from graphcost.hardware import PRESETS
-from graphcost.memtrack import measure_training_peak
 from graphcost.models import load
+
+from graphcost.cli.main import main
+from graphcost.hardware.devices import PRESETS
 from tests.helpers import assert_user_error
+from validation.memtrack import measure_training_peak
 
 SMALL = ["--set", "n_layer=2", "--set", "n_embd=64", "--set", "n_head=4",
          "--set", "vocab_size=100", "--set", "block_size=32"]
@@ -91,8 +91,8 @@ def test_fit_a_model_without_tokens(capsys):
     from pathlib import Path
 
     from graphcost import analyze
-    from graphcost.loading import load_model
-    from graphcost.passes.schedule import training_timeline
+    from graphcost.load.model import load_model
+    from graphcost.passes.memory.timeline import training_timeline
 
     spec = str(Path(__file__).parents[1] / "examples" / "mlp.py") + ":factory"
     code, out, _ = run(capsys, "fit", spec, "--device", "l4", "--json")

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from graphcost.cli import main
-from graphcost.loading import load_model
 from graphcost import analyze
-from graphcost.passes.parallel import ParallelPlan, per_device_memory
+from graphcost.cli.main import main
+from graphcost.load.model import load_model
+from graphcost.passes.parallel.plan import ParallelPlan, per_device_memory
 
 SMALL = ["--set", "n_layers=4", "--set", "dim=64", "--set", "n_heads=4", "--set",
          "n_kv_heads=2", "--set", "vocab_size=100", "--set", "ffn_dim=96", "--set",

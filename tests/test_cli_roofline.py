@@ -15,12 +15,18 @@ import pytest
 import torch
 
 from graphcost import analyze
-from graphcost.cli import main
-from graphcost.hardware import Device, save_device_file
-from graphcost.loading import load_model
-from graphcost.passes.roofline import (Efficiency, compute_bound_batch, decode_time,
-                                       forward_time, memory_bound_context, training_step_time)
-from graphcost.passes.schedule import TrainingConfig
+from graphcost.cli.main import main
+from graphcost.hardware.devices import Device, save_device_file
+from graphcost.load.model import load_model
+from graphcost.passes.memory.training import TrainingConfig
+from graphcost.passes.roofline import (
+    Efficiency,
+    compute_bound_batch,
+    decode_time,
+    forward_time,
+    memory_bound_context,
+    training_step_time,
+)
 from tests.helpers import assert_user_error
 
 # 2 blocks; enough tokens (8 x 32) that activations, not the optimizer state, make the peak

@@ -10,12 +10,12 @@ import warnings
 
 import pytest
 import torch
+from graphcost.models import SMALL_OVERRIDES, load
 from torch import nn
 
 from graphcost import analyze
-from graphcost.cli import main
-from graphcost.groundtruth import measure_flops, measure_saved_bytes
-from graphcost.models import SMALL_OVERRIDES, load
+from graphcost.cli.main import main
+from validation.groundtruth import measure_flops, measure_saved_bytes
 
 
 class ConvNet(nn.Sequential):

@@ -10,10 +10,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from graphcost.cli import main
+from graphcost.cli.main import main
 from graphcost.errors import ConfigError
-from graphcost.hardware import (GB, GIB, PRESETS, TERA, Device, get_device, load_device_file,
-                                save_device_file)
+from graphcost.hardware.devices import (
+    GB,
+    GIB,
+    PRESETS,
+    TERA,
+    Device,
+    get_device,
+    load_device_file,
+    save_device_file,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = ROOT.parent / "shared" / "reference" / "hardware.md"

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from graphcost import analyze
-from graphcost.cli import main
-from graphcost.groundtruth import measure_flops, measure_saved_bytes
-from graphcost.hf import load_hf
+from graphcost.cli.main import main
+from graphcost.load.hf import load_hf
+from validation.groundtruth import measure_flops, measure_saved_bytes
 
 transformers = pytest.importorskip("transformers")
 
@@ -162,9 +162,9 @@ def test_fit_image_model(capsys, configs):
     """ViT's step at batch 1 runs other events (its (1, T, d) position embeddings' gradient is
     summed over the batch only from B = 2): fit checks batch 1 alone and extrapolates from 2
     and 3. The answer is checked with timelines traced at it and one past it."""
-    from graphcost.hardware import Device
-    from graphcost.passes.fit import fit
-    from graphcost.passes.schedule import training_timeline
+    from graphcost.hardware.devices import Device
+    from graphcost.passes.memory.timeline import training_timeline
+    from graphcost.sizing.fit import fit
 
     def loader(batch, seq, training):
         model = load_hf(str(configs / "vit"), batch=batch, seq=seq, targets=training)

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from graphcost.models import SMALL_OVERRIDES, load
 
 from graphcost import analyze
-from graphcost.models import SMALL_OVERRIDES, load
-from graphcost.passes.inference import inference_memory, kv_cache_bytes_per_token
+from graphcost.passes.memory.inference import inference_memory, kv_cache_bytes_per_token
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2, 1])  # MHA, GQA, MQA

@@ -14,16 +14,16 @@ import dataclasses
 
 import pytest
 import torch
+from graphcost.models import SMALL_OVERRIDES, load
 from torch import nn
 
-from graphcost.memtrack import (
+from validation.memtrack import (
     LiveTensorTracker,
     MemoryMeasurement,
     freeze_as_buffers,
     measure_training_peak,
     measure_training_peak_memtracker,
 )
-from graphcost.models import SMALL_OVERRIDES, load
 
 MiB = 2**20
 F32 = 4  # bytes per float32 element

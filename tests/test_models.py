@@ -5,7 +5,6 @@ import time
 
 import pytest
 import torch
-
 from graphcost.models import (
     GPT2Config,
     LlamaConfig,

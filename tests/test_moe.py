@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from graphcost.models import build_model, load
 
 from graphcost import analyze
 from graphcost.errors import ConfigError
-from graphcost.groundtruth import measure_flops, measure_saved_bytes
-from graphcost.models import build_model, load
-from graphcost.network import Link, Network, all_gather_bytes
+from graphcost.hardware.devices import Device
+from graphcost.hardware.network import Link, Network, all_gather_bytes
 from graphcost.passes.experts import moe_summary
-from graphcost.passes.parallel import ParallelPlan, model_states_per_rank, per_device_memory
-from graphcost.passes.parallel_time import parallel_step_time
-from graphcost.hardware import Device
+from graphcost.passes.parallel.plan import ParallelPlan, model_states_per_rank, per_device_memory
+from graphcost.passes.parallel.step_time import parallel_step_time
+from validation.groundtruth import measure_flops, measure_saved_bytes
 
 SMALL = dict(n_layers=2, dim=64, n_heads=4, n_kv_heads=2, vocab_size=100, ffn_dim=96,
              max_seq_len=64, n_experts=4, top_k=2)

@@ -12,13 +12,10 @@ import math
 import pytest
 import torch
 import torch.distributed as dist
+from graphcost.models import SMALL_OVERRIDES, load
 from torch import nn
 
-from graphcost.groundtruth_parallel import (
-    chunk_rows,
-    measure_sharded_states,
-)
-from graphcost.models import SMALL_OVERRIDES, load
+from validation.sharding import chunk_rows, measure_sharded_states
 
 F32 = 4
 

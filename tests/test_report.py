@@ -3,22 +3,20 @@
 from __future__ import annotations
 
 import pytest
+from graphcost.models import load
 
 from graphcost import analyze
-from graphcost.groundtruth import measure_flops
-from graphcost.models import load
-from graphcost.report import (
+from graphcost.report.analysis import module_table, op_table, render
+from graphcost.report.units import (
     format_bandwidth,
     format_bytes,
     format_count,
     format_count_short,
     format_flops,
     format_flops_per_s,
-    module_table,
-    op_table,
-    render,
     table,
 )
+from validation.groundtruth import measure_flops
 
 KiB, MiB, GiB, TiB = 2**10, 2**20, 2**30, 2**40
 

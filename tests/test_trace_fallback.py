@@ -14,16 +14,17 @@ import pytest
 import torch
 from torch import nn
 
-from graphcost import analyze, opaque
-from graphcost.blocks import RepeatedBlocks
+from graphcost import analyze
 from graphcost.errors import TraceError
-from graphcost.graph import build_graph, op_nodes
-from graphcost.groundtruth import measure_flops
-from graphcost.passes.inference import inference_memory
-from graphcost.passes.schedule import training_timeline
-from graphcost.report import unsupported_line
-from graphcost.trace import trace
+from graphcost.graph.build import build_graph, op_nodes
+from graphcost.passes.memory.inference import inference_memory
+from graphcost.passes.memory.timeline import training_timeline
+from graphcost.report.analysis import unsupported_line
+from graphcost.trace import opaque
+from graphcost.trace.blocks import RepeatedBlocks
+from graphcost.trace.export import trace
 from tests.helpers import assert_user_error, run_cli
+from validation.groundtruth import measure_flops
 
 D, E, B = 8, 4, 2  # width, experts, batch
 

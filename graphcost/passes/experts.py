@@ -14,10 +14,10 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass
 
-from graphcost.analysis import Analysis
-from graphcost.graph import op_nodes
+from graphcost.analysis.analyze import Analysis
+from graphcost.graph.build import op_nodes
 
-_EXPERT = re.compile(r"^(.*)\.experts\.(\d+)\.")
+EXPERT_INDEX = re.compile(r"^(.*)\.experts\.(\d+)\.")
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ def moe_summary(analysis: Analysis) -> MoESummary | None:
     per_expert: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))
     for _, d in g.nodes(data=True):
         if d["kind"] == "param":
-            m = _EXPERT.match(d["names"][0])
+            m = EXPERT_INDEX.match(d["names"][0])
             if m:
                 per_expert[m.group(1)][int(m.group(2))] += d["outputs"][0].numel
     if not per_expert:

@@ -31,11 +31,12 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from graphcost.analysis import Analysis
-from graphcost.graph import op_nodes
-from graphcost.hardware import Device, get_device
-from graphcost.passes.checkpoint import MATMUL_OPS, short_op
-from graphcost.passes.schedule import TrainingConfig, training_timeline
+from graphcost.analysis.analyze import Analysis
+from graphcost.graph.build import op_nodes
+from graphcost.hardware.devices import Device, get_device
+from graphcost.passes.checkpoint.policy import MATMUL_OPS, short_op
+from graphcost.passes.memory.timeline import training_timeline
+from graphcost.passes.memory.training import TrainingConfig
 from graphcost.rules.registry import values_in
 
 # Reads + writes of a parameter-sized tensor per trainable parameter, single-tensor update:
@@ -315,7 +316,7 @@ def decode_time(one_token: Analysis, context: int, device: str | Device,
     targets: its ops as traced, except that each attention reads a cache of `context` tokens:
     FLOPs 4 B H d (context + 1) (FlopCounterMode's SDPA formula with that key length) and
     bytes the cached keys and values (kv_cache_bytes_per_token's share of each attention)."""
-    from graphcost.passes.inference import kv_cache_bytes_per_token
+    from graphcost.passes.memory.inference import kv_cache_bytes_per_token
 
     device = get_device(device)
     g = one_token.graph
@@ -356,7 +357,7 @@ def memory_bound_context(one_token: Analysis, device: str | Device,
     and vanish. Each attention adds, per cached token, 4 H d FLOPs and the cache's bytes. With
     c0 + c1 C the compute time and m0 + m1 C the memory time per sequence, the answer is the
     C where they cross."""
-    from graphcost.passes.inference import kv_cache_bytes_per_token
+    from graphcost.passes.memory.inference import kv_cache_bytes_per_token
 
     device = get_device(device)
     g = one_token.graph

@@ -13,21 +13,32 @@ import warnings
 
 import pytest
 import torch
+from graphcost.models import SMALL_OVERRIDES, load
+from graphcost.models import gpt2 as gpt2_module
 from torch.utils.checkpoint import checkpoint
 
 from graphcost import analyze
-from graphcost.checkpoint_apply import checkpointed
 from graphcost.errors import ConfigError
-from graphcost.graph import op_nodes
-from graphcost.groundtruth import measure_flops
-from graphcost.memtrack import measure_training_peak
-from graphcost.models import SMALL_OVERRIDES, load
-from graphcost.models import gpt2 as gpt2_module
-from graphcost.passes.checkpoint import (BUILTIN_POLICIES, main_blocks, parse_policy,
-                                         per_block_spec, plan)
-from graphcost.passes.checkpoint_search import (_applicable, _Decomposition, _walks, compare,
-                                                optimize)
-from graphcost.passes.schedule import TrainingConfig, training_timeline
+from graphcost.graph.build import op_nodes
+from graphcost.passes.checkpoint.apply import checkpointed
+from graphcost.passes.checkpoint.policy import (
+    BUILTIN_POLICIES,
+    main_blocks,
+    parse_policy,
+    per_block_spec,
+    plan,
+)
+from graphcost.passes.checkpoint.search import (
+    _applicable,
+    _Decomposition,
+    _walks,
+    compare,
+    optimize,
+)
+from graphcost.passes.memory.timeline import training_timeline
+from graphcost.passes.memory.training import TrainingConfig
+from validation.groundtruth import measure_flops
+from validation.memtrack import measure_training_peak
 
 torch.set_num_threads(1)
 

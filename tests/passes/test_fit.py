@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from graphcost.models import SMALL_OVERRIDES, get_config, load
 
 from graphcost import analyze
-from graphcost.hardware import Device
-from graphcost.memtrack import LiveTensorTracker
-from graphcost.models import SMALL_OVERRIDES, get_config, load
-from graphcost.passes.fit import fit
-from graphcost.passes.inference import inference_memory, kv_cache_bytes_per_token
-from graphcost.passes.schedule import training_timeline
+from graphcost.hardware.devices import Device
+from graphcost.passes.memory.inference import inference_memory, kv_cache_bytes_per_token
+from graphcost.passes.memory.timeline import training_timeline
+from graphcost.sizing.fit import fit
+from validation.memtrack import LiveTensorTracker
 
 KIB = 1024
 SMALL_LLAMA = SMALL_OVERRIDES["llama3-8b"]

@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+from graphcost.models import SMALL_OVERRIDES, load
 
 from graphcost import analyze
 from graphcost.errors import ConfigError
-from graphcost.models import SMALL_OVERRIDES, load
-from graphcost.passes.parallel import (ParallelPlan, model_states_per_rank, per_device_memory,
-                                       tensor_split, zero_model_states_bytes)
+from graphcost.passes.parallel.plan import (
+    ParallelPlan,
+    model_states_per_rank,
+    per_device_memory,
+    tensor_split,
+    zero_model_states_bytes,
+)
 
 GB = 1e9
 
@@ -134,7 +139,7 @@ def _build(**extra):
 def test_model_states_per_rank_equal_pytorchs_sharding(mode, world, extra):
     """FSDP2 (fully_shard) and tensor parallel (parallelize_module) on a fake process group:
     every rank's parameter, gradient and AdamW-state bytes, as PyTorch stores them."""
-    from graphcost.groundtruth_parallel import measure_sharded_states
+    from validation.sharding import measure_sharded_states
 
     build, a = _build(**extra)
     for rank in range(world):
@@ -153,7 +158,7 @@ def test_model_states_per_rank_equal_pytorchs_sharding(mode, world, extra):
 def test_per_device_peak_estimate_bounds_the_measured_one(mode, world):
     """The per-device peak is an estimate (docs/parallel.md); against MemTracker on a fake-PG
     rank running two real steps (8 x 64 tokens) it is an upper bound within 10%."""
-    from graphcost.groundtruth_parallel import measure_sharded_states
+    from validation.sharding import measure_sharded_states
 
     cfg = dict(SMALL_OVERRIDES["llama3-8b"])
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from graphcost.models import SMALL_OVERRIDES, load
 
 from graphcost import analyze
-from graphcost.hardware import Device
-from graphcost.models import SMALL_OVERRIDES, load
-from graphcost.network import Link, Network, all_gather_bytes, all_reduce_bytes
-from graphcost.passes.parallel import ParallelPlan, model_states_per_rank
-from graphcost.passes.parallel_time import parallel_step_time
+from graphcost.hardware.devices import Device
+from graphcost.hardware.network import Link, Network, all_gather_bytes, all_reduce_bytes
+from graphcost.passes.parallel.plan import ParallelPlan, model_states_per_rank
+from graphcost.passes.parallel.step_time import parallel_step_time
 from graphcost.passes.roofline import training_step_time
 
 F32 = torch.float32

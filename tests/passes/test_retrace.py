@@ -7,18 +7,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from graphcost.models import SMALL_OVERRIDES, load
 from torch import nn
 
 from graphcost import analyze
 from graphcost.errors import ConfigError
-from graphcost.hardware import Device, get_device
-from graphcost.models import SMALL_OVERRIDES, load
-from graphcost.passes import fit as fit_module
-from graphcost.passes.fit import fit
-from graphcost.passes.inference import inference_memory
-from graphcost.passes.retrace import Rewrite, marker, step_events
-from graphcost.passes.sampled import Sampled, Unsupported, decode, encode
-from graphcost.passes.schedule import TrainingConfig, training_timeline
+from graphcost.hardware.devices import Device, get_device
+from graphcost.sizing import fit as fit_module
+from graphcost.passes.memory.inference import inference_memory
+from graphcost.passes.memory.timeline import training_timeline
+from graphcost.passes.memory.training import TrainingConfig
+from graphcost.sizing.fit import fit
+from graphcost.sizing.retrace import Rewrite, marker, step_events
+from graphcost.sizing.sampled import Sampled, Unsupported, decode, encode
 
 CPU = Device("tiny", "cpu", memory_bytes=1 << 40, bandwidth_bytes_per_s=1.0)
 SMALL_LLAMA = dict(SMALL_OVERRIDES["llama3-8b"], max_seq_len=256)

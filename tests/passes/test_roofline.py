@@ -8,10 +8,15 @@ import torch
 from torch import nn
 
 from graphcost import analyze
-from graphcost.hardware import Device
-from graphcost.passes.roofline import (OPTIMIZER_ACCESSES, OPTIMIZER_FLOPS, Efficiency,
-                                       forward_time, training_step_time)
-from graphcost.passes.schedule import TrainingConfig
+from graphcost.hardware.devices import Device
+from graphcost.passes.memory.training import TrainingConfig
+from graphcost.passes.roofline import (
+    OPTIMIZER_ACCESSES,
+    OPTIMIZER_FLOPS,
+    Efficiency,
+    forward_time,
+    training_step_time,
+)
 
 F32 = torch.float32
 # round figures; LOW has a ridge point (5 FLOP/B) the small test models' matmuls can pass
@@ -130,7 +135,7 @@ def _bounds(step):
 
 
 def test_decode_step_reads_the_cache():
-    from graphcost.passes.inference import kv_cache_bytes_per_token
+    from graphcost.passes.memory.inference import kv_cache_bytes_per_token
     from graphcost.passes.roofline import decode_time
 
     one = _llama(4, 1)

@@ -1,4 +1,4 @@
-"""The timeline of a deep stack derived from walks of shortened ones (passes/stack.py) against
+"""The timeline of a deep stack derived from walks of shortened ones (passes/memory/stack.py) against
 the walk of every block (training_timeline(..., derive=False)): the same events, byte for byte,
 with the same nodes and module paths, and the same recompute, saved and kept figures. The full
 walk is itself checked against real runs (tests/passes/test_schedule.py, test_checkpoint.py)."""
@@ -10,14 +10,15 @@ import warnings
 import numpy as np
 import pytest
 import torch
-
-import graphcost.passes.stack as stack
-from graphcost import analyze
-from graphcost.graph import op_nodes
 from graphcost.models import load
-from graphcost.passes.checkpoint import _module_calls, main_blocks
-from graphcost.passes.schedule import TrainingConfig, training_timeline
-from graphcost.passes.stack import derived_timeline
+
+import graphcost.passes.memory.stack as stack
+from graphcost import analyze
+from graphcost.graph.build import op_nodes
+from graphcost.passes.checkpoint.policy import main_blocks, module_calls
+from graphcost.passes.memory.stack import derived_timeline
+from graphcost.passes.memory.timeline import training_timeline
+from graphcost.passes.memory.training import TrainingConfig
 
 L = 12  # blocks: enough for every policy but sqrt to repeat (see test_sqrt_segments)
 MODELS = {
@@ -97,7 +98,7 @@ def test_kept_tensors(analyses, model):
     derived = derived_timeline(analysis.graph, config)
     walked = training_timeline(analysis, config, derive=False)
     ops = op_nodes(analysis.graph)
-    spans = _module_calls(analysis.graph, ops)
+    spans = module_calls(analysis.graph, ops)
     blocks = main_blocks(analysis.graph, ops)
     first = spans[blocks[0]][0]
     where = {n: -1 if k < first else L for k, n in enumerate(ops)}  # as the search has it
@@ -146,7 +147,7 @@ def hf_config(name: str):
 def test_hugging_face_stacks(tmp_path, name):
     """transformers' own models. T5 has two stacks (encoder and decoder): the stack the trace
     copied is not the one the checkpoint policies use, so it is walked in full."""
-    from graphcost.hf import load_hf
+    from graphcost.load.hf import load_hf
 
     hf_config(name).save_pretrained(tmp_path)
     model = load_hf(str(tmp_path), batch=2, seq=32 if name == "vit" else 16)

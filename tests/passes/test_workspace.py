@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from graphcost import analyze
-from graphcost.graph import op_nodes
-from graphcost.memtrack import LiveTensorTracker
+from graphcost.graph.build import op_nodes
+from validation.memtrack import LiveTensorTracker
 
 torch.set_num_threads(1)
 B, T, D = 2, 8, 16

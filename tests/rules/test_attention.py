@@ -10,7 +10,12 @@ from torch import nn
 
 from graphcost import FLOPS_PER_FMA
 from tests.helpers import (
-    Fn, analyze_meta, assert_matches_pytorch, frozen, on_activations, randn_inputs,
+    Fn,
+    analyze_meta,
+    assert_matches_pytorch,
+    frozen,
+    on_activations,
+    randn_inputs,
 )
 
 B, H, T, D = 2, 2, 4, 8

@@ -7,7 +7,12 @@ from torch import nn
 
 from graphcost import FLOPS_PER_FMA
 from tests.helpers import (
-    Fn, analyze_meta, assert_matches_pytorch, frozen, on_activations, randn_inputs,
+    Fn,
+    analyze_meta,
+    assert_matches_pytorch,
+    frozen,
+    on_activations,
+    randn_inputs,
 )
 
 N, C_IN, C_OUT, HW, K = 2, 3, 4, 6, 3

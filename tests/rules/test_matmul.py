@@ -9,7 +9,12 @@ from torch import nn
 from graphcost import FLOPS_PER_FMA
 from graphcost.rules.layout import dense_dim_order, view_strides
 from tests.helpers import (
-    Fn, analyze_meta, assert_matches_pytorch, frozen, on_activations, randn_inputs,
+    Fn,
+    analyze_meta,
+    assert_matches_pytorch,
+    frozen,
+    on_activations,
+    randn_inputs,
 )
 
 B, T, D_IN, D_HID, D_OUT = 2, 3, 8, 16, 4

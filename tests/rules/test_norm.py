@@ -7,7 +7,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from tests.helpers import (
-    Fn, analyze_meta, assert_matches_pytorch, frozen, on_activations, randn_inputs,
+    Fn,
+    analyze_meta,
+    assert_matches_pytorch,
+    frozen,
+    on_activations,
+    randn_inputs,
 )
 
 B, T, C = 2, 3, 8

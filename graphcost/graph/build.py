@@ -1,0 +1,193 @@
+"""Stage 2: the exported fx graph as a networkx.DiGraph of ops, parameters, buffers and inputs.
+
+Node attributes (the schema is documented in docs/graph.md):
+    kind            "param" | "buffer" | "input" | "constant" | "op"
+    order           position in execution order (placeholders first)
+    outputs         tuple[TensorSpec]: one per tensor output
+    storages        tuple[int]: the storage each output lives in (views share their base's)
+    requires_grad   does the (first) output need a gradient
+    names           params/buffers: every fully qualified name (tied parameters are one node)
+    target, op      op nodes: the ATen op (OpOverload) and its name "aten.linear.default"
+    args, kwargs    op nodes: arguments with tensors replaced by graphcost Values
+    module_path     op nodes: "layers.3.attention.wq" ("" for the root module)
+    module_type     op nodes: "Linear"
+    module_calls    op nodes: the module calls it runs inside, outermost first ("layers.3",
+                    "layers.3.attention", ...; a second call of one module is "path@1")
+    module_call_types  op nodes: the class name of each of module_calls ("TransformerBlock", ...)
+    source          op nodes: the model source line that produced it
+Graph attributes: model_name, autocast (the torch.autocast dtype the op dtypes were taken
+under, or None), outputs (the Values the model returns), storage_bytes
+({storage id: bytes}), storage_owner ({storage id: node that created it}).
+"""
+
+from __future__ import annotations
+
+import operator
+import weakref
+from typing import Any
+
+import networkx as nx
+import torch
+from torch.export.graph_signature import InputKind
+from torch.multiprocessing.reductions import StorageWeakRef
+
+from graphcost.rules.registry import TensorSpec, Value, op_name, values_in
+from graphcost.trace.export import Trace
+from graphcost.trace.node_meta import module_call_types_of, module_calls_of, module_of, source_of
+
+aten = torch.ops.aten
+
+
+# Ops whose output never carries a gradient even when an input does.
+NON_DIFFERENTIABLE = {
+    aten.detach.default, aten.zeros_like.default, aten.ones_like.default,
+    aten.empty_like.default, aten.full_like.default, aten.rand_like.default,
+    aten.randn_like.default, aten.new_zeros.default, aten.new_ones.default,
+    aten.new_empty.default, aten.new_full.default,
+}
+
+
+_INPUT_KIND = {
+    InputKind.PARAMETER: "param",
+    InputKind.BUFFER: "buffer",
+    InputKind.USER_INPUT: "input",
+    InputKind.CONSTANT_TENSOR: "constant",
+}
+
+
+def _tensors(val: Any) -> list[torch.Tensor | None]:
+    if isinstance(val, torch.Tensor):
+        return [val]
+    if isinstance(val, (list, tuple)):
+        return [v if isinstance(v, torch.Tensor) else None for v in val]
+    return []
+
+
+def build_graph(tr: Trace) -> nx.DiGraph:
+    """One networkx node per op, unique parameter, buffer and input; edges are data flow."""
+    program = tr.program
+    sig = program.graph_signature
+    kinds = {spec.arg.name: (_INPUT_KIND.get(spec.kind, "constant"), spec.target)
+             for spec in sig.input_specs}
+    params = dict(tr.module.named_parameters(remove_duplicate=False))
+
+    g = nx.DiGraph(model_name=tr.model_name, storage_bytes={}, storage_owner={},
+                   autocast=tr.autocast)
+    storage_ids: dict[int, int] = {}
+    values: dict[tuple[str, int], Value] = {}  # (fx node, output index) -> Value
+    canonical: dict[str, str] = {}  # placeholder name -> graph node (tied params merge)
+    storage_node: dict[int, str] = {}  # placeholder storage -> graph node
+    grad_enabled = True
+
+    def storage_of(t: torch.Tensor, owner: str) -> int:
+        ref = StorageWeakRef(t.untyped_storage()).cdata
+        if ref not in storage_ids:
+            sid = storage_ids[ref] = len(storage_ids)
+            g.graph["storage_bytes"][sid] = t.untyped_storage().nbytes()
+            g.graph["storage_owner"][sid] = owner
+        return storage_ids[ref]
+
+    def to_value(x: Any) -> Any:
+        if isinstance(x, torch.fx.Node):
+            if x.target is operator.getitem and (x.args[0].name, x.args[1]) in values:
+                return values[(x.args[0].name, x.args[1])]
+            return values.get((x.name, 0), None)
+        if isinstance(x, (list, tuple)):
+            return type(x)(to_value(v) for v in x)
+        return x
+
+    for order, node in enumerate(program.graph.nodes):
+        val = node.meta.get("val")
+        if node.op == "placeholder":
+            kind, target = kinds.get(node.name, ("input", None))
+            t = val if isinstance(val, torch.Tensor) else None
+            if t is None:
+                continue  # a non-tensor input (an int, a flag): nothing to cost
+            sid = storage_of(t, node.name)
+            name = storage_node.get(sid) if kind == "param" else None
+            if name is None:
+                name = node.name
+                rg = bool(params[target].requires_grad) if kind == "param" else bool(t.requires_grad)
+                g.add_node(name, kind=kind, order=order, outputs=(TensorSpec.of(t),),
+                           storages=(sid,), requires_grad=rg and kind in ("param", "input"),
+                           names=[target] if target else [])
+                storage_node[sid] = name
+            else:
+                g.nodes[name]["names"].append(target)  # a tied parameter: one node, two names
+            canonical[node.name] = name
+            node_data = g.nodes[name]
+            values[(node.name, 0)] = Value(name, 0, node_data["outputs"][0],
+                                           node_data["requires_grad"], kind, sid,
+                                           t.is_contiguous(), tuple(map(int, t.stride())))
+        elif node.op == "call_function":
+            if node.target is torch._C._set_grad_enabled:
+                grad_enabled = bool(node.args[0])
+                continue
+            if node.target is operator.getitem and isinstance(node.args[0], torch.fx.Node):
+                # Multi-output ops keep all outputs on one node; getitem just names one of them.
+                src = values.get((node.args[0].name, node.args[1]))
+                if src is not None:
+                    values[(node.name, 0)] = src
+                continue
+            args = to_value(node.args)
+            kwargs = {k: to_value(v) for k, v in node.kwargs.items()}
+            inputs = [v for v in values_in(args) + values_in(list(kwargs.values()))]
+            tensors = _tensors(val)
+            specs = tuple(TensorSpec.of(t) if t is not None else None for t in tensors)
+            sids = tuple(storage_of(t, node.name) if t is not None else None for t in tensors)
+            floating = any(s is not None and s.is_floating for s in specs)
+            rg = (grad_enabled and floating and node.target not in NON_DIFFERENTIABLE
+                  and any(v.requires_grad for v in inputs))
+            path, mtype = module_of(node)
+            g.add_node(node.name, kind="op", order=order, target=node.target,
+                       op=op_name(node.target), args=args, kwargs=kwargs, outputs=specs,
+                       storages=sids, requires_grad=rg, module_path=path, module_type=mtype,
+                       module_calls=module_calls_of(node), module_call_types=module_call_types_of(node),
+                       source=source_of(node))
+            for v in inputs:
+                g.add_edge(v.node, node.name)
+            for i, (s, sid) in enumerate(zip(specs, sids)):
+                if s is not None:
+                    out_rg = rg and s.is_floating
+                    values[(node.name, i)] = Value(node.name, i, s, out_rg, "op", sid,
+                                                   tensors[i].is_contiguous(),
+                                                   tuple(map(int, tensors[i].stride())))
+        elif node.op == "output":
+            g.graph["outputs"] = [v for v in values_in(to_value(node.args[0]))]
+    return g
+
+
+_MEMOS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def graph_memo(g: nx.DiGraph) -> dict:
+    """A cache of results that depend only on a costed graph, dropped with it. The passes do
+    not change a graph once costed; the one place that rewrites one in place
+    (graphcost.passes.retrace) calls `forget` after."""
+    return _MEMOS.setdefault(g, {})
+
+
+def forget(g: nx.DiGraph) -> None:
+    _MEMOS.pop(g, None)
+
+
+def _memoized(g: nx.DiGraph, key: str, compute):
+    """compute(), once per graph and node count (a graph still being built grows)."""
+    memo, size = graph_memo(g), g.number_of_nodes()
+    if key not in memo or memo[key][0] != size:
+        memo[key] = (size, compute())
+    return memo[key][1]
+
+
+def op_nodes(g: nx.DiGraph) -> list[str]:
+    """Op nodes in execution order (a new list)."""
+    return list(_memoized(g, "op_nodes", lambda: sorted(
+        (n for n, d in g.nodes(data=True) if d["kind"] == "op"),
+        key=lambda n: g.nodes[n]["order"])))
+
+
+def op_inputs(g: nx.DiGraph) -> dict[str, list[Value]]:
+    """The tensor values each op reads, args then kwargs (do not modify the lists)."""
+    return _memoized(g, "op_inputs", lambda: {
+        n: values_in((d["args"], list(d["kwargs"].values())))
+        for n, d in g.nodes(data=True) if d["kind"] == "op"})

@@ -1,0 +1,95 @@
+"""memory: (split from graphcost.report)."""
+
+from __future__ import annotations
+
+from graphcost.report.units import format_bytes, format_count, format_flops, format_share, table
+
+
+def memory_report(timeline, *, model: str, device: str) -> str:
+    """The peak of a training step, when it happens, and what is alive then."""
+    from graphcost.passes.memory.training import CATEGORIES
+
+    peak, config = timeline.peak, timeline.config
+    lines = [
+        f"graphcost memory: {model} on {device}, optimizer {config.optimizer} "
+        f"({timeline.optimizer_impl}), "
+        f"{config.steps} steps x {config.grad_accumulation} micro-batch(es)",
+        "",
+        f"  peak        {format_bytes(peak.total_bytes)}  ({format_count(peak.total_bytes)} bytes)",
+        f"  when        step {peak.step}, {peak.phase}, {peak.op}"
+        f"{' in ' + peak.module_path if peak.module_path else ''}",
+    ]
+    if str(config.checkpoint) != "none":
+        recompute = timeline.recompute_flops * config.grad_accumulation
+        lines += [f"  checkpoint  {config.checkpoint}: {len(timeline.plan.regions)} regions, "
+                  f"recompute {format_flops(recompute)} per step, saved activations "
+                  f"{format_bytes(timeline.saved_activation_bytes)}"]
+    lines += [
+        "",
+        "alive at the peak:",
+    ]
+    rows = [[c.replace("_", " "), format_bytes(getattr(peak, c)),
+             format_share(getattr(peak, c), peak.total_bytes)] for c in CATEGORIES]
+    lines.append(table(["category", "bytes", "share"], rows, align="lrr"))
+    lines += ["", "peak per phase:"]
+    rows = [[str(step), phase, format_bytes(b)]
+            for (step, phase), b in timeline.phase_peaks().items()]
+    lines.append(table(["step", "phase", "peak"], rows, align="llr"))
+    return "\n".join(lines) + "\n"
+
+
+def fit_report(result, *, model: str, dtype: str | None, optimizer: str,
+               checkpoint: str = "none") -> str:
+    """What fits on the device: largest batch at the context, largest context at batch 1."""
+    def ctx(n):
+        if n is None:
+            return "-"
+        if n == 0:
+            return "does not fit"
+        limit = " (the model's limit)" if n == result.model_max_seq else ""
+        return f"{format_count(n)} tokens{limit}"
+
+    def batch(n):
+        return format_count(n) if n else "does not fit"
+
+    at = f"max batch @ {result.seq}" if result.seq else "max batch"
+    setting = f"{optimizer}, {dtype or 'model dtype'}"
+    if checkpoint != "none":
+        setting += f", checkpoint {checkpoint}"
+    rows = [["training", setting, batch(result.train_max_batch),
+             ctx(result.train_max_seq)],
+            ["inference", "prefill + KV cache", batch(result.infer_max_batch),
+             ctx(result.infer_max_seq)]]
+    lines = [
+        f"graphcost fit: {model} on {result.device}",
+        f"  memory {format_bytes(result.memory_bytes)} - reserve "
+        f"{format_bytes(result.reserve_bytes)} = budget {format_bytes(result.budget_bytes)}",
+        "",
+        table(["", "setting", at, "max context @ batch 1"], rows,
+              align="llrr"),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def inference_report(mem, *, model: str, device: str, batch: int | None,
+                     context: int | None) -> str:
+    """Peak of a prefill with the KV cache, and what is alive then."""
+    rows = [["params", format_bytes(mem.weight_bytes), format_share(mem.weight_bytes,
+                                                                     mem.peak_bytes)],
+            ["kv cache", format_bytes(mem.kv_cache_bytes), format_share(mem.kv_cache_bytes,
+                                                                         mem.peak_bytes)],
+            ["activations", format_bytes(mem.activation_peak_bytes),
+             format_share(mem.activation_peak_bytes, mem.peak_bytes)]]
+    lines = [
+        f"graphcost memory --inference: {model} on {device}"
+        + (f", batch {batch} x context {context}" if context else ""),
+        "",
+        f"  peak        {format_bytes(mem.peak_bytes)}  ({format_count(mem.peak_bytes)} bytes)",
+        f"  when        prefill, {mem.peak_op}"
+        f"{' in ' + mem.peak_module if mem.peak_module else ''}",
+        f"  KV cache    {format_bytes(mem.kv_cache_bytes_per_token)} per token (K and V, all "
+        "layers)",
+        "",
+        table(["category", "bytes", "share"], rows, align="lrr"),
+    ]
+    return "\n".join(lines) + "\n"
