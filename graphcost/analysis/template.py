@@ -1,4 +1,5 @@
-"""template: (split from graphcost.blocks)."""
+"""The two-block trace a deep model's graph was expanded from, kept with how it was costed, so
+that the model can be rebuilt and costed with any number of blocks (passes/memory/stack.py)."""
 
 from __future__ import annotations
 

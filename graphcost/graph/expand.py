@@ -1,4 +1,6 @@
-"""expand: (split from graphcost.blocks)."""
+"""The full graph of a deep stack from the two-block trace (trace/blocks.py): block 1 copied
+L - 2 times, each copy's inputs wired to the previous copy's outputs and the ops after the stack
+to the last copy. Parameters and buffers of the copies keep the module's order."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""analysis: (split from graphcost.report)."""
+"""An Analysis as text: the summary, the per-module and per-op tables, and the list of ops with
+no cost rule."""
 
 from __future__ import annotations
 

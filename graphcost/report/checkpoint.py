@@ -1,4 +1,4 @@
-"""checkpoint: (split from graphcost.report)."""
+"""Checkpoint policies side by side, and the optimal mix under a budget, as text and JSON."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""memory: (split from graphcost.report)."""
+"""Memory as text: the peak of a training step and what is alive then, fit's largest batch and
+context, and inference with its KV cache."""
 
 from __future__ import annotations
 

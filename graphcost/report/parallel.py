@@ -1,4 +1,4 @@
-"""parallel: (split from graphcost.report)."""
+"""Parallel plans as text: memory per device and pipeline stage, and `plan`'s ranked table."""
 
 from __future__ import annotations
 

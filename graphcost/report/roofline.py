@@ -1,4 +1,5 @@
-"""roofline: (split from graphcost.report)."""
+"""Step time, inference time, run cost and sweeps as text: the op table sorted by time, FLOPs,
+bytes or intensity, the step split into phases, MFU/HFU, and the cost next to 6ND and 8ND."""
 
 from __future__ import annotations
 

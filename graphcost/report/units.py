@@ -14,14 +14,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 BYTE_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
-
-
 FLOP_UNITS = ("FLOP", "KFLOP", "MFLOP", "GFLOP", "TFLOP", "PFLOP", "EFLOP", "ZFLOP", "YFLOP")
-
-
 COUNT_UNITS = ("", "K", "M", "B", "T")
-
-
 UNITS_NOTE = ("units: bytes binary (1 GiB = 2^30 B); FLOPs decimal (1 TFLOP = 10^12), 2 per "
               "multiply-add")
 

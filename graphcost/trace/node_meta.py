@@ -1,4 +1,6 @@
-"""node_meta: (split from graphcost.graph)."""
+"""What torch.export recorded on each fx node about where it came from: the module path and
+class (`nn_module_stack`) and the line of the model's own code (`stack_trace`). Read by the graph
+stage (graph/build.py) and by trace/export.py's error messages."""
 
 from __future__ import annotations
 

@@ -13,10 +13,10 @@ from torch import nn
 from graphcost import analyze
 from graphcost.errors import ConfigError
 from graphcost.hardware.devices import Device, get_device
-from graphcost.sizing import fit as fit_module
 from graphcost.passes.memory.inference import inference_memory
 from graphcost.passes.memory.timeline import training_timeline
 from graphcost.passes.memory.training import TrainingConfig
+from graphcost.sizing import fit as fit_module
 from graphcost.sizing.fit import fit
 from graphcost.sizing.retrace import Rewrite, marker, step_events
 from graphcost.sizing.sampled import Sampled, Unsupported, decode, encode

@@ -1,4 +1,5 @@
-"""timeline: (split from graphcost.passes.schedule)."""
+"""`training_timeline`: the memory timeline of training steps, derived along a deep stack
+(passes/memory/stack.py) where it can be, walked in full (passes/memory/walk.py) otherwise."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""training: (split from graphcost.passes.schedule)."""
+"""What a training step is (TrainingConfig: optimizer, steps, grad accumulation, checkpoint
+policy) and what its walk returns (MemoryTimeline: every event's live bytes by category, the
+peak, what autograd keeps). The walk itself is passes/memory/walk.py."""
 
 from __future__ import annotations
 
@@ -12,17 +14,9 @@ from graphcost.errors import ConfigError
 from graphcost.passes.checkpoint.policy import Plan, parse_policy
 
 OPTIMIZERS = ("adamw", "adam", "sgd", "sgd-momentum")
-
-
 OPTIMIZER_IMPLS = ("auto", "single-tensor", "foreach", "fused")
-
-
 STEP_TENSOR_BYTES = 4  # Adam's per-parameter `step`: a 0-dim float32 tensor on the CPU
-
-
 CATEGORIES = ("params", "grads", "optimizer_state", "activations", "transient")
-
-
 PHASES = ("forward", "recompute", "backward", "optimizer")
 
 

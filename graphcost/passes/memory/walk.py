@@ -578,6 +578,4 @@ def _cost(d: dict) -> OpCost:
 
 
 _NO_COST = OpCost()
-
-
 _PHASE_INDEX = {p: i for i, p in enumerate(PHASES)}

@@ -40,9 +40,9 @@ from graphcost.passes.parallel.plan import (
     LINEAR_OPS,
     ParallelPlan,
     TensorSplit,
-    op_stages,
     check_plan,
     model_states_per_rank,
+    op_stages,
     tensor_split,
 )
 from graphcost.passes.roofline import (
