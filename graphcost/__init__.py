@@ -11,8 +11,7 @@ from graphcost.hardware.devices import PRESETS, Device, get_device
 from graphcost.rules.registry import FLOPS_PER_FMA, OpCost, Out, RuleContext, TensorSpec, Value
 from graphcost.rules.registry import register as register_rule
 from graphcost.trace.export import spec
-
-__version__ = "0.1.0"
+from graphcost.version import __version__ as __version__  # defined once, there
 
 __all__ = ["FLOPS_PER_FMA", "PRESETS", "Analysis", "ConfigError", "Device", "GraphcostError",
            "OpCost", "Out", "RuleContext", "TensorSpec", "TraceError", "UnsupportedOpError",

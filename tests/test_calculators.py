@@ -174,7 +174,7 @@ def _gpt(L, h, a, *, tied=True, seq=S, batch=1, **overrides):
                 n_head=a, vocab_size=V, block_size=seq, tie_weights=tied, **overrides)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _analysis(name: str):
     models = {"gpt3": lambda: _gpt(96, 12288, 96), "20b": lambda: _gpt(44, 6144, 64),
               "moe-15b": lambda: moe_15b(seq=S), "moe-15b-every": lambda: moe_15b_every_block()}
@@ -314,7 +314,7 @@ def test_zero_model_states_where_the_accounting_is_the_same(stage, tp):
     assert ours == pytest.approx(expected, rel=1e-12)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _mixed(L, h, a, batch):
     """The memory examples' model in PyTorch's mixed precision (fp32 weights, bf16 compute)."""
     return analyze(*_gpt(L, h, a, tied=False, batch=batch), device="a100-80gb",

@@ -58,7 +58,7 @@ def load_rule_file(path: str) -> None:
                           "rules with graphcost.register_rule (docs/rules.md)")
     try:
         runpy.run_path(str(file), run_name=f"graphcost_rules_{file.stem}")
-    except Exception as exc:  # noqa: BLE001 - re-raised with the file and what to do
+    except Exception as exc:  # re-raised with the file and what to do
         raise ConfigError(f"--rules {path!r} failed: {type(exc).__name__}: {exc}. A rule file "
                           "registers rules with @graphcost.register_rule(op); pass "
                           "override=True to replace a shipped one") from exc

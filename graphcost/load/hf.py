@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from graphcost.errors import ConfigError
+from graphcost.optional import require
 
 MAX_DEFAULT_SEQ = 2048  # --seq defaults to the config's position table, at most this
 DEFAULT_SEQ = 512  # for configs without a position table (T5's relative positions)
@@ -90,12 +91,7 @@ class HFWrapper(nn.Module):
 
 
 def _transformers():
-    try:
-        import transformers
-    except ImportError:
-        raise ConfigError("hf: models need the transformers package: pip install "
-                          "'graphcost[hf]' (or pip install transformers)") from None
-    return transformers
+    return require("transformers", "hf", "an hf: model")
 
 
 def config_path(text: str) -> Path:
@@ -124,7 +120,7 @@ def read_config(path: Path, overrides: Mapping[str, Any]):
     try:
         config, unused = transformers.AutoConfig.from_pretrained(
             str(path), local_files_only=True, return_unused_kwargs=True, **overrides)
-    except Exception as exc:  # noqa: BLE001 - a bad file or model_type: say which, and why
+    except Exception as exc:  # a bad file or model_type: say which, and why
         raise ConfigError(f"cannot read the Hugging Face config {str(path)!r}: "
                           f"{type(exc).__name__}: {_first_line(exc)}; give a config.json "
                           "saved by transformers (with a model_type it knows, transformers "
@@ -328,7 +324,7 @@ def _build(transformers, auto_class, config, implementations: dict[str, Any],
     try:
         with torch.device(device):
             return auto_class.from_config(config, **kwargs)
-    except Exception as exc:  # noqa: BLE001 - transformers' message says what is wrong
+    except Exception as exc:  # transformers' message says what is wrong
         raise ConfigError(f"building {type(config).__name__} with {auto_class.__name__} "
                           f"failed: {type(exc).__name__}: {_first_line(exc)}; check the config "
                           "and --set values") from None

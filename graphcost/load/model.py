@@ -153,7 +153,7 @@ def _load_file(spec, *, batch, seq, dtype, targets) -> LoadedModel:
     try:
         with torch.device("meta"):
             result = factory(**kwargs)
-    except Exception as exc:  # noqa: BLE001 - the user's code: say where it failed
+    except Exception as exc:  # the user's code: say where it failed
         raise CliError(f"{path}:{factory_name}() raised {_describe(exc, path)}; fix the "
                        "factory so that it returns (module, example_inputs)") from None
     module, inputs = _check_factory_result(result, f"{path}:{factory_name}")
@@ -185,7 +185,7 @@ def _import_file(path: Path):
         del sys.modules[name]
         raise CliError(f"syntax error in {exc.filename}:{exc.lineno}: {exc.msg}; fix the "
                        "model file") from None
-    except Exception as exc:  # noqa: BLE001 - the user's code: say where it failed
+    except Exception as exc:  # the user's code: say where it failed
         del sys.modules[name]
         raise CliError(f"importing {path} raised {_describe(exc, path)}; fix the model "
                        "file") from None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from graphcost.optional import require
 from graphcost.passes.memory.training import CATEGORIES, MemoryTimeline
 
 GIB = 2**30
@@ -11,8 +12,7 @@ GIB = 2**30
 
 def _figure(size: tuple[float, float]):
     """A matplotlib (figure, axes) drawn off-screen (Agg), imported only now."""
-    import matplotlib
-
+    matplotlib = require("matplotlib", "plot", "drawing a plot (--plot)")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 import torch
 
@@ -85,7 +85,7 @@ class Out:
     index: int = 0
 
 
-Saved = Union[Value, Out, TensorSpec]  # an input, an own output, or a tensor the kernel creates
+Saved = Value | Out | TensorSpec  # an input, an own output, or a tensor the kernel creates
 
 
 @dataclass(frozen=True)

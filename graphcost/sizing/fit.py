@@ -34,6 +34,9 @@ from graphcost.passes.memory.timeline import training_timeline
 from graphcost.passes.memory.training import TrainingConfig
 from graphcost.sizing.retrace import Unsupported, step_events
 
+# the graph attributes it reads (graphcost/graph/schema.py)
+READS = ()
+
 logger = logging.getLogger(__name__)
 GIB = 2**30
 # What a "fit" answer leaves free: the CUDA context (0.3-1.5 GiB depending on the stack, see
@@ -78,7 +81,7 @@ class _Events:
             return
         except GraphcostError:
             raise  # the user's to fix, as the trace per shape would say
-        except Exception:  # noqa: BLE001 - a graphcost bug: the trace per shape still answers
+        except Exception:  # a graphcost bug: the trace per shape still answers
             logger.warning("fit: one trace for every shape failed; tracing each", exc_info=True)
             return
         self.cache.update({(b, t, training): events for (b, t), events in found.items()})

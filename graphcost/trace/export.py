@@ -94,7 +94,7 @@ def trace(module: nn.Module, example_inputs: Any, *, kwargs: dict | None = None,
 
         try:
             rerun(program, autocast)
-        except Exception as exc:  # noqa: BLE001 - re-raised with what to do
+        except Exception as exc:  # re-raised with what to do
             raise TraceError(f"cannot run model {name!r} under torch.autocast({autocast}): "
                              f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}; "
                              "analyze it without mixed precision") from exc
@@ -161,7 +161,7 @@ def _export(module: nn.Module, args: tuple, kwargs: dict, name: str,
         try:
             with standing_in(stand_ins):
                 program = _export_quietly(module, args, kwargs)
-        except Exception as exc:  # noqa: BLE001 - stood in for, or re-raised with what to do
+        except Exception as exc:  # stood in for, or re-raised with what to do
             cause = exc
             failure = _Failure(_failing_submodule(module, exc), first_line(exc),
                                _explain_trace_failure(name, module, exc))

@@ -198,7 +198,7 @@ def _capture_call(root: nn.Module, module: nn.Module, args: tuple, kwargs: dict,
             root(*args, **kwargs)
     except _Captured as captured:
         return captured.call
-    except Exception as exc:  # noqa: BLE001 - reported as the reason
+    except Exception as exc:  # reported as the reason
         raise CannotStandIn("an eager run of the model on its example inputs fails before "
                             f"calling it ({first_line(exc)})") from exc
     finally:
@@ -211,7 +211,7 @@ def _run(module: nn.Module, args: tuple, kwargs: dict) -> Any:
     try:
         with torch.no_grad():
             return module(*args, **kwargs)
-    except Exception as exc:  # noqa: BLE001 - the CPU run says whether it matters
+    except Exception as exc:  # the CPU run says whether it matters
         return _run_on_cpu(module, args, kwargs, exc)
 
 
@@ -231,7 +231,7 @@ def _run_on_cpu(module: nn.Module, args: tuple, kwargs: dict, meta_error: Except
     try:
         zeros = _cpu_call(module, state, args, kwargs, random=False)
         randoms = _cpu_call(module, state, args, kwargs, random=True)
-    except Exception as exc:  # noqa: BLE001 - reported as the reason
+    except Exception as exc:  # reported as the reason
         raise CannotStandIn(f"{why_meta} nor on CPU tensors ({first_line(exc)})") from exc
     if _specs(zeros) != _specs(randoms):
         raise CannotStandIn(f"{why_meta}, and on CPU tensors its output shapes depend on the "

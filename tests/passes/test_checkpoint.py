@@ -64,7 +64,7 @@ def _load(family: str, device: str, dtype=torch.float32):
                 **FAMILIES[family])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _analysis(family: str, dtype: torch.dtype = torch.float32):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -103,7 +103,7 @@ def _real(family: str, policy: str, dtype=torch.float32, **config):
     return measured, after_forward.live_bytes, flops
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _flops_without(family: str) -> int:
     model, inputs = _load(family, "cpu")
     return sum(measure_flops(model, inputs))

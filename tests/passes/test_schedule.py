@@ -50,7 +50,7 @@ def _build(family: str, dtype: torch.dtype, device: str, frozen: bool):
     return model, inputs
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _analysis(family: str, dtype: str, frozen: bool):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

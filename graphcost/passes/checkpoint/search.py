@@ -37,6 +37,7 @@ from graphcost.analysis.analyze import Analysis
 from graphcost.collector import collector_paused
 from graphcost.errors import ConfigError
 from graphcost.graph.build import op_nodes
+from graphcost.optional import require
 from graphcost.passes.checkpoint.policy import (
     BLOCK_OPTIONS,
     BUILTIN_POLICIES,
@@ -119,7 +120,7 @@ def optimize(analysis: Analysis, budget_bytes: float, config: TrainingConfig | N
              policies=BUILTIN_POLICIES) -> Optimum:
     """The per-block mix with the least recompute FLOPs whose peak is within `budget_bytes`;
     `policies` are walked too, to say how far the best of them is from it."""
-    import scipy.optimize  # noqa: F401 - imported once (~0.5 s), outside the clocks
+    require("scipy.optimize", "optimize", "the checkpoint optimizer (a budget)")  # ~0.5 s, before the clocks
 
     started = time.perf_counter()
     config = config or TrainingConfig()
