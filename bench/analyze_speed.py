@@ -13,6 +13,7 @@ import argparse
 import time
 import warnings
 
+import _root  # noqa: F401 - the repository root on sys.path, for validation/
 from graphcost.models import load
 
 import graphcost

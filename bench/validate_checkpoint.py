@@ -4,9 +4,9 @@ docs/checkpoint.md.
     python bench/validate_checkpoint.py
 
 Small configs of the zoo (4 blocks, batch 8 x 64 tokens; the CNN at 4 x 32 x 32), fp32, AdamW,
-two steps. The plan is applied to the real module with graphcost.checkpoint_apply (the unfused
+two steps. The plan is applied to the real module with graphcost.passes.checkpoint.apply (the unfused
 GPT-2's written-out attention core is wrapped in checkpoint() by hand, as a user would). Peak:
-graphcost.memtrack's live-tensor tracker; kept: live bytes after the first forward; recompute:
+validation/memtrack.py's live-tensor tracker; kept: live bytes after the first forward; recompute:
 FlopCounterMode's FLOPs with the policy minus without it.
 """
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 
+import _root  # noqa: F401 - the repository root on sys.path, for validation/
 import torch
 from graphcost.models import SMALL_OVERRIDES, load
 from graphcost.models import gpt2 as gpt2_module

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import warnings
 
+import _root  # noqa: F401 - the repository root on sys.path, for validation/
 import torch
 from graphcost.models import SMALL_OVERRIDES, list_models, load
 
