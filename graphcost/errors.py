@@ -14,4 +14,5 @@ class UnsupportedOpError(GraphcostError):
 
 
 class ConfigError(GraphcostError):
-    """A bad option value: unknown device, dtype, model name, shape."""
+    """A bad option value (unknown device, dtype, model name, shape), or an optional dependency
+    that a command needs and that is not installed (graphcost.optional)."""
