@@ -13,11 +13,17 @@ from torch import nn
 from graphcost.analysis.annotate import annotate
 from graphcost.analysis.template import BlockTemplate
 from graphcost.collector import collector_paused
-from graphcost.graph.build import build_graph, op_nodes
+from graphcost.graph.build import build_graph
 from graphcost.graph.expand import expand_blocks
 from graphcost.hardware.devices import DEFAULT_DEVICE, Device, get_device
 from graphcost.rules.registry import RuleRegistry
 from graphcost.trace.export import trace
+
+# the graph attributes it reads (graphcost/graph/schema.py)
+READS = ("backward_flops", "bytes_read", "bytes_written", "cost", "device", "forward_flops",
+         "kind", "model_name", "module_path", "module_type", "names", "op", "outputs",
+         "requires_grad", "saved_storages", "source", "storage_owner", "unsupported_ops",
+         "weight_bytes")
 
 
 @dataclass(frozen=True)
@@ -175,7 +181,7 @@ def summarize(g: nx.DiGraph) -> Analysis:
     for sid, nbytes in g.graph["saved_storages"].items():
         produced[g.graph["storage_owner"][sid]] += nbytes
     rows = []
-    for name in op_nodes(g):
+    for name in g.op_order:
         d = g.nodes[name]
         rows.append(OpRow(
             name=name, op=d["op"], module_path=d["module_path"], module_type=d["module_type"],

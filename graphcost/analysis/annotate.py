@@ -11,7 +11,9 @@ Writes, on a copy of the graph, for each op node:
 and on the graph: `unsupported_ops` (Counter of op names; a submodule graphcost could not trace
 is 'opaque module PATH (TYPE)', graphcost.opaque), `device`, and `saved_storages`
 ({storage id: bytes} of every storage saved for backward that is not a parameter, buffer,
-constant or model input), `extra_storages` (storages the kernels create: their owner is the op).
+constant or model input), `storage_alias` (storages that are free copies of another), and
+returns the copy as a frozen CostedGraph (graphcost/graph/costed.py; the attributes are declared in
+graphcost/graph/schema.py).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import networkx as nx
 import torch
 
 from graphcost.errors import GraphcostError, UnsupportedOpError
-from graphcost.graph.build import op_nodes
+from graphcost.graph.costed import CostedGraph, op_order_of
 from graphcost.hardware.devices import Device, get_device
 from graphcost.rules import REGISTRY
 from graphcost.rules.registry import (
@@ -40,6 +42,10 @@ from graphcost.trace.autocast import as_cast, cast_dtype, cast_inputs
 from graphcost.trace.opaque import OPAQUE, unsupported_name
 from graphcost.trace.opaque import warning as opaque_warning
 
+# the graph attributes it reads (graphcost/graph/schema.py)
+READS = ("args", "autocast", "cost", "kind", "kwargs", "module_path", "op", "outputs",
+         "requires_grad", "storage_bytes", "storage_owner", "storages", "target")
+
 aten = torch.ops.aten
 NOT_ACTIVATIONS = ("param", "buffer", "input", "constant")
 COPY_IF_NEEDED = {aten.contiguous.default, aten.reshape.default, aten.flatten.using_ints}
@@ -48,13 +54,11 @@ SAME_SHAPE_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.d
 
 
 def annotate(graph: nx.DiGraph, *, device: str | Device = "cpu", rules: RuleRegistry | None = None,
-             strict: bool = False) -> nx.DiGraph:
-    """Return a costed copy of `graph` (see module docstring for what is written)."""
+             strict: bool = False) -> CostedGraph:
+    """Return a costed, frozen copy of `graph` (see module docstring for what is written)."""
     device = get_device(device)
     rules = rules or REGISTRY
-    g = graph.copy()
-    g.graph["storage_bytes"] = dict(graph.graph["storage_bytes"])
-    g.graph["storage_owner"] = dict(graph.graph["storage_owner"])
+    g = CostedGraph.of(graph)
     g.graph["device"] = device
     unsupported: Counter[str] = Counter()
     next_storage = max(g.graph["storage_bytes"], default=-1) + 1
@@ -66,7 +70,8 @@ def annotate(graph: nx.DiGraph, *, device: str | Device = "cpu", rules: RuleRegi
     saved_storages: dict[int, int] = {}
     layouts = _Layouts()
     autocast_copies: dict[tuple[int, torch.dtype], int] = {}  # autocast's cache of leaf casts
-    for name in op_nodes(g):
+    ops = op_order_of(g)
+    for name in ops:
         data = g.nodes[name]
         rule = rules.lookup(data["target"])
         inputs = tuple(values_in(data["args"]) + values_in(list(data["kwargs"].values())))
@@ -144,12 +149,13 @@ def annotate(graph: nx.DiGraph, *, device: str | Device = "cpu", rules: RuleRegi
     g.graph["saved_storages"] = saved_storages
     g.graph["storage_alias"] = layouts.alias
     g.graph["unsupported_ops"] = unsupported
+    g.freeze()
     if unsupported:
         _warn_unsupported(g, unsupported, strict)
     return g
 
 
-def _warn_unsupported(g: nx.DiGraph, unsupported: Counter[str], strict: bool) -> None:
+def _warn_unsupported(g: CostedGraph, unsupported: Counter[str], strict: bool) -> None:
     """One warning for the ops without a rule and one for the opaque stand-ins of submodules
     graphcost could not trace (graphcost.opaque); with `strict`, an UnsupportedOpError."""
     listing = ", ".join(f"{op} (x{n})" for op, n in sorted(unsupported.items()))
@@ -157,7 +163,7 @@ def _warn_unsupported(g: nx.DiGraph, unsupported: Counter[str], strict: bool) ->
         raise UnsupportedOpError(
             f"no cost rule for: {listing}. Add one with graphcost.register_rule "
             "(see docs/rules.md), or drop --strict to list them as unsupported.")
-    opaque = [n for n in op_nodes(g)
+    opaque = [n for n in g.op_order
               if g.nodes[n]["target"] is OPAQUE and g.nodes[n]["cost"] is None]
     opaque_names = {unsupported_name(g.nodes[n]) for n in opaque}
     plain = ", ".join(f"{op} (x{n})" for op, n in sorted(unsupported.items())
@@ -169,36 +175,12 @@ def _warn_unsupported(g: nx.DiGraph, unsupported: Counter[str], strict: bool) ->
         warnings.warn(opaque_warning(g, opaque), stacklevel=3)
 
 
-def new_storages(g: nx.DiGraph, node: str, *, with_saved: bool = True) -> list[int]:
-    """The storages op `node` creates: its outputs that are neither views nor free on the device
-    (see storage_root), and with `with_saved` the tensors its kernel makes to save."""
-    owner, alias, data = g.graph["storage_owner"], g.graph.get("storage_alias", {}), g.nodes[node]
-    made = [s for s in data["storages"] if s is not None and owner.get(s) == node
-            and s not in alias]
-    if with_saved:
-        made += [s for s in data["saved"] if owner.get(s) == node and s not in data["storages"]]
-    return list(dict.fromkeys(made))
-
-
 def _replace_values(x, mapping: dict):
     if isinstance(x, Value):
         return mapping.get(x, x)
     if isinstance(x, (list, tuple)):
         return type(x)(_replace_values(v, mapping) for v in x)
     return x
-
-
-def storage_root(g: nx.DiGraph):
-    """A function mapping a storage id to the storage it really is on the target device (see
-    `storage_alias`: a traced copy that the device's kernel layout makes free)."""
-    alias = g.graph.get("storage_alias", {})
-
-    def find(sid: int) -> int:
-        while sid in alias:
-            sid = alias[sid]
-        return sid
-
-    return find
 
 
 class _Layouts:

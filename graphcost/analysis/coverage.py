@@ -10,9 +10,11 @@ from pathlib import Path
 
 from graphcost.analysis.analyze import Analysis
 from graphcost.errors import ConfigError
-from graphcost.graph.build import op_nodes
 from graphcost.rules import REGISTRY
 from graphcost.trace.opaque import unsupported_name
+
+# the graph attributes it reads (graphcost/graph/schema.py)
+READS = ("backward_flops", "forward_flops", "target")
 
 
 @dataclass(frozen=True)
@@ -34,7 +36,7 @@ def coverage(analysis: Analysis) -> list[CoverageRow]:
     counts: Counter[str] = Counter()
     flops: dict[str, list[int]] = {}
     targets = {}
-    for n in op_nodes(g):
+    for n in g.op_order:
         d = g.nodes[n]
         op = unsupported_name(d)  # a module stood in for (graphcost.opaque) is one row each
         counts[op] += 1

@@ -1,29 +1,15 @@
 """Stage 2: the exported fx graph as a networkx.DiGraph of ops, parameters, buffers and inputs.
 
-Node attributes (the schema is documented in docs/graph.md):
-    kind            "param" | "buffer" | "input" | "constant" | "op"
-    order           position in execution order (placeholders first)
-    outputs         tuple[TensorSpec]: one per tensor output
-    storages        tuple[int]: the storage each output lives in (views share their base's)
-    requires_grad   does the (first) output need a gradient
-    names           params/buffers: every fully qualified name (tied parameters are one node)
-    target, op      op nodes: the ATen op (OpOverload) and its name "aten.linear.default"
-    args, kwargs    op nodes: arguments with tensors replaced by graphcost Values
-    module_path     op nodes: "layers.3.attention.wq" ("" for the root module)
-    module_type     op nodes: "Linear"
-    module_calls    op nodes: the module calls it runs inside, outermost first ("layers.3",
-                    "layers.3.attention", ...; a second call of one module is "path@1")
-    module_call_types  op nodes: the class name of each of module_calls ("TransformerBlock", ...)
-    source          op nodes: the model source line that produced it
-Graph attributes: model_name, autocast (the torch.autocast dtype the op dtypes were taken
-under, or None), outputs (the Values the model returns), storage_bytes
-({storage id: bytes}), storage_owner ({storage id: node that created it}).
+`build_graph` writes the structure and the attributes graphcost/graph/schema.py marks
+"build_graph" (kind, order, outputs, storages, requires_grad; names on parameters, buffers and
+inputs; target, op, args, kwargs, module_path, module_type, module_calls, module_call_types and
+source on ops; the graph's model_name, autocast, outputs, storage_bytes and storage_owner). The
+graph it returns is plain and mutable; `annotate` costs a copy of it (a frozen CostedGraph).
 """
 
 from __future__ import annotations
 
 import operator
-import weakref
 from typing import Any
 
 import networkx as nx
@@ -31,6 +17,7 @@ import torch
 from torch.export.graph_signature import InputKind
 from torch.multiprocessing.reductions import StorageWeakRef
 
+from graphcost.graph.costed import CostedGraph, op_order_of
 from graphcost.rules.registry import TensorSpec, Value, op_name, values_in
 from graphcost.trace.export import Trace
 from graphcost.trace.node_meta import module_call_types_of, module_calls_of, module_of, source_of
@@ -157,37 +144,7 @@ def build_graph(tr: Trace) -> nx.DiGraph:
     return g
 
 
-_MEMOS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def graph_memo(g: nx.DiGraph) -> dict:
-    """A cache of results that depend only on a costed graph, dropped with it. The passes do
-    not change a graph once costed; the one place that rewrites one in place
-    (graphcost.passes.retrace) calls `forget` after."""
-    return _MEMOS.setdefault(g, {})
-
-
-def forget(g: nx.DiGraph) -> None:
-    _MEMOS.pop(g, None)
-
-
-def _memoized(g: nx.DiGraph, key: str, compute):
-    """compute(), once per graph and node count (a graph still being built grows)."""
-    memo, size = graph_memo(g), g.number_of_nodes()
-    if key not in memo or memo[key][0] != size:
-        memo[key] = (size, compute())
-    return memo[key][1]
-
-
 def op_nodes(g: nx.DiGraph) -> list[str]:
-    """Op nodes in execution order (a new list)."""
-    return list(_memoized(g, "op_nodes", lambda: sorted(
-        (n for n, d in g.nodes(data=True) if d["kind"] == "op"),
-        key=lambda n: g.nodes[n]["order"])))
-
-
-def op_inputs(g: nx.DiGraph) -> dict[str, list[Value]]:
-    """The tensor values each op reads, args then kwargs (do not modify the lists)."""
-    return _memoized(g, "op_inputs", lambda: {
-        n: values_in((d["args"], list(d["kwargs"].values())))
-        for n, d in g.nodes(data=True) if d["kind"] == "op"})
+    """Op nodes in execution order (a new list): a costed graph's `op_order`, or the same
+    order computed for a graph that is not costed yet."""
+    return list(g.op_order if isinstance(g, CostedGraph) else op_order_of(g))

@@ -15,7 +15,10 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from graphcost.analysis.analyze import Analysis
-from graphcost.graph.build import op_nodes
+
+# the graph attributes it reads (graphcost/graph/schema.py)
+READS = ("args", "backward_flops", "forward_flops", "kind", "module_calls", "module_path", "names",
+         "op", "outputs")
 
 EXPERT_INDEX = re.compile(r"^(.*)\.experts\.(\d+)\.")
 
@@ -63,7 +66,7 @@ def moe_summary(analysis: Analysis) -> MoESummary | None:
         return None
     top_k: dict[str, int] = {}
     flops: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-    for n in op_nodes(g):
+    for n in g.op_order:
         d = g.nodes[n]
         for path in per_expert:
             calls = d.get("module_calls", ())

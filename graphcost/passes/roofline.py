@@ -32,12 +32,16 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from graphcost.analysis.analyze import Analysis
-from graphcost.graph.build import op_nodes
 from graphcost.hardware.devices import Device, get_device
 from graphcost.passes.checkpoint.policy import MATMUL_OPS, short_op
 from graphcost.passes.memory.timeline import training_timeline
 from graphcost.passes.memory.training import TrainingConfig
 from graphcost.rules.registry import values_in
+
+# the graph attributes it reads (graphcost/graph/schema.py)
+READS = ("args", "backward_flops", "bytes_read", "bytes_written", "forward_flops", "kind",
+         "kwargs", "module_path", "op", "order", "outputs", "requires_grad", "runs_backward",
+         "saved", "storage_bytes", "weight_bytes")
 
 # Reads + writes of a parameter-sized tensor per trainable parameter, single-tensor update:
 # AdamW reads param, grad, exp_avg, exp_avg_sq and writes param, exp_avg, exp_avg_sq.
@@ -196,7 +200,7 @@ def op_times(analysis: Analysis, device: str | Device, efficiency: Efficiency = 
     device = get_device(device)
     roof, g = _Roof(device, efficiency), analysis.graph
     rows = []
-    ops = op_nodes(g)
+    ops = g.op_order
     for n in ops:
         d = g.nodes[n]
         rows.append(roof.time(n, d, "forward", d["forward_flops"],
@@ -214,7 +218,7 @@ def mfu_dtype(analysis: Analysis) -> torch.dtype:
     """The dtype the model's matmul-class FLOPs mostly run in."""
     flops: dict[torch.dtype, int] = {}
     g = analysis.graph
-    for n in op_nodes(g):
+    for n in g.op_order:
         d = g.nodes[n]
         if short_op(d["op"]) in MATMUL_OPS:
             flops[_dtype(d)] = flops.get(_dtype(d), 0) + d["forward_flops"]

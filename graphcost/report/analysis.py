@@ -17,6 +17,9 @@ from graphcost.report.units import (
 )
 from graphcost.trace.opaque import OPAQUE_PREFIX
 
+# the graph attributes it reads (graphcost/graph/schema.py)
+READS = ("kind", "order", "outputs")
+
 
 def unsupported_line(analysis: Analysis) -> str:
     """The loud line naming every op without a cost rule ('' when there are none)."""

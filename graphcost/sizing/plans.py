@@ -24,6 +24,8 @@ from graphcost.passes.parallel.plan import DeviceMemory, ParallelPlan, per_devic
 from graphcost.passes.parallel.step_time import ParallelStepTime, parallel_step_time
 from graphcost.passes.roofline import Efficiency, training_step_time
 
+READS: tuple[str, ...] = ()  # graph attributes it reads itself: none (graph/schema.py)
+
 SHARDINGS = {"zero-1": dict(zero=1), "zero-2": dict(zero=2), "zero-3": dict(zero=3),
              "fsdp": dict(fsdp=True), "none": {}}
 

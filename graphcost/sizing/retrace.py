@@ -12,11 +12,11 @@ An export costs about 0.15 s and a walk of a 7B model's training step 0.1 s, so:
    meta tensors with those integers rewritten to c * B**i * T**j: PyTorch's own meta kernels
    give every tensor's shape, strides and storage, as an export at that shape records them.
    graphcost's graph is built from that and costed: about 20 ms a shape.
-3. The full graph is expanded and costed once, at the first shape, and every byte count in it
-   (storage sizes, tensor sizes, the rules' workspaces) is replaced by one that holds its value
-   at every shape (graphcost.passes.sampled), read from the same node of the two-block graphs.
-   The walk (training_timeline, inference_memory) runs once on it; the bytes alive after each
-   event come out at every shape.
+3. The full graph is expanded and costed once, at the first shape, and a new costed graph is
+   made from it with every byte count (storage sizes, tensor sizes, the rules' workspaces)
+   replaced by one that holds its value at every shape (graphcost.sizing.sampled), read from
+   the same node of the two-block graphs. The walk (training_timeline, inference_memory) runs
+   once on it; the bytes alive after each event come out at every shape.
 
 Nothing is approximated: each shape's numbers are those of the program run at that shape. The
 premise is that the export at the marker shape, its integers rewritten, is the export at the
@@ -45,7 +45,8 @@ from torch.export.graph_signature import InputKind
 
 from graphcost.analysis.analyze import summarize
 from graphcost.analysis.annotate import annotate
-from graphcost.graph.build import build_graph, forget
+from graphcost.graph.build import build_graph
+from graphcost.graph.costed import CostedGraph
 from graphcost.graph.expand import expand_blocks
 from graphcost.hardware.devices import Device
 from graphcost.passes.memory.inference import inference_memory
@@ -55,6 +56,10 @@ from graphcost.rules.registry import TensorSpec, Value
 from graphcost.sizing.sampled import Sampled, Unsupported, carried_spec, decode, encode
 from graphcost.trace.autocast import placeholder_like
 from graphcost.trace.export import Trace, trace
+
+# the graph attributes it reads (graphcost/graph/schema.py)
+READS = ("args", "cost", "kind", "kwargs", "outputs", "storage_alias", "storage_bytes",
+         "storage_owner", "storages", "unsupported_ops")
 
 aten = torch.ops.aten
 Shape = tuple[int, int | None]  # (batch, seq); seq None: the model has no sequence length
@@ -275,11 +280,11 @@ def _with_spec(v: Value, spec: TensorSpec) -> Value:
 
 
 class _Carry:
-    """Writes into `full` (the costed full graph at the first shape) every byte count and
-    tensor size, carried to every shape from the costed two-block graphs `costed` (same
-    nodes as `full`'s templates)."""
+    """A copy of `full` (the costed full graph at the first shape) with every byte count and
+    tensor size carried to every shape from the costed two-block graphs `costed` (same nodes
+    as `full`'s templates)."""
 
-    def __init__(self, full: nx.DiGraph, full_storages: set[int], costed: list[nx.DiGraph],
+    def __init__(self, full: CostedGraph, full_storages: set[int], costed: list[CostedGraph],
                  storages: set[int]) -> None:
         self.full, self.costed, self.specs = full, costed, {}
         self.template = {n: d[TEMPLATE] for n, d in full.nodes(data=True)}
@@ -354,17 +359,21 @@ class _Carry:
             return {k: self.tree(x, [t[k] for t in theirs]) for k, x in mine.items()}
         return mine
 
-    def run(self) -> None:
+    def run(self) -> CostedGraph:
+        """A new costed graph: `full` with its numbers carried to every shape."""
         full, costed = self.full, self.costed
+        graph = dict(full.graph)
         for key in ("storage_bytes", "saved_storages"):
-            full.graph[key] = {
+            graph[key] = {
                 sid: self.number(n, tuple(g.graph[key].get(self.storage[sid], 0)
                                           for g in costed))
                 for sid, n in full.graph[key].items()}
-        full.graph["outputs"] = self.tree(full.graph.get("outputs", []),
-                                          [g.graph.get("outputs", []) for g in costed])
+        graph["outputs"] = self.tree(full.graph.get("outputs", []),
+                                     [g.graph.get("outputs", []) for g in costed])
         views = [g.nodes for g in costed]
-        for n, d in full.nodes(data=True):
+        nodes = {}
+        for n, mine in full.nodes(data=True):
+            d = nodes[n] = dict(mine)
             template = self.template[n]
             theirs = [view[template] for view in views]
             d["outputs"] = self.tree(d["outputs"], [t["outputs"] for t in theirs])
@@ -382,7 +391,7 @@ class _Carry:
                                            d["cost"].backward_workspace_bytes):
                     d["cost"] = replace(d["cost"], forward_workspace_bytes=forward,
                                         backward_workspace_bytes=backward)
-        forget(full)  # what was computed from the graph before it was rewritten
+        return full.with_attributes(nodes, graph)
 
 
 # -- all together -----------------------------------------------------------------------------
@@ -436,7 +445,9 @@ def step_events(load: Loader, shapes: Sequence[Shape], *, training: bool,
         warnings.simplefilter("ignore")
         costed = [annotate(g, device=device) for g in graphs]
     check_same_structure(costed)
-    _Carry(analysis.graph, full_storages, costed, set(graphs[0].graph["storage_bytes"])).run()
+    carried = _Carry(analysis.graph, full_storages, costed,
+                     set(graphs[0].graph["storage_bytes"])).run()
+    analysis = replace(analysis, graph=carried)
     if training:
         totals = [e.total_bytes for e in training_timeline(analysis, config).events]
     else:

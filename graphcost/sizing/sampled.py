@@ -23,6 +23,8 @@ from typing import Any
 
 from graphcost.rules.registry import TensorSpec
 
+READS: tuple[str, ...] = ()  # graph attributes it reads itself: none (graph/schema.py)
+
 SLOT = 1 << 64  # a step's byte counts at the shapes served are far below SLOT / 2
 
 

@@ -4,7 +4,7 @@ run the policy graphcost chose.
 
     >>> from graphcost import analyze
     >>> from graphcost.models import SMALL_OVERRIDES, load
-    >>> from graphcost.passes.checkpoint import plan
+    >>> from graphcost.passes.checkpoint.policy import plan
     >>> cfg = SMALL_OVERRIDES["llama3-8b"]
     >>> p = plan(analyze(*load("llama3-8b", seq=8, **cfg)).graph, "full")
     >>> model, tokens = load("llama3-8b", seq=8, device="cpu", **cfg)
@@ -33,6 +33,8 @@ from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_conte
 
 from graphcost.errors import ConfigError
 from graphcost.passes.checkpoint.policy import Plan, short_op
+
+READS: tuple[str, ...] = ()  # graph attributes it reads itself: none (graph/schema.py)
 
 aten = torch.ops.aten
 # graph op (torch.export's training IR) -> the dispatcher ops it runs as in eager mode

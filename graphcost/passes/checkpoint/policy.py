@@ -36,13 +36,15 @@ from __future__ import annotations
 import fnmatch
 import math
 import re
-from collections import defaultdict
 from dataclasses import dataclass
 
 import networkx as nx
 
 from graphcost.errors import ConfigError
-from graphcost.graph.build import graph_memo, op_nodes
+from graphcost.graph.costed import main_blocks_of
+
+# the graph attributes it reads (graphcost/graph/schema.py)
+READS = ("args", "kind", "module_calls", "module_path", "op", "order")
 
 BUILTIN_POLICIES = ("none", "full", "every-2", "sqrt", "selective", "save-matmuls")
 BLOCK_OPTIONS = ("none", "selective", "save-matmuls", "full")  # what per-block mixes
@@ -151,11 +153,11 @@ def per_block_spec(options) -> str:
 def plan(g: nx.DiGraph, policy: str | Policy | None) -> Plan:
     """Resolve `policy` on a costed graph into the regions it checkpoints."""
     policy = parse_policy(policy)
-    ops = op_nodes(g)
+    ops = g.op_order
     if policy.kind == "none":
         return Plan(policy, ())
     if policy.kind == "modules":
-        calls = module_calls(g, ops)
+        calls = g.module_calls
         chosen = [c for c in calls if any(fnmatch.fnmatchcase(c, p) for p in policy.patterns)]
         if not chosen:
             raise ConfigError(f"checkpoint policy {policy.spec!r}: no module call matches; "
@@ -164,7 +166,7 @@ def plan(g: nx.DiGraph, policy: str | Policy | None) -> Plan:
         outer = [c for c in chosen if not any(c != o and c.startswith(o + ".") for o in chosen)]
         regions = [_call_region(c, calls[c], ops, g, policy.save_ops) for c in outer]
         return Plan(policy, tuple(sorted(regions, key=lambda r: r.start)))
-    blocks = main_blocks(g, ops)
+    blocks = list(g.main_blocks)
     if policy.kind == "selective":
         regions = attention_cores(g, ops)
         if not regions:
@@ -175,7 +177,7 @@ def plan(g: nx.DiGraph, policy: str | Policy | None) -> Plan:
         raise ConfigError(f"checkpoint policy {policy.spec!r} checkpoints blocks, but the "
                           "model has no stack of identical blocks (a ModuleList/Sequential); "
                           "use modules:PATTERN to name the modules to checkpoint")
-    calls = module_calls(g, ops)
+    calls = g.module_calls
     if policy.kind == "full":
         regions = [_call_region(b, calls[b], ops, g) for b in blocks]
     elif policy.kind == "every":
@@ -216,23 +218,11 @@ def segment_size(n_blocks: int) -> int:
     return math.ceil(math.sqrt(n_blocks))
 
 
-def _memo(g: nx.DiGraph, name: str, ops: list[str], compute):
-    """A result of the costed graph and its op order, computed once per graph (graph_memo):
-    the walks of many policies ask for it again."""
-    key = (name, len(ops), ops[0] if ops else None, ops[-1] if ops else None)
-    memo = graph_memo(g)
-    if key not in memo:
-        memo[key] = compute()
-    return memo[key]
-
-
-def module_calls(g: nx.DiGraph, ops: list[str]) -> dict[str, list[int]]:
-    """{module call path: [first op index, last op index]} in order of first op."""
-    spans = _memo(g, "module_calls", ops, lambda: _find_module_calls(g, ops))
-    return {c: list(span) for c, span in spans.items()}
-
-
-def _find_module_calls(g: nx.DiGraph, ops: list[str]) -> dict[str, list[int]]:
+def module_calls(g: nx.DiGraph, ops: list[str] | None = None) -> dict[str, list[int]]:
+    """{module call path: [first op index, last op index]} in order of first op: the costed
+    graph's `module_calls` (of other `ops` than its op order: computed for them)."""
+    if ops is None or tuple(ops) == g.op_order:
+        return {c: list(span) for c, span in g.module_calls.items()}
     spans: dict[str, list[int]] = {}
     for i, n in enumerate(ops):
         for c in g.nodes[n].get("module_calls", ()):
@@ -250,38 +240,11 @@ def _call_region(name: str, span: list[int], ops: list[str], g: nx.DiGraph,
 
 
 def main_blocks(g: nx.DiGraph, ops: list[str] | None = None) -> list[str]:
-    """Paths of the blocks of the model's main stack: the children "P.0", "P.1", ... of the
-    container P with the most children that are all of one module class and run the same ops
-    (ties: the outermost). Empty when no container has two such children."""
-    ops = ops if ops is not None else op_nodes(g)
-    return list(_memo(g, "main_blocks", ops, lambda: _find_main_blocks(g, ops)))
-
-
-def _find_main_blocks(g: nx.DiGraph, ops: list[str]) -> list[str]:
-    types: dict[str, str] = {}
-    signature: dict[str, list[str]] = defaultdict(list)
-    for n in ops:
-        d = g.nodes[n]
-        calls, call_types = d.get("module_calls", ()), d.get("module_call_types", ())
-        for c, t in zip(calls, call_types):
-            types[c] = t
-        for c in calls:
-            signature[c].append(d["op"])
-    children: dict[str, list[str]] = defaultdict(list)
-    for c in types:
-        parent, _, last = c.rpartition(".")
-        if last.isdigit():
-            children[parent].append(c)
-    best: list[str] = []
-    for parent, kids in children.items():
-        kids.sort(key=lambda c: int(c.rpartition(".")[2]))
-        if len(kids) < 2 or len({types[k] for k in kids}) != 1 or \
-                len({tuple(signature[k]) for k in kids}) != 1:
-            continue
-        if len(kids) > len(best) or (len(kids) == len(best) and
-                                     parent.count(".") < best[0].count(".") - 1):
-            best = kids
-    return best
+    """Paths of the blocks of the model's main stack: the costed graph's `main_blocks` (of other
+    `ops` than its op order: computed for them)."""
+    if ops is None or tuple(ops) == g.op_order:
+        return list(g.main_blocks)
+    return main_blocks_of(g, ops)
 
 
 def attention_cores(g: nx.DiGraph, ops: list[str]) -> list[Region]:

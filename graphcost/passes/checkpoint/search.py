@@ -36,7 +36,6 @@ import numpy as np
 from graphcost.analysis.analyze import Analysis
 from graphcost.collector import collector_paused
 from graphcost.errors import ConfigError
-from graphcost.graph.build import op_nodes
 from graphcost.optional import require
 from graphcost.passes.checkpoint.policy import (
     BLOCK_OPTIONS,
@@ -48,6 +47,8 @@ from graphcost.passes.checkpoint.policy import (
 )
 from graphcost.passes.memory.timeline import training_timeline
 from graphcost.passes.memory.training import PHASES, MemoryTimeline, TrainingConfig
+
+READS: tuple[str, ...] = ()  # graph attributes it reads itself: none (graph/schema.py)
 
 
 @dataclass(frozen=True)
@@ -125,8 +126,8 @@ def optimize(analysis: Analysis, budget_bytes: float, config: TrainingConfig | N
     started = time.perf_counter()
     config = config or TrainingConfig()
     g = analysis.graph
-    ops = op_nodes(g)
-    blocks = main_blocks(g, ops)
+    ops = g.op_order
+    blocks = main_blocks(g)
     if not blocks:
         raise ConfigError("checkpoint search needs a stack of identical blocks (a ModuleList or "
                           "Sequential); compare policies instead (graphcost checkpoint "
@@ -178,7 +179,7 @@ class _Decomposition:
 
     def __init__(self, g, ops, blocks, walks: dict[str, MemoryTimeline]) -> None:
         self.options = list(walks)
-        spans = module_calls(g, ops)
+        spans = module_calls(g)
         first, last = spans[blocks[0]][0], spans[blocks[-1]][1]
         where: dict[str, int] = {}  # op -> block index, -1 before the stack, L after it
         block_of_index = np.full(len(ops), -1)

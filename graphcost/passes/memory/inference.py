@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import networkx as nx
 
 from graphcost.analysis.analyze import Analysis
-from graphcost.analysis.annotate import new_storages, storage_root
-from graphcost.graph.build import op_nodes
-from graphcost.passes.memory.liveness import last_reads
 from graphcost.rules.registry import Value, values_in
+
+# the graph attributes it reads (graphcost/graph/schema.py)
+READS = ("args", "kind", "module_path", "op", "outputs", "storage_bytes", "storages")
 
 SHAPE_ONLY = {"view", "_unsafe_view", "reshape", "expand", "unsqueeze", "squeeze", "transpose",
               "permute", "contiguous", "clone", "repeat_interleave", "flatten", "unflatten",
@@ -57,7 +57,7 @@ def kv_cache_bytes_per_token(analysis: Analysis) -> int:
     """Bytes a KV cache holds per token of one sequence (0 for a model without attention)."""
     g = analysis.graph
     total = 0
-    for n in op_nodes(g):
+    for n in g.op_order:
         d = g.nodes[n]
         if not d["op"].startswith("aten.scaled_dot_product_attention"):
             continue
@@ -72,10 +72,10 @@ def inference_memory(analysis: Analysis) -> InferenceMemory:
     """Walk the forward without autograd: outputs freed after their last reader, nothing saved."""
     g = analysis.graph
     nbytes = g.graph["storage_bytes"]
-    find = storage_root(g)
+    find = g.storage_root
 
-    ops = op_nodes(g)
-    last_read = {sid: ops[i] for sid, i in last_reads(g, ops, find).items()}
+    ops = g.op_order
+    last_read = {sid: ops[i] for sid, i in g.last_reads.items()}
     outputs = {find(v.storage) for v in g.graph.get("outputs", [])}
     weights = {d["storages"][0] for _, d in g.nodes(data=True) if d["kind"] in ("param", "buffer")}
     inputs = {d["storages"][0] for _, d in g.nodes(data=True)
@@ -90,7 +90,7 @@ def inference_memory(analysis: Analysis) -> InferenceMemory:
     for sid, n in last_read.items():
         frees.setdefault(n, []).append(sid)
     for n in ops:
-        made = new_storages(g, n, with_saved=False)  # no autograd: nothing is saved
+        made = g.new_outputs[n]  # no autograd: nothing is saved
         for s in made:
             live[s] = nbytes[s]
         alive = sum(live.values())
@@ -109,7 +109,7 @@ def inference_memory(analysis: Analysis) -> InferenceMemory:
 
 def _tokens(g: nx.DiGraph) -> int:
     """Batch x key length of the first attention (the context the cache holds); 0 without one."""
-    for n in op_nodes(g):
+    for n in g.op_order:
         d = g.nodes[n]
         if d["op"].startswith("aten.scaled_dot_product_attention"):
             key = d["args"][1]

@@ -29,70 +29,22 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, replace
-from functools import cached_property
 
 import networkx as nx
 import numpy as np
 
 from graphcost.analysis.template import BlockTemplate
-from graphcost.graph.build import graph_memo, op_nodes
-from graphcost.passes.checkpoint.policy import Plan, Region, main_blocks, module_calls, plan
+from graphcost.graph.facts import BlockStack
+from graphcost.passes.checkpoint.policy import Plan, Region, plan
 from graphcost.passes.memory.training import EventTable, MemoryTimeline, TrainingConfig
 from graphcost.passes.memory.walk import Walk
+
+# the graph attributes it reads (graphcost/graph/schema.py)
+READS = ("block_template",)
 
 MAX_RUNS = 4  # each run costs one more short walk (a sorted mix of the 4 options: 4)
 MAX_PERIOD = 4  # units of up to this many atoms (every-K alternates full and none blocks)
 MAX_WALKED_SHARE = 0.6  # derive only when the short walks add up to at most this share of L
-
-
-class _Stack:
-    """Where the blocks of the stack are in a graph: each block's ops (a contiguous span of the
-    op order) and its trainable parameters (the optimizer's events), by position."""
-
-    def __init__(self, g: nx.DiGraph, path: str, count: int) -> None:
-        self.g, self.path, self.count = g, path, count
-        self.ops = op_nodes(g)
-        calls = module_calls(g, self.ops)
-        spans = [calls.get(f"{path}.{i}") for i in range(count)]
-        self.ok = all(spans) and all(b[0] == a[1] + 1 for a, b in zip(spans, spans[1:]))
-        self.lo = [s[0] for s in spans] if self.ok else []
-        self.hi = [s[1] for s in spans] if self.ok else []
-        self.params: list[list[str]] = [[] for _ in range(count)]
-        prefix = path + "."
-        for n, d in sorted(((n, d) for n, d in g.nodes(data=True) if d["kind"] == "param"),
-                           key=lambda nd: nd[1]["order"]):
-            name = d["names"][0]
-            if name.startswith(prefix):
-                head = name[len(prefix):].split(".", 1)[0]
-                if head.isdigit() and int(head) < count:
-                    self.params[int(head)].append(n)
-
-    @cached_property
-    def index(self) -> dict[str, int]:
-        return {n: k for k, n in enumerate(self.ops)}
-
-    def node(self, block: int, offset: int) -> str:
-        """The op at `offset` in `block` (a parameter: offset -1 - its position)."""
-        return self.ops[self.lo[block] + offset] if offset >= 0 else self.params[block][-1 - offset]
-
-    def positions(self) -> dict[str, tuple[int, int]]:
-        """node -> (block, offset) for every op and trainable parameter of the stack."""
-        where = {}
-        for b in range(self.count):
-            for k in range(self.lo[b], self.hi[b] + 1):
-                where[self.ops[k]] = (b, k - self.lo[b])
-            for j, n in enumerate(self.params[b]):
-                where[n] = (b, -1 - j)
-        return where
-
-
-def _full_stack(g: nx.DiGraph, template: BlockTemplate) -> _Stack | None:
-    memo = graph_memo(g)
-    if "stack" not in memo:
-        stack = _Stack(g, template.blocks.path, template.blocks.count)
-        blocks = [f"{template.blocks.path}.{i}" for i in range(template.blocks.count)]
-        memo["stack"] = stack if stack.ok and main_blocks(g, stack.ops) == blocks else None
-    return memo["stack"]
 
 
 @dataclass(frozen=True)
@@ -110,7 +62,7 @@ def derived_timeline(g: nx.DiGraph, config: TrainingConfig) -> MemoryTimeline | 
     template = g.graph.get("block_template")
     if template is None:
         return None
-    full = _full_stack(g, template)
+    full = g.block_stack
     if full is None:
         return None
     full_plan = plan(g, config.checkpoint)
@@ -125,7 +77,7 @@ def derived_timeline(g: nx.DiGraph, config: TrainingConfig) -> MemoryTimeline | 
     return _derive(g, full, full_plan, pieces, config, walks[0], dict(zip(runs, walks[1:])))
 
 
-def _layout(full: _Stack, checkpoint_plan: Plan) -> list[_Piece] | None:
+def _layout(full: BlockStack, checkpoint_plan: Plan) -> list[_Piece] | None:
     """The pieces of the stack under the plan, the cheapest to walk (None: not worth it)."""
     atoms = _atoms(full, checkpoint_plan)
     if atoms is None or len(atoms) < 3:
@@ -143,7 +95,7 @@ def _layout(full: _Stack, checkpoint_plan: Plan) -> list[_Piece] | None:
     return best
 
 
-def _atoms(full: _Stack, checkpoint_plan: Plan) -> list[tuple[int, int, tuple]] | None:
+def _atoms(full: BlockStack, checkpoint_plan: Plan) -> list[tuple[int, int, tuple]] | None:
     """(first block, blocks, signature) of each atom: a block, or the blocks one region spans.
     The signature is the atom's regions relative to its first op. None: a region reaches from
     the stack out of it."""
@@ -201,7 +153,7 @@ def _compress(atoms: list[tuple[int, int, tuple]], period: int) -> list[_Piece]:
 @dataclass
 class _ShortWalk:
     timeline: MemoryTimeline
-    stack: _Stack
+    stack: BlockStack
     where: dict[str, tuple[int, int]]
     blocks: list[tuple[int, int, int]]  # per short block: (full block, piece, unit)
     label: np.ndarray  # per event: piece * 2 + unit, or -1 outside the stack
@@ -215,13 +167,13 @@ def _short_blocks(pieces: list[_Piece], doubled: int | None) -> list[tuple[int, 
     return out
 
 
-def _short_walk(template: BlockTemplate, full: _Stack, full_plan: Plan, pieces: list[_Piece],
+def _short_walk(template: BlockTemplate, full: BlockStack, full_plan: Plan, pieces: list[_Piece],
                 config: TrainingConfig, doubled: int | None) -> _ShortWalk | None:
     blocks = _short_blocks(pieces, doubled)
     g = template.shortened(len(blocks))
     if g is None:
         return None
-    stack = _Stack(g, template.blocks.path, len(blocks))
+    stack = BlockStack(g, template.blocks.path, len(blocks))
     per_block = full.hi[0] - full.lo[0] + 1
     if not stack.ok or len(full.ops) - len(stack.ops) != per_block * (full.count - len(blocks)):
         return None
@@ -233,7 +185,7 @@ def _short_walk(template: BlockTemplate, full: _Stack, full_plan: Plan, pieces: 
     return _ShortWalk(timeline, stack, where, blocks, label)
 
 
-def _transplant(full_plan: Plan, full: _Stack, short: _Stack,
+def _transplant(full_plan: Plan, full: BlockStack, short: BlockStack,
                 blocks: list[tuple[int, int, int]]) -> Plan:
     """The full plan's regions on the short graph: those of the blocks it has, same offsets."""
     shift = len(short.ops) - len(full.ops)
@@ -292,7 +244,7 @@ def _align(a: _ShortWalk, b: _ShortWalk, run_piece: int) -> list | None:
     return out if j == len(sb) else None
 
 
-def _derive(g: nx.DiGraph, full: _Stack, full_plan: Plan, pieces: list[_Piece],
+def _derive(g: nx.DiGraph, full: BlockStack, full_plan: Plan, pieces: list[_Piece],
             config: TrainingConfig, a: _ShortWalk, b: dict[int, _ShortWalk]) -> MemoryTimeline | None:
     aligned = {}
     for p, walk in b.items():
@@ -388,7 +340,7 @@ def _units(a: _ShortWalk, pieces: list[_Piece], k: int) -> list[int]:
     return [f + u * piece.unit for u in range(piece.count)] if piece.run else [f]
 
 
-def _recomputed(a: _ShortWalk, full: _Stack, pieces: list[_Piece]) -> tuple[str, ...]:
+def _recomputed(a: _ShortWalk, full: BlockStack, pieces: list[_Piece]) -> tuple[str, ...]:
     out = []
     for n in a.timeline.recomputed_ops:
         pos = a.where.get(n)
@@ -399,7 +351,7 @@ def _recomputed(a: _ShortWalk, full: _Stack, pieces: list[_Piece]) -> tuple[str,
     return tuple(out)
 
 
-def _block_kept(a: _ShortWalk, full: _Stack, pieces: list[_Piece]) -> tuple[int, ...]:
+def _block_kept(a: _ShortWalk, full: BlockStack, pieces: list[_Piece]) -> tuple[int, ...]:
     """kept_bytes_by_block of the full stack, from A's: a unit's for every unit of its run."""
     n = len(a.blocks)
     block_of = {m: -1 if i < a.stack.lo[0] else n for i, m in enumerate(a.stack.ops)}

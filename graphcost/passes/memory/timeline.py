@@ -7,6 +7,8 @@ from graphcost.analysis.analyze import Analysis
 from graphcost.passes.memory.training import MemoryTimeline, TrainingConfig
 from graphcost.passes.memory.walk import Walk
 
+READS: tuple[str, ...] = ()  # graph attributes it reads itself: none (graph/schema.py)
+
 
 def training_timeline(analysis: Analysis, config: TrainingConfig | None = None, *,
                       derive: bool = True) -> MemoryTimeline:

@@ -13,6 +13,8 @@ import numpy as np
 from graphcost.errors import ConfigError
 from graphcost.passes.checkpoint.policy import Plan, parse_policy
 
+READS: tuple[str, ...] = ()  # graph attributes it reads itself: none (graph/schema.py)
+
 OPTIMIZERS = ("adamw", "adam", "sgd", "sgd-momentum")
 OPTIMIZER_IMPLS = ("auto", "single-tensor", "foreach", "fused")
 STEP_TENSOR_BYTES = 4  # Adam's per-parameter `step`: a 0-dim float32 tensor on the CPU

@@ -38,12 +38,10 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 import networkx as nx
-import torch
 
-from graphcost.analysis.annotate import new_storages, storage_root
-from graphcost.graph.build import graph_memo, op_inputs, op_nodes
+from graphcost.graph.liveness import last_reads
 from graphcost.passes.checkpoint.policy import Plan, Region, plan
-from graphcost.passes.memory.liveness import last_reads
+from graphcost.passes.memory.autograd import NOT_DIFFERENTIABLE, grad_passes_through
 from graphcost.passes.memory.training import (
     PHASES,
     STEP_TENSOR_BYTES,
@@ -54,6 +52,11 @@ from graphcost.passes.memory.training import (
 )
 from graphcost.rules.registry import OpCost
 from graphcost.trace.autocast import cast_dtype, cast_inputs
+
+# the graph attributes it reads (graphcost/graph/schema.py)
+READS = ("autocast", "bytes_read", "bytes_written", "cost", "device", "forward_flops", "kind",
+         "module_path", "names", "op", "outputs", "requires_grad", "runs_backward", "saved",
+         "storages", "target")
 
 
 class _Live:
@@ -80,72 +83,11 @@ class _Live:
             self.add(key, nbytes, category)
 
 
-class _GraphFacts:
-    """What every walk of one costed graph needs, whatever the policy: computed once per graph
-    (the checkpoint search and fit walk the same graph many times)."""
-
-    def __init__(self, g: nx.DiGraph) -> None:
-        self.nd: dict[str, dict] = dict(g.nodes(data=True))  # node -> its attributes
-        owner, nbytes = g.graph["storage_owner"], g.graph["storage_bytes"]
-        find = storage_root(g)
-        self.find, self.nbytes, self.owner = find, nbytes, owner
-        self.ops = op_nodes(g)
-        self.persistent = {}  # storage -> category: params and buffers (inputs: transient)
-        self.params: list[tuple[int, int]] = []  # trainable parameter storages and bytes, in order
-        for n in sorted(g.nodes, key=lambda n: self.nd[n]["order"]):
-            d = self.nd[n]
-            if d["kind"] == "op":
-                continue
-            sid = d["storages"][0]
-            self.persistent[sid] = "params" if d["kind"] in ("param", "buffer") else "transient"
-            if d["kind"] == "param" and d["requires_grad"]:
-                self.params.append((sid, nbytes[sid]))
-        self.reads: dict[str, set[int]] = {}
-        self.new: dict[str, list[int]] = {}
-        self.inputs_of: dict[str, list] = op_inputs(g)
-        for n in self.ops:
-            self.reads[n] = {find(v.storage) for v in self.inputs_of[n]}
-            self.new[n] = new_storages(g, n)
-        self.read_anywhere = set().union(*self.reads.values()) if self.reads else set()
-        self.frees_after: dict[str, list[int]] = defaultdict(list)
-        for sid, i in last_reads(g, self.ops, find).items():
-            self.frees_after[self.ops[i]].append(sid)
-        self.graph_outputs = list(g.graph.get("outputs", []))
-        self.outputs = {find(v.storage) for v in self.graph_outputs}
-        self.backward_ops = [n for n in reversed(self.ops) if self.nd[n]["runs_backward"]]
-        self.recompute_frees: dict[tuple, tuple] = {}  # a recomputation's last reads, by ops
-        self.value_bytes: dict[tuple[str, int], int] = {}
-        self.param_consumers: dict[str, int] = defaultdict(int)
-        for n in self.backward_ops:
-            keys = set()
-            for v in self.inputs_of[n]:
-                self.value_bytes[(v.node, v.index)] = v.spec.nbytes
-                if v.requires_grad and v.kind == "param":
-                    keys.add(v.node)
-            for node in keys:
-                self.param_consumers[node] += 1
-
-
-def _facts(g: nx.DiGraph) -> _GraphFacts:
-    memo = graph_memo(g)
-    if "walk facts" not in memo:
-        memo["walk facts"] = _GraphFacts(g)
-    return memo["walk facts"]
-
-
 class Walk:
     def __init__(self, g: nx.DiGraph, config: TrainingConfig,
                  checkpoint_plan: Plan | None = None) -> None:
         self.g, self.config = g, config
-        f = _facts(g)
-        self.nd, self.find, self.nbytes, self.owner = f.nd, f.find, f.nbytes, f.owner
-        self.ops, self.persistent, self.params = f.ops, f.persistent, f.params
-        self.reads, self.new, self.inputs_of = f.reads, f.new, f.inputs_of
-        self.frees_after, self._read_anywhere = f.frees_after, f.read_anywhere
-        self.graph_outputs, self.outputs, self.backward_ops = (f.graph_outputs, f.outputs,
-                                                               f.backward_ops)
-        self.value_bytes, self.param_consumers = f.value_bytes, f.param_consumers
-        self.recompute_frees = f.recompute_frees
+        self.f = f = g.walk_facts  # what every walk of g shares (graphcost/graph/facts.py)
         find, nbytes, outputs = f.find, f.nbytes, f.graph_outputs
         self.plan = checkpoint_plan or plan(g, config.checkpoint)
         self.regions = [self._region(i, r) for i, r in enumerate(self.plan.regions)]
@@ -154,9 +96,9 @@ class Walk:
         # that save it, and the regions that keep it (their inputs, their policy's outputs)
         self.savers: dict[int, int] = defaultdict(int)
         self.holders: dict[int, list[str]] = defaultdict(list)  # storage -> ops that keep it
-        for n in self.backward_ops:
+        for n in f.backward_ops:
             if n not in self.region_of:
-                for sid in self.nd[n]["saved"]:
+                for sid in f.nd[n]["saved"]:
                     self.savers[sid] += 1
                     self.holders[sid].append(n)
         for r in self.regions:
@@ -164,7 +106,7 @@ class Walk:
                 self.savers[sid] += 1
                 self.holders[sid].append(r.ops[0])
         self.saved_activation_bytes = sum(nbytes[sid] for sid in self.savers
-                                          if sid not in self.persistent)
+                                          if sid not in f.persistent)
         self.grad_output_roots = {find(v.storage) for v in outputs if v.requires_grad}
         self.scalar_roots = {find(v.storage) for v in outputs if v.requires_grad
                              and not v.spec.shape}
@@ -174,7 +116,7 @@ class Walk:
     # -- events -------------------------------------------------------------------------------
 
     def sample(self, step: int, phase: str, node: str, where: str | None = None) -> None:
-        d = self.nd[node]
+        d = self.f.nd[node]
         b = self.live.bytes
         if d["kind"] == "op":
             op, where = d["op"], d["module_path"]
@@ -184,12 +126,13 @@ class Walk:
                           b["optimizer_state"], b["activations"], b["transient"]))
 
     def run(self) -> MemoryTimeline:
-        for sid, category in self.persistent.items():
-            self.live.add(sid, self.nbytes[sid], category)
+        f = self.f
+        for sid, category in f.persistent.items():
+            self.live.add(sid, f.nbytes[sid], category)
         state_created = False
         for step in range(self.config.steps):
             if self.config.set_to_none:
-                for sid, _ in self.params:
+                for sid, _ in f.params:
                     self.live.drop(("grad", sid))
             for _ in range(self.config.grad_accumulation):
                 self.forward(step)
@@ -206,23 +149,25 @@ class Walk:
 
     def kept(self) -> KeptTensors:
         """What the forward keeps for backward, and who keeps it: known before walking."""
-        kept = {sid: self.nbytes[sid] for sid in self.savers if sid not in self.persistent}
+        f = self.f
+        kept = {sid: f.nbytes[sid] for sid in self.savers if sid not in f.persistent}
         return KeptTensors(kept, {sid: tuple(self.holders[sid]) for sid in kept})
 
     def _region(self, index: int, region: Region) -> _Region:
         """What a checkpointed region holds and recomputes (torch.utils.checkpoint, non-reentrant,
         with early stop: the recomputation ends at the last op that saves a tensor)."""
-        ops = self.ops[region.start:region.stop + 1]
-        made = {sid for n in ops for sid in self.new[n]}
-        packs = [i for i, n in enumerate(ops) if self.nd[n]["saved"] and
-                 self.nd[n]["requires_grad"]]
-        running = [n for n in ops if self.nd[n]["saved"] and self.nd[n]["runs_backward"]]
-        inputs = frozenset(sid for n in ops for sid in self.reads[n]
-                           if sid not in made and sid not in self.persistent)
+        f = self.f
+        ops = f.ops[region.start:region.stop + 1]
+        made = {sid for n in ops for sid in f.new[n]}
+        packs = [i for i, n in enumerate(ops) if f.nd[n]["saved"] and
+                 f.nd[n]["requires_grad"]]
+        running = [n for n in ops if f.nd[n]["saved"] and f.nd[n]["runs_backward"]]
+        inputs = frozenset(sid for n in ops for sid in f.reads[n]
+                           if sid not in made and sid not in f.persistent)
         keep: dict[int, int] = defaultdict(int)
         for n in running:
-            for sid in self.nd[n]["saved"]:
-                if sid not in self.persistent and sid not in inputs:
+            for sid in f.nd[n]["saved"]:
+                if sid not in f.persistent and sid not in inputs:
                     keep[sid] += 1
         recompute, partial = [], None
         if packs and running:
@@ -232,7 +177,7 @@ class Walk:
             # only the copies it saves are made.
             last = ops[packs[-1]]
             recompute = ops[:packs[-1] + 1]
-            if not set(self.nd[last]["storages"]) & self.nd[last]["saved"]:
+            if not set(f.nd[last]["storages"]) & f.nd[last]["saved"]:
                 partial = last
         rerun = [n for n in recompute if n not in region.save and n != partial]
         return _Region(
@@ -242,8 +187,8 @@ class Walk:
             inputs=inputs,
             cache=frozenset(sid for n in ops if n in region.save for sid in self._outputs(n)),
             keep=dict(keep),
-            recompute_flops=sum(self.nd[n]["forward_flops"] for n in rerun),
-            recompute_bytes=sum(self.nd[n]["bytes_read"] + self.nd[n]["bytes_written"]
+            recompute_flops=sum(f.nd[n]["forward_flops"] for n in rerun),
+            recompute_bytes=sum(f.nd[n]["bytes_read"] + f.nd[n]["bytes_written"]
                                 for n in rerun))
 
     @property
@@ -254,53 +199,56 @@ class Walk:
         return impl
 
     def forward(self, step: int) -> None:
+        f = self.f
         saved = set(self.savers)
-        for n in self.ops:
-            for sid in self.new[n]:
-                self.live.add(sid, self.nbytes[sid], "activations" if sid in saved
+        for n in f.ops:
+            for sid in f.new[n]:
+                self.live.add(sid, f.nbytes[sid], "activations" if sid in saved
                               else "transient")
-            self.live.add("workspace", _cost(self.nd[n]).forward_workspace_bytes, "transient")
+            self.live.add("workspace", _cost(f.nd[n]).forward_workspace_bytes, "transient")
             self.sample(step, "forward", n)
             self.live.drop("workspace")
-            for sid in self.frees_after.get(n, []) + [s for s in self.new[n]
+            for sid in f.frees_after.get(n, []) + [s for s in f.new[n]
                                                       if s not in self._read_later(n, s)]:
-                if sid not in saved and sid not in self.outputs and sid not in self.persistent:
+                if sid not in saved and sid not in f.outputs and sid not in f.persistent:
                     self.live.drop(sid)
         for sid in list(self.live.where):
-            if sid in self.outputs and sid not in self.scalar_roots and sid not in saved:
+            if sid in f.outputs and sid not in self.scalar_roots and sid not in saved:
                 self.live.drop(sid)  # the model's output, once the loss is taken from it
-        for v in self.graph_outputs:
+        for v in f.graph_outputs:
             if v.requires_grad and v.spec.shape:
                 # a tensor output: the loss is its sum, a scalar of its dtype
                 self.live.add(("loss", v.node, v.index), v.spec.dtype.itemsize, "transient")
 
     def _read_later(self, n: str, sid: int) -> set[int]:
+        f = self.f
         # An output nobody reads is dead right after its op; one that is read is freed by
         # `frees_after` at its last reader.
-        return {sid} if any(sid in self.reads[m] for m in self.g.successors(n)) or \
-            sid in self._read_anywhere else set()
+        return {sid} if any(sid in f.reads[m] for m in self.g.successors(n)) or \
+            sid in f.read_anywhere else set()
 
     def backward(self, step: int) -> None:
         """Autograd's engine, node by node in reverse forward order (see module docstring)."""
+        f = self.f
         self.remaining: dict[object, int] = dict(self.savers)
         self.consumed: dict[int, set[int]] = defaultdict(set)  # region -> cached outputs used
         self.buffer: dict[tuple[str, int], object] = {}  # value -> the gradient buffer it has
         self.refs: dict[object, int] = defaultdict(int)  # buffer -> values holding it
-        self.pending = dict(self.param_consumers)  # param node -> contributions still to come
-        for v in self.graph_outputs:
+        self.pending = dict(f.param_consumers)  # param node -> contributions still to come
+        for v in f.graph_outputs:
             if v.requires_grad:  # d loss / d loss = 1 (ones_like), expanded for a sum's input
                 self._hold((v.node, v.index), self._new_buffer(v.spec.dtype.itemsize))
-        for n in self.backward_ops:
+        for n in f.backward_ops:
             self._backward_node(step, n)
         for key in list(self.buffer):
             self._release(key)  # gradients of inputs that never reached a producer
         for sid in self.scalar_roots:
             self.live.drop(sid)  # the loss
-        for v in self.graph_outputs:
+        for v in f.graph_outputs:
             self.live.drop(("loss", v.node, v.index))
 
     def value_dtype_size(self, key: tuple[str, int]) -> int:
-        return self.nd[key[0]]["outputs"][key[1]].dtype.itemsize
+        return self.f.nd[key[0]]["outputs"][key[1]].dtype.itemsize
 
     def _new_buffer(self, nbytes: int) -> object:
         bid = ("gradbuf", len(self.refs), object())
@@ -320,7 +268,8 @@ class Walk:
                 self.live.drop(bid)
 
     def _backward_node(self, step: int, n: str) -> None:
-        d = self.nd[n]
+        f = self.f
+        d = f.nd[n]
         region = self.region_of.get(n)
         if region is not None and n == region.trigger:
             self._recompute(step, region)
@@ -329,13 +278,13 @@ class Walk:
         # its incoming gradient (views, same-shape add/sub) or a new tensor of the input's size.
         contributions: list[tuple[tuple[str, int], int, object | None]] = []
         seen = set()
-        for position, v in enumerate(self.inputs_of[n]):
+        for position, v in enumerate(f.inputs_of[n]):
             key = (v.node, v.index)
-            if not v.requires_grad or key in seen or position in _NOT_DIFFERENTIABLE.get(
+            if not v.requires_grad or key in seen or position in NOT_DIFFERENTIABLE.get(
                     d.get("target"), ()):
                 continue
             seen.add(key)
-            through = self._passes_through(d, v)
+            through = grad_passes_through(d, v, f.find)
             if through and len(outs) == 1:
                 contributions.append((key, 0, self.buffer[outs[0]]))
             else:
@@ -343,7 +292,7 @@ class Walk:
         # Under autocast the op's backward makes its gradients in the dtype it ran in; the cast
         # back to the input's dtype comes after (ToCopyBackward).
         run_dtype = cast_dtype(d.get("target"), self.g.graph.get("autocast"))
-        casts = {(v.node, v.index) for v in cast_inputs(tuple(self.inputs_of[n]), run_dtype)}
+        casts = {(v.node, v.index) for v in cast_inputs(tuple(f.inputs_of[n]), run_dtype)}
         new = sum(nbytes // self.value_dtype_size(key) * run_dtype.itemsize if key in casts
                   else nbytes for key, nbytes, _ in contributions)
         self.live.add("temporary", _cost(d).backward_workspace_bytes + new, "transient")
@@ -366,21 +315,23 @@ class Walk:
         """The new storages of op `n` its kernel returns: its outputs, and the tensors it makes
         to save that are not copies of an input (flash attention's logsumexp, not matmul's
         contiguous copies of its operands). A selective checkpoint caches these."""
-        d = self.nd[n]
-        inputs = {v.spec.nbytes for v in self.inputs_of[n]}
-        return [sid for sid in self.new[n] if sid not in self.persistent and
-                (sid in d["storages"] or self.nbytes[sid] not in inputs)]
+        f = self.f
+        d = f.nd[n]
+        inputs = {v.spec.nbytes for v in f.inputs_of[n]}
+        return [sid for sid in f.new[n] if sid not in f.persistent and
+                (sid in d["storages"] or f.nbytes[sid] not in inputs)]
 
     def _release_saved(self, region: _Region | None, sid: int) -> None:
         """One holder of a saved tensor is done with it (its op's backward ran)."""
+        f = self.f
         if region is None or sid in region.cache:
             key: object = sid
-        elif sid in self.persistent or sid in region.inputs:
+        elif sid in f.persistent or sid in region.inputs:
             return  # the region's recomputation saved the tensor that was already there
         else:
             key = ("recomputed", region.index, sid)
         self.remaining[key] -= 1
-        if self.remaining[key] == 0 and key not in self.persistent:
+        if self.remaining[key] == 0 and key not in f.persistent:
             self.live.drop(key)
 
     def _end_region(self, region: _Region) -> None:
@@ -388,29 +339,30 @@ class Walk:
         and the outputs its policy kept, is freed."""
         for sid in sorted(region.inputs | (region.cache - self.consumed[region.index])):
             self.remaining[sid] -= 1
-            if self.remaining[sid] == 0 and sid not in self.persistent:
+            if self.remaining[sid] == 0 and sid not in self.f.persistent:
                 self.live.drop(sid)
 
     def _recompute(self, step: int, region: _Region) -> None:
         """The region's forward again, up to its last saving op: new outputs are allocated
         (the outputs its policy kept are taken from the cache), those its ops save stay for
         the backward, the rest are freed after their last use."""
+        f = self.f
         ops = region.recompute
         key = (ops[0], ops[-1], len(ops)) if ops else ()
-        if key not in self.recompute_frees:
-            last = last_reads(self.g, ops, self.find)
+        if key not in f.recompute_frees:
+            last = last_reads(self.g, ops, f.find)
             frees: dict[int, list[int]] = defaultdict(list)
             for sid, i in last.items():
                 frees[i].append(sid)
-            self.recompute_frees[key] = (last, frees)
-        last, frees = self.recompute_frees[key]
+            f.recompute_frees[key] = (last, frees)
+        last, frees = f.recompute_frees[key]
         local: dict[int, object] = {}  # storage -> its key, for those the recomputation made
         for i, m in enumerate(ops):
-            made = self.new[m]
+            made = f.new[m]
             if m == region.partial:  # stopped before the kernel: only the copies it saves
-                made = [s for s in made if s not in self.nd[m]["storages"]]
+                made = [s for s in made if s not in f.nd[m]["storages"]]
             for sid in made:
-                if sid in self.persistent:
+                if sid in f.persistent:
                     continue
                 if sid in region.cache:  # the cached output is handed back
                     key: object = sid
@@ -419,14 +371,14 @@ class Walk:
                 else:
                     key = ("recomputed", region.index, sid)
                     self.remaining[key] = region.keep.get(sid, 0)
-                    self.live.add(key, self.nbytes[sid],
+                    self.live.add(key, f.nbytes[sid],
                                   "activations" if sid in region.keep else "transient")
                 local[sid] = key
-            self.live.add("workspace", _cost(self.nd[m]).forward_workspace_bytes,
+            self.live.add("workspace", _cost(f.nd[m]).forward_workspace_bytes,
                           "transient")
             self.sample(step, "recompute", m)
             self.live.drop("workspace")
-            for sid in frees.get(i, []) + [s for s in self.new[m] if s not in last]:
+            for sid in frees.get(i, []) + [s for s in f.new[m] if s not in last]:
                 key = local.get(sid)
                 if key is not None and self.remaining.get(key, 0) == 0:
                     self.live.drop(key)
@@ -440,7 +392,7 @@ class Walk:
         place (isTensorSubclassLike is true while a Python mode is active), so for a moment
         both and their sum exist."""
         if key in self.buffer:
-            nbytes = self.value_bytes[key]
+            nbytes = self.f.value_bytes[key]
             self.live.add("sum", nbytes, "transient")
             self.sample(step, "backward", n)
             self.live.drop("sum")
@@ -461,7 +413,8 @@ class Walk:
     def _accumulate_grad(self, step: int, n: str, key: tuple[str, int]) -> None:
         """AccumulateGrad runs as soon as a parameter's last contribution arrives: the first
         gradient is stolen as `.grad`, later ones are added to it in place."""
-        sid = self.find(self.nd[key[0]]["storages"][0])
+        f = self.f
+        sid = f.find(f.nd[key[0]]["storages"][0])
         bid = self.buffer[key]
         if ("grad", sid) not in self.live.where and self.refs[bid] == 1:
             nbytes = self.live.where[bid][1]
@@ -471,30 +424,15 @@ class Walk:
             self.live.add(("grad", sid), nbytes, "grads")
             return
         if ("grad", sid) not in self.live.where:
-            self.live.add(("grad", sid), self.nbytes[sid], "grads")  # a copy of a shared one
+            self.live.add(("grad", sid), f.nbytes[sid], "grads")  # a copy of a shared one
         self.sample(step, "backward", n)
         self._release(key)
 
-    def _passes_through(self, d: dict, v) -> bool:
-        """Is this input's gradient a view of the op's incoming gradient (no new memory)?"""
-        out = d["outputs"][0] if d["outputs"] else None
-        if out is None:
-            return False
-        if d.get("target") in _GRAD_IS_INCOMING:
-            return v.spec.shape == out.shape and v.spec.dtype == out.dtype
-        if d.get("target") in _GRAD_IS_EXPANDED:
-            return True
-        if d.get("target") in _GRAD_IS_VIEW:
-            return v.spec.numel == out.numel
-        # an op that returns its input itself (dropout that does nothing, a same-dtype `to`)
-        return (len(d["outputs"]) == 1 and d["storages"][0] is not None
-                and self.find(d["storages"][0]) == self.find(v.storage)
-                and v.spec.numel == out.numel and v.spec.dtype == out.dtype)
-
     def optimizer(self, step: int, create_state: bool) -> None:
+        f = self.f
         name = self.config.optimizer
         if create_state and name in ("adam", "adamw"):
-            for sid, nbytes in self.params:
+            for sid, nbytes in f.params:
                 self.live.add(("exp_avg", sid), nbytes, "optimizer_state")
                 self.live.add(("exp_avg_sq", sid), nbytes, "optimizer_state")
                 self.live.add(("step", sid), STEP_TENSOR_BYTES, "optimizer_state")
@@ -503,15 +441,15 @@ class Walk:
             # foreach: `_foreach_sqrt(exp_avg_sqs)` holds one temporary per parameter at once;
             # fused: one kernel, no temporaries
             if impl == "foreach":
-                self.live.add("temp", sum(n for _, n in self.params), "transient")
-            if self.params:
-                self.sample(step, "optimizer", self.owner[self.params[-1][0]],
+                self.live.add("temp", sum(n for _, n in f.params), "transient")
+            if f.params:
+                self.sample(step, "optimizer", f.owner[f.params[-1][0]],
                             where=f"all parameters ({impl})")
             self.live.drop("temp")
             return
         previous_denom = 0
-        for sid, nbytes in self.params:
-            node = self.owner[sid]
+        for sid, nbytes in f.params:
+            node = f.owner[sid]
             if name in ("adam", "adamw"):
                 # sqrt and its quotient live together; the last parameter's denom is still held
                 self.live.add("temp", 2 * nbytes + previous_denom, "transient")
@@ -541,36 +479,6 @@ class _Region:
     keep: dict[int, int]  # recomputed storage -> how many backward ops save it
     recompute_flops: int
     recompute_bytes: int
-
-
-aten = torch.ops.aten
-
-
-# ops whose backward hands the incoming gradient on as the input's gradient (same shape)
-_GRAD_IS_INCOMING = {aten.add.Tensor, aten.add_.Tensor, aten.clone.default, aten.alias.default,
-                     aten.contiguous.default, aten.to.dtype, aten.type_as.default,
-                     aten._to_copy.default, aten.to.dtype_layout, aten.to.device}
-
-
-# view ops whose backward is a view (reshape) of the incoming gradient
-_GRAD_IS_VIEW = {aten.view.default, aten.reshape.default, aten._unsafe_view.default,
-                 aten.flatten.using_ints, aten.unflatten.int, aten.transpose.int,
-                 aten.permute.default, aten.t.default, aten.unsqueeze.default,
-                 aten.squeeze.dim, aten.squeeze.default, aten.squeeze.dims, aten.view_as.default,
-                 aten.reshape_as.default, aten.alias.default, aten.contiguous.default,
-                 aten.detach.default}
-
-
-# reductions whose backward expands the incoming gradient (a view: no new memory)
-_GRAD_IS_EXPANDED = {aten.sum.default, aten.sum.dim_IntList}
-
-
-# tensor inputs (by position among the op's tensor inputs) that get no gradient: they only
-# give a shape or a dtype
-_NOT_DIFFERENTIABLE = {aten.type_as.default: (1,), aten.view_as.default: (1,),
-                       aten.reshape_as.default: (1,), aten.expand_as.default: (1,),
-                       aten.zeros_like.default: (0,), aten.ones_like.default: (0,),
-                       aten.empty_like.default: (0,), aten.full_like.default: (0,)}
 
 
 def _cost(d: dict) -> OpCost:

@@ -45,7 +45,6 @@ import networkx as nx
 
 from graphcost.analysis.analyze import Analysis
 from graphcost.errors import ConfigError
-from graphcost.graph.build import op_nodes
 from graphcost.passes.checkpoint.policy import main_blocks, module_calls, short_op
 from graphcost.passes.memory.timeline import training_timeline
 from graphcost.passes.memory.training import (
@@ -56,6 +55,10 @@ from graphcost.passes.memory.training import (
     TrainingConfig,
 )
 from graphcost.rules.registry import values_in
+
+# the graph attributes it reads (graphcost/graph/schema.py)
+READS = ("args", "kind", "kwargs", "module_path", "names", "op", "order", "outputs",
+         "requires_grad", "saved", "storage_owner", "storages")
 
 LINEAR_OPS = ("linear",)
 EMBEDDING_OPS = ("embedding",)
@@ -121,7 +124,7 @@ def tensor_split(g: nx.DiGraph) -> TensorSplit:
     split: set[tuple[str, int]] = set()
     dims: dict[str, int | None] = {}
     embeddings: set[str] = set()
-    for n in op_nodes(g):
+    for n in g.op_order:
         d = g.nodes[n]
         inputs = values_in((d["args"], list(d["kwargs"].values())))
         name = short_op(d["op"])
@@ -148,7 +151,7 @@ def tensor_split(g: nx.DiGraph) -> TensorSplit:
         sid = g.nodes[node]["storages"][i]
         if sid is not None:
             storages.add(sid)
-    for n in op_nodes(g):  # tensors a kernel makes to save, from a split op
+    for n in g.op_order:  # tensors a kernel makes to save, from a split op
         d = g.nodes[n]
         if (n, 0) in split:
             storages |= {s for s in d["saved"] if g.graph["storage_owner"].get(s) == n}
@@ -354,7 +357,7 @@ def per_device_memory(analysis: Analysis, plan: ParallelPlan,
     g = analysis.graph
     timeline = timeline or training_timeline(analysis, config)
     split = tensor_split(g) if plan.tp > 1 else TensorSplit(frozenset(), {}, frozenset())
-    ops = op_nodes(g)
+    ops = g.op_order
     stage_of_op = op_stages(g, plan.pp)
     # a checkpointed region keeps its inputs under its first op's name (schedule.kept_by)
     frames = {ops[r.start] for r in timeline.plan.regions} if timeline.plan else set()
@@ -387,14 +390,14 @@ def per_device_memory(analysis: Analysis, plan: ParallelPlan,
 @functools.lru_cache(maxsize=64)
 def op_stages(g, pp: int) -> dict[str, int]:
     """Pipeline stage of every op (see stage_of_params)."""
-    ops = op_nodes(g)
+    ops = g.op_order
     if pp == 1:
         return {n: 0 for n in ops}
-    blocks = main_blocks(g, ops)
+    blocks = main_blocks(g)
     if len(blocks) < pp:
         raise ConfigError(f"--pp {pp} needs at least {pp} blocks; the model's main stack has "
                           f"{len(blocks)}")
-    spans = module_calls(g, ops)
+    spans = module_calls(g)
     sizes = [len(blocks) // pp + (1 if s < len(blocks) % pp else 0) for s in range(pp)]
     bounds = [sum(sizes[:s]) for s in range(pp + 1)]
     first = spans[blocks[0]][0]
@@ -429,7 +432,7 @@ def check_plan(analysis: Analysis, plan: ParallelPlan) -> None:
     """What the model allows: TP must divide every attention's heads and every split dim."""
     g = analysis.graph
     if plan.tp > 1:
-        for n in op_nodes(g):
+        for n in g.op_order:
             d = g.nodes[n]
             if "scaled_dot_product" in d["op"]:
                 from graphcost.passes.memory.inference import cache_source

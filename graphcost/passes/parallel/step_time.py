@@ -30,7 +30,6 @@ import math
 from dataclasses import dataclass, field
 
 from graphcost.analysis.analyze import Analysis
-from graphcost.graph.build import op_inputs, op_nodes
 from graphcost.hardware.devices import Device, get_device
 from graphcost.hardware.network import Network, all_gather_bytes, all_reduce_bytes, network_for
 from graphcost.passes.checkpoint.policy import main_blocks, short_op
@@ -55,6 +54,9 @@ from graphcost.passes.roofline import (
     training_step_time,
 )
 from graphcost.rules.registry import values_in
+
+# the graph attributes it reads (graphcost/graph/schema.py)
+READS = ("args", "module_calls", "module_path", "op", "outputs")
 
 
 @dataclass(frozen=True)
@@ -123,7 +125,7 @@ def parallel_step_time(analysis: Analysis, plan: ParallelPlan, device: str | Dev
     g = analysis.graph
     one = one or training_step_time(analysis, device, config, efficiency)
     split = tensor_split(g) if plan.tp > 1 else TensorSplit(frozenset(), {}, frozenset())
-    ops = op_nodes(g)
+    ops = g.op_order
     stage_of = op_stages(g, plan.pp)
     inside = _in_blocks(g, ops)
     divided = {n for n in ops if (n, 0) in split.split_values
@@ -214,7 +216,7 @@ def _dispatched_bytes(analysis: Analysis) -> list[tuple[str, int]]:
     out = []
     for layer in moe.layers:
         moved = 0
-        for n in op_nodes(g):  # each expert's first linears read its dispatched tokens
+        for n in g.op_order:  # each expert's first linears read its dispatched tokens
             d = g.nodes[n]
             if d["module_path"].startswith(layer.path + ".experts.") and \
                     short_op(d["op"]) in LINEAR_OPS:
@@ -226,7 +228,7 @@ def _dispatched_bytes(analysis: Analysis) -> list[tuple[str, int]]:
 
 
 def _in_blocks(g, ops) -> set[str]:
-    blocks = set(main_blocks(g, ops))
+    blocks = set(main_blocks(g))
     return {n for n in ops if blocks & set(g.nodes[n].get("module_calls", ()))}
 
 
@@ -234,7 +236,7 @@ def _tp_all_reduces(g, ops, split: TensorSplit) -> list[tuple[str, int, bool]]:
     """(op, bytes, in the forward?) of each tensor-parallel all-reduce of a micro-batch:
     forward outputs of row-parallel linears and vocab-parallel embeddings, backward input
     gradients of column-parallel linears (one per input value)."""
-    out, seen_inputs, reads = [], set(), op_inputs(g)
+    out, seen_inputs, reads = [], set(), g.op_inputs
     for n in ops:
         d = g.nodes[n]
         name = short_op(d["op"])
@@ -254,7 +256,7 @@ def _tp_all_reduces(g, ops, split: TensorSplit) -> list[tuple[str, int, bool]]:
 
 def _boundary_bytes(g, ops, stage_of, plan: ParallelPlan) -> float:
     """The largest activation that crosses from one pipeline stage to the next."""
-    largest, reads = 0, op_inputs(g)
+    largest, reads = 0, g.op_inputs
     for n in ops:
         for v in reads[n]:
             if v.node in stage_of and stage_of[v.node] < stage_of[n]:

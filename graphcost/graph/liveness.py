@@ -15,6 +15,9 @@ import networkx as nx
 
 from graphcost.rules.registry import values_in
 
+# the graph attributes it reads (graphcost/graph/schema.py)
+READS = ("args", "kwargs", "module_calls", "storages")
+
 
 def last_reads(g: nx.DiGraph, ops: list[str], find: Callable[[int], int]) -> dict[int, int]:
     """{storage: index in `ops` of the op after which it can be freed} for every storage read."""
