@@ -103,7 +103,7 @@ def _events(load: Loader, batch: int, seq: int, training: bool, config: Training
     return np.array(inference_memory(analysis).event_bytes, dtype=np.float64)
 
 
-def _largest(peak: Callable[[int], float], budget: float, low: int, high: int) -> int:
+def largest(peak: Callable[[int], float], budget: float, low: int, high: int) -> int:
     """Largest n in [low, high] with peak(n) <= budget (peak non-decreasing); low - 1 if none."""
     if peak(low) > budget:
         return low - 1
@@ -121,7 +121,7 @@ def max_batch(events: _Events, *, seq: int, budget_bytes: float, training: bool,
     one, two = (events(b, seq, training) for b in (1, 2))
     if one.shape == two.shape:
         slope, intercept = two - one, 2 * one - two
-        return _largest(lambda b: float(np.max(intercept + slope * b)), budget_bytes, 1, limit)
+        return largest(lambda b: float(np.max(intercept + slope * b)), budget_bytes, 1, limit)
     # Batch 1 can run other events: a (1, T, d) parameter added to a (B, T, d) activation gets
     # its gradient summed over the batch only when B >= 2 (ViT's position embeddings). Then
     # batch 1 is checked on its own and the line comes from batches 2 and 3.
@@ -131,7 +131,7 @@ def max_batch(events: _Events, *, seq: int, budget_bytes: float, training: bool,
     if float(np.max(one)) > budget_bytes:
         return 0
     slope, intercept = three - two, 3 * two - 2 * three
-    return max(1, _largest(lambda b: float(np.max(intercept + slope * b)), budget_bytes, 2,
+    return max(1, largest(lambda b: float(np.max(intercept + slope * b)), budget_bytes, 2,
                            limit))
 
 
@@ -156,7 +156,7 @@ def max_seq(events: _Events, *, batch: int, seq: int, budget_bytes: float, train
     def peak(t: int) -> float:
         return float(np.max(np.polyval(coefficients, t)))
 
-    return _largest(peak, budget_bytes, 1, limit)
+    return largest(peak, budget_bytes, 1, limit)
 
 
 def fit(load: Loader, *, device: str | Device, seq: int | None, model_max_seq: int | None,

@@ -1,0 +1,484 @@
+"""The Python API: the command line's verbs as functions and methods, with the same options as
+keyword arguments and the same results (graphcost.api_results; the CLI prints their `to_dict()`).
+
+    >>> import graphcost
+    >>> a = graphcost.analyze("gpt2", seq=128, overrides={"n_layer": 2})
+    >>> a.params
+    53561088
+    >>> a.memory(optimizer="sgd").peak_bytes > a.weight_bytes
+    True
+
+`analyze` takes a module and its example inputs, as graphcost.analysis.analyze does, or MODEL as
+the command line names it (a zoo name, `path/to/file.py:factory`, `hf:path/to/config.json`) with
+its shape. It returns a `ModelAnalysis`: the Analysis, its shape, and the methods `memory`,
+`checkpoints`, `optimize`, `roofline` and `cost`. `fit`, `plan` and `sweep` trace MODEL at the
+shapes they need.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from graphcost.analysis.analyze import Analysis
+from graphcost.analysis.analyze import analyze as analyze_module
+from graphcost.api_options import (
+    CHECKPOINT_IS_TRAINING,
+    Budget,
+    check_context,
+    efficiency_of,
+    parse_bytes,
+    parse_precision,
+    precision_dtypes,
+    resolve_budget,
+    roofline_device,
+    sized_device,
+    training_config,
+)
+from graphcost.api_results import (
+    CheckpointResult,
+    CostResult,
+    FitResult,
+    InferenceMemoryResult,
+    InferenceRooflineResult,
+    MemoryResult,
+    ModelShape,
+    ParallelFitResult,
+    ParallelMemoryResult,
+    PlanResult,
+    RooflineResult,
+    SweepResult,
+)
+from graphcost.errors import ConfigError, GraphcostError
+from graphcost.hardware.devices import DEFAULT_DEVICE, Device, get_device
+from graphcost.hardware.network import network_for
+from graphcost.load.model import CliError, load_model
+from graphcost.models import list_models, max_context
+from graphcost.passes.checkpoint.policy import BUILTIN_POLICIES, parse_policy
+from graphcost.passes.checkpoint.policy import plan as policy_plan
+from graphcost.passes.checkpoint.search import Optimum, compare, optimize
+from graphcost.passes.experts import moe_summary
+from graphcost.passes.memory.inference import inference_memory
+from graphcost.passes.memory.timeline import training_timeline
+from graphcost.passes.memory.training import TrainingConfig
+from graphcost.passes.parallel.plan import ParallelPlan, per_device_memory
+from graphcost.passes.roofline import compute_bound_batch as find_compute_bound_batch
+from graphcost.passes.roofline import (
+    decode_time,
+    forward_time,
+    memory_bound_context,
+    training_cost,
+    training_step_time,
+)
+from graphcost.rules.registry import RuleRegistry
+from graphcost.sizing.fit import DEFAULT_RESERVE_BYTES, largest
+from graphcost.sizing.fit import fit as fit_sizes
+from graphcost.sizing.plans import search_plans
+
+# ---------------------------------------------------------------- analyze
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """How a ModelAnalysis was loaded, so that it can be traced again at another shape."""
+
+    model: str
+    batch: int | None = None
+    seq: int | None = None
+    precision: str | None = None
+    targets: bool = True
+    overrides: dict[str, Any] = field(default_factory=dict)
+    device: Device | str = DEFAULT_DEVICE
+    strict: bool = False
+    rules: RuleRegistry | None = None
+
+    def analyze(self) -> ModelAnalysis:
+        return analyze(self.model, batch=self.batch, seq=self.seq, precision=self.precision,
+                       targets=self.targets, overrides=self.overrides, device=self.device,
+                       strict=self.strict, rules=self.rules)
+
+
+@dataclass(frozen=True)
+class ModelAnalysis(Analysis):
+    """An Analysis with its model's shape, and the passes as methods."""
+
+    shape: ModelShape | None = None
+    source: ModelSource | None = field(default=None, repr=False, compare=False)
+
+    batch = property(lambda self: self.shape.batch)
+    seq = property(lambda self: self.shape.seq)
+    dtype = property(lambda self: self.shape.dtype)
+    tokens = property(lambda self: self.shape.tokens)
+    precision = property(lambda self: self.shape.precision)
+
+    def to_dict(self, module_depth: int | None = 2) -> dict[str, Any]:
+        """The analysis with its shape (and, for a mixture of experts, the expert figures)."""
+        moe = moe_summary(self)
+        s = self.shape
+        return {**super().to_dict(module_depth=module_depth), "batch": s.batch,
+                **(moe.as_dict() if moe else {}), "seq": s.seq, "dtype": s.dtype,
+                "tokens": s.tokens}
+
+    def reshaped(self, **changes: Any) -> ModelAnalysis:
+        """The same model traced again with some load options changed (batch, seq, targets)."""
+        if self.source is None:
+            raise ConfigError(f"{self.model_name!r} was analyzed from a module: another shape "
+                              f"({', '.join(changes)}) needs MODEL by name, e.g. "
+                              "graphcost.analyze('gpt2', batch=2)")
+        return replace(self.source, **changes).analyze()
+
+    # ------------------------------------------------------------ memory
+
+    def memory(self, *, inference: bool = False, context: int | None = None,
+               plan: ParallelPlan | None = None, **training: Any):
+        """The memory timeline of training steps (`peak_bytes`, `peak_at`, `breakdown_at_peak`);
+        with `inference`, a prefill with a KV cache of `context` tokens (default: seq); with
+        `plan`, the memory per device of a parallel plan."""
+        config = training_config(**training)
+        if inference:
+            if parse_policy(config.checkpoint).kind != "none":
+                raise ConfigError(CHECKPOINT_IS_TRAINING)
+            a = self._untargeted(context)
+            return InferenceMemoryResult(a.shape, a.device.name, inference_memory(a),
+                                         a.unsupported_ops)
+        if context is not None:
+            raise ConfigError("--context is the cached context of --inference; for training "
+                              "use --seq")
+        if plan is not None:
+            stages = tuple(per_device_memory(self, plan, config))
+            return ParallelMemoryResult(self.shape, self.device.name, plan, config, stages,
+                                        self.unsupported_ops)
+        return MemoryResult(self.shape, self.device.name, config,
+                            training_timeline(self, config), self.unsupported_ops)
+
+    def _untargeted(self, seq: int | None = None) -> ModelAnalysis:
+        """This model without targets (inference) at `seq` (default: its own)."""
+        seq = seq or self.seq
+        if self.source is None or (not self.source.targets and seq == self.seq):
+            return self
+        return self.reshaped(targets=False, seq=seq)
+
+    # ------------------------------------------------------------ checkpointing
+
+    def checkpoints(self, policies: str | Sequence[str] | None = None,
+                    budget: int | str | None = None, *, reserve: int | str | None = None,
+                    **training: Any) -> CheckpointResult:
+        """Checkpoint policies side by side (`rows`: peak, saved bytes, recompute FLOPs, fits);
+        with `budget`, also the per-block mix with the least recompute that fits it
+        (`optimum`). Without a budget, 'fits' is judged against the device's memory less
+        `reserve`."""
+        config = training_config(**training)
+        resolved = resolve_budget(self.device, budget, reserve)
+        kept, skipped = self.applicable_policies(policies)
+        optimum = None
+        if budget is not None:
+            optimum = optimize(self, resolved.bytes, config, kept)
+            rows = optimum.builtin
+        else:
+            rows = compare(self, kept, config, resolved.bytes)
+        return CheckpointResult(self.shape, self.device.name, config, resolved.bytes,
+                                resolved.source, tuple(rows), tuple(skipped), optimum,
+                                self.unsupported_ops)
+
+    def optimize(self, budget: int | str, policies: str | Sequence[str] | None = None,
+                 **training: Any) -> Optimum:
+        """The fitting checkpoint policy (or per-block mix) with the least recompute."""
+        return self.checkpoints(policies, budget, **training).optimum
+
+    def applicable_policies(self, policies: str | Sequence[str] | None = None):
+        """The policies to compare, deduplicated, in the order given, and the built-ins skipped
+        because they do not apply to the model ((policy, why) pairs). A policy named that does
+        not apply is an error; the default list drops those quietly and says so."""
+        given = policies is not None
+        if isinstance(policies, str):
+            names = [p.strip() for p in policies.split(",")]
+        else:
+            names = list(policies) if given else list(BUILTIN_POLICIES)
+        if given and not all(names):
+            raise CliError(f"--policies {policies!r} has an empty name; write e.g. "
+                           "--policies none,full,selective")
+        kept, skipped = [], []
+        for spec in dict.fromkeys(str(parse_policy(p)) for p in names):
+            try:
+                policy_plan(self.graph, spec)
+            except GraphcostError as exc:
+                if given:
+                    raise
+                skipped.append((spec, str(exc)))
+            else:
+                kept.append(spec)
+        return kept, skipped
+
+    # ------------------------------------------------------------ time and cost
+
+    def roofline(self, device: str | Device | None = None, *, inference: bool = False,
+                 context: int | None = None, compute_bound_batch: bool = False,
+                 matmul_efficiency: float = 1.0, vector_efficiency: float = 1.0,
+                 bandwidth_efficiency: float = 1.0, **training: Any):
+        """The roofline time of a training step on `device` (default: the analysis' own):
+        `step_time_s`, `mfu`, `hfu`, `tokens_per_s`. With `inference`: a prefill, a decode
+        step at `context` cached tokens and where decoding turns memory-bound."""
+        config = training_config(**training)
+        efficiency = efficiency_of(matmul_efficiency, vector_efficiency, bandwidth_efficiency)
+        device = roofline_device(self.device if device is None else device)
+        if inference:
+            return self._inference_roofline(device, context, config, efficiency,
+                                            compute_bound_batch)
+        if context is not None:
+            raise ConfigError("--context is the cached context of --inference; for training "
+                              "use --seq")
+        step = training_step_time(self, device, config, efficiency)
+        cbb = None
+        if compute_bound_batch:
+            ones = self if self.batch == 1 else self.reshaped(batch=1)
+            twos = self if self.batch == 2 else self.reshaped(batch=2)
+            try:
+                cbb = find_compute_bound_batch(ones, twos, device, config, efficiency)
+            except ValueError as exc:
+                raise CliError(f"--compute-bound-batch: {exc}") from None
+        return RooflineResult(self.shape, config, step, cbb, compute_bound_batch,
+                              self.unsupported_ops)
+
+    def _inference_roofline(self, device, context, config, efficiency, compute_bound_batch):
+        if parse_policy(config.checkpoint).kind != "none":
+            raise ConfigError(CHECKPOINT_IS_TRAINING)
+        if config.grad_accumulation != 1 or compute_bound_batch:
+            option = "--grad-accumulation" if config.grad_accumulation != 1 else \
+                "--compute-bound-batch"
+            raise ConfigError(f"{option} applies to training; drop it or --inference")
+        if self.source is not None:
+            check_context(self.source.model, context, self.source.overrides)
+        prefill = self._untargeted()
+        if prefill.tokens is None:
+            raise CliError(f"--inference times a prefill and the decoding of a language "
+                           f"model; {prefill.model_name!r} does not take (batch, seq) token ids")
+        context = context or prefill.seq
+        one_token = prefill.reshaped(seq=1, targets=False)
+        return InferenceRooflineResult(
+            prefill.shape, device.name, context, efficiency,
+            forward_time(prefill, device, efficiency),
+            decode_time(one_token, context, device, efficiency),
+            memory_bound_context(one_token, device, efficiency), prefill.unsupported_ops)
+
+    def cost(self, tokens: float, device: str | Device | None = None, *, gpus: int = 1,
+             usd_per_hour: float | None = None, mfu: float | None = None,
+             inference: bool = False, matmul_efficiency: float = 1.0,
+             vector_efficiency: float = 1.0, bandwidth_efficiency: float = 1.0,
+             **training: Any) -> CostResult:
+        """Time, GPU-hours and dollars of training on `tokens` tokens with `gpus` devices at
+        the roofline's MFU (or `mfu`); with `inference`, of the forward over them."""
+        config = training_config(**training)
+        efficiency = efficiency_of(matmul_efficiency, vector_efficiency, bandwidth_efficiency)
+        device = roofline_device(self.device if device is None else device)
+        if inference:
+            if parse_policy(config.checkpoint).kind != "none":
+                raise ConfigError("--checkpoint applies to training; drop --checkpoint or "
+                                  "--inference")
+            a = self._untargeted()
+            step = forward_time(a, device, efficiency)
+        else:
+            a = self
+            step = training_step_time(a, device, config, efficiency)
+        try:
+            cost = training_cost(step, params=a.params, tokens=tokens, gpus=gpus,
+                                 usd_per_gpu_hour=usd_per_hour, mfu=mfu)
+        except ValueError as exc:
+            raise CliError(str(exc)) from None
+        return CostResult(a.shape, device.name, config, inference, cost, step,
+                          a.unsupported_ops)
+
+
+def analyze(module: nn.Module | str, example_inputs: Any = None, *, batch: int | None = None,
+            seq: int | None = None, precision: str | None = None, dtype: str | None = None,
+            device: str | Device = DEFAULT_DEVICE, targets: bool = True,
+            overrides: dict[str, Any] | None = None, kwargs: dict | None = None,
+            rules: RuleRegistry | None = None, strict: bool = False,
+            model_name: str | None = None, autocast: torch.dtype | None = None,
+            reuse_blocks: bool = True) -> ModelAnalysis:
+    """Trace a model and cost every op: `module` with `example_inputs`, or MODEL by name (a zoo
+    name, `path/to/file.py:factory`, `hf:path/to/config.json`) at `batch` x `seq`, cast to
+    `precision` (fp32, bf16, fp16, or bf16-mixed: fp32 weights under torch.autocast; `dtype`
+    is an alias), `overrides` setting config fields of a zoo model (the CLI's --set),
+    `targets=False` for no loss (the CLI's --no-targets)."""
+    if dtype is not None and precision is not None and dtype != precision:
+        raise ConfigError(f"precision {precision!r} and dtype {dtype!r} disagree; give one")
+    precision = precision if precision is not None else dtype
+    cast, mixed = precision_dtypes(precision)
+    autocast = mixed or autocast
+    if isinstance(module, str):
+        if example_inputs is not None:
+            raise ConfigError("a MODEL named by a string builds its own inputs; give batch and "
+                              "seq instead of example inputs")
+        device = get_device(device)
+        loaded = load_model(module, batch=batch, seq=seq, dtype=cast, targets=targets,
+                            overrides=overrides)
+        a = analyze_module(loaded.module, loaded.inputs, kwargs=kwargs, device=device,
+                           rules=rules, strict=strict, model_name=model_name or loaded.name,
+                           reuse_blocks=reuse_blocks, autocast=autocast)
+        shape = ModelShape(a.model_name, loaded.batch, loaded.seq, loaded.dtype, loaded.tokens,
+                           "bf16-mixed" if autocast else loaded.dtype)
+        source = ModelSource(module, batch, seq, precision, targets, dict(overrides or {}),
+                             device, strict, rules)
+    else:
+        if cast is not None and mixed is None:
+            raise ConfigError(f"precision {precision!r} casts a model named by a string; cast "
+                              "the module itself (module.to(torch.bfloat16))")
+        a = analyze_module(module, example_inputs, kwargs=kwargs, device=device, rules=rules,
+                           strict=strict, model_name=model_name, reuse_blocks=reuse_blocks,
+                           autocast=autocast)
+        shape = ModelShape(a.model_name, None, None, None, None,
+                           "bf16-mixed" if autocast else None)
+        source = None
+    values = {f.name: getattr(a, f.name) for f in fields(Analysis) if f.init}
+    return ModelAnalysis(**values, shape=shape, source=source)
+
+
+# ---------------------------------------------------------------- fit, plan, cost, sweep
+
+
+Loader = Callable[[int, int, bool], tuple]  # (batch, seq, training) -> (module, inputs)
+
+
+def fit(model: str | Loader, *, device: str | Device, seq: int | None = None,
+        precision: str | None = None, reserve: int | str = DEFAULT_RESERVE_BYTES,
+        overrides: dict[str, Any] | None = None, plan: ParallelPlan | None = None,
+        **training: Any) -> FitResult | ParallelFitResult:
+    """The largest batch at `seq` and the largest context at batch 1 that fit on `device` less
+    `reserve`, training and inference (`max_batch`, `max_seq`: the training answers). `model`
+    is MODEL by name, or a loader `(batch, seq, training) -> (module, inputs)` (then `seq` is
+    required). With `plan`: the largest micro-batch per data-parallel rank."""
+    config = training_config(**training)
+    cast, autocast = precision_dtypes(precision)
+    reserve_bytes = parse_bytes(reserve)
+    overrides = dict(overrides or {})
+    if callable(model):
+        if seq is None:
+            raise ConfigError("fit with a loader needs seq")
+        name, dtype, first_seq, context, loader = getattr(model, "__name__", "model"), cast, \
+            seq, None, model
+    else:
+        first = load_model(model, batch=1, seq=seq, dtype=cast, overrides=overrides)
+        # the context is searched for token models only (a CNN's `seq` is its image size)
+        context = max_context(model, **overrides) if model in list_models() and first.tokens \
+            else None
+        name, dtype, first_seq = first.name, first.dtype, first.seq
+
+        def loader(batch: int, length: int, training: bool):
+            m = load_model(model, batch=batch, seq=length if first.seq is not None else None,
+                           dtype=cast, targets=training, overrides=overrides)
+            return m.module, m.inputs
+
+    if plan is not None:
+        if callable(model):
+            raise ConfigError("fit with a parallel plan needs MODEL by name")
+        return fit_parallel(model, plan, device=device, seq=seq, precision=precision,
+                            reserve=reserve_bytes, overrides=overrides, config=config,
+                            name=name, first_seq=first_seq)
+    sizes = fit_sizes(loader, device=device, seq=first_seq, model_max_seq=context,
+                      autocast=autocast, config=config, reserve_bytes=reserve_bytes)
+    return FitResult(name, dtype, "bf16-mixed" if autocast else dtype, config, sizes)
+
+
+def fit_parallel(model: str, plan: ParallelPlan, *, device: str | Device, seq: int | None,
+                 precision: str | None, reserve: int, overrides: dict[str, Any],
+                 config: TrainingConfig, name: str, first_seq: int | None) -> ParallelFitResult:
+    """The largest micro-batch per device under a parallel plan: the per-device estimate's two
+    peaks (backward, optimizer step) are each linear in the micro-batch, so traces at 1 and 2
+    give them at any size."""
+    device = sized_device(device)
+    budget = device.memory_bytes - reserve
+    lines = []
+    for batch in (1, 2):
+        a = analyze(model, batch=batch, seq=seq, precision=precision, device=device,
+                    overrides=overrides)
+        stages = per_device_memory(a, plan, config)
+        lines.append([(d.training_peak_bytes, d.optimizer_peak_bytes) for d in stages])
+
+    def peak(b: int) -> float:
+        return max(max(one[k] + (two[k] - one[k]) * (b - 1) for k in (0, 1))
+                   for one, two in zip(*lines))
+
+    best = largest(peak, budget, 1, 1 << 20)
+    return ParallelFitResult(name, first_seq, device.name, plan, config, budget, best)
+
+
+def plan(model: str, *, gpus: int, global_batch: int, device: str | Device,
+         seq: int | None = None, precision: str | None = None,
+         micro_batch: Sequence[int] = (1, 2, 4), checkpoint: Sequence[str] = ("none", "full"),
+         sharding: Sequence[str] = ("zero-1", "fsdp"), intra_node: str | float | None = None,
+         inter_node: str | float | None = None, gpus_per_node: int | None = None,
+         reserve: int | str = DEFAULT_RESERVE_BYTES, overrides: dict[str, Any] | None = None,
+         strict: bool = False, **training: Any) -> PlanResult:
+    """Every dp x tp x pp of `gpus` devices with each micro-batch, sharding and checkpoint
+    policy: the plans that fit ranked by step time, then the rejected ones with why."""
+    config = training_config(**training)
+    device = sized_device(roofline_device(device),
+                          " such as h100-sxm ('graphcost devices')")
+    for p in checkpoint:
+        parse_policy(p)
+    network = network_for(device.name, intra=intra_node, inter=inter_node,
+                          gpus_per_node=gpus_per_node)
+    reserve_bytes = parse_bytes(reserve)
+    cache: dict[int, ModelAnalysis] = {}
+
+    def load(mb: int) -> ModelAnalysis:
+        if mb not in cache:
+            cache[mb] = analyze(model, batch=mb, seq=seq, precision=precision, device=device,
+                                overrides=overrides, strict=strict)
+        return cache[mb]
+
+    plans = search_plans(load, gpus=gpus, device=device, global_batch=global_batch,
+                         config=config, micro_batches=list(micro_batch),
+                         policies=list(checkpoint), shardings=list(sharding),
+                         reserve_bytes=reserve_bytes, network=network)
+    name = next(iter(cache.values())).model_name if cache else model
+    return PlanResult(name, device.name, gpus, global_batch, seq, network, tuple(plans))
+
+
+def cost(model: str, tokens: float, *, device: str | Device, batch: int | None = None,
+         seq: int | None = None, precision: str | None = None, targets: bool = True,
+         overrides: dict[str, Any] | None = None, strict: bool = False, inference: bool = False,
+         **options: Any) -> CostResult:
+    """MODEL at `batch` x `seq` on `device`, then ModelAnalysis.cost (gpus, usd_per_hour, mfu,
+    the efficiencies and the training options)."""
+    roofline_device(device)
+    a = analyze(model, batch=batch, seq=seq, precision=precision, device=device,
+                targets=targets and not inference, overrides=overrides, strict=strict)
+    return a.cost(tokens, inference=inference, **options)
+
+
+def sweep(model: str, *, device: str | Device, batch: Sequence[int | None] = (1,),
+          seq: Sequence[int | None] = (None,), precision: str | None = None,
+          budget: int | str | None = None, reserve: int | str | None = None,
+          overrides: dict[str, Any] | None = None, strict: bool = False,
+          matmul_efficiency: float = 1.0, vector_efficiency: float = 1.0,
+          bandwidth_efficiency: float = 1.0, **training: Any) -> SweepResult:
+    """For every batch x seq: the roofline step time, MFU, HFU, tokens/s, the training peak and
+    whether it fits the budget (`budget`, else the device's memory less `reserve`)."""
+    config = training_config(**training)
+    efficiency = efficiency_of(matmul_efficiency, vector_efficiency, bandwidth_efficiency)
+    device = roofline_device(device)
+    resolved = resolve_budget(device, budget, reserve)
+    rows, a, unsupported = [], None, {}
+    for t in seq:
+        for b in batch:
+            a = analyze(model, batch=b, seq=t, precision=precision, device=device,
+                        overrides=overrides, strict=strict)
+            step = training_step_time(a, device, config, efficiency)
+            peak = training_timeline(a, config).peak_bytes
+            rows.append({"batch": b, "seq": a.seq, "tokens": step.tokens,
+                         "step_time_s": step.step_time_s, "mfu": step.mfu, "hfu": step.hfu,
+                         "tokens_per_s": step.tokens_per_s, "peak_bytes": peak,
+                         "fits": None if resolved.bytes is None else peak <= resolved.bytes})
+            unsupported = unsupported or a.unsupported_ops
+    return SweepResult(a.model_name, device.name, a.precision, config, efficiency,
+                       resolved.bytes, tuple(rows), unsupported)
+
+
+__all__ = ["Budget", "ModelAnalysis", "ModelSource", "analyze", "check_context", "cost", "fit",
+           "fit_parallel", "parse_bytes", "parse_precision", "plan", "precision_dtypes",
+           "resolve_budget", "roofline_device", "sized_device", "sweep", "training_config"]
