@@ -412,7 +412,8 @@ def plan(model: str, *, gpus: int, global_batch: int, device: str | Device,
          sharding: Sequence[str] = ("zero-1", "fsdp"), intra_node: str | float | None = None,
          inter_node: str | float | None = None, gpus_per_node: int | None = None,
          reserve: int | str = DEFAULT_RESERVE_BYTES, overrides: dict[str, Any] | None = None,
-         strict: bool = False, **training: Any) -> PlanResult:
+         strict: bool = False, matmul_efficiency: float = 1.0, vector_efficiency: float = 1.0,
+         bandwidth_efficiency: float = 1.0, **training: Any) -> PlanResult:
     """Every dp x tp x pp of `gpus` devices with each micro-batch, sharding and checkpoint
     policy: the plans that fit ranked by step time, then the rejected ones with why."""
     config = training_config(**training)
@@ -434,7 +435,9 @@ def plan(model: str, *, gpus: int, global_batch: int, device: str | Device,
     plans = search_plans(load, gpus=gpus, device=device, global_batch=global_batch,
                          config=config, micro_batches=list(micro_batch),
                          policies=list(checkpoint), shardings=list(sharding),
-                         reserve_bytes=reserve_bytes, network=network)
+                         reserve_bytes=reserve_bytes, network=network,
+                         efficiency=efficiency_of(matmul_efficiency, vector_efficiency,
+                                                  bandwidth_efficiency))
     name = next(iter(cache.values())).model_name if cache else model
     return PlanResult(name, device.name, gpus, global_batch, seq, network, tuple(plans))
 

@@ -6,7 +6,13 @@ from __future__ import annotations
 import argparse
 
 from graphcost import api
-from graphcost.cli.common import device_from_args, print_json, tracing, training_options
+from graphcost.cli.common import (
+    device_from_args,
+    efficiency_options,
+    print_json,
+    tracing,
+    training_options,
+)
 from graphcost.cli.options import Parents, int_list, link, positive
 from graphcost.load.model import CliError, parse_overrides
 from graphcost.passes.checkpoint.policy import parse_policy
@@ -19,7 +25,7 @@ def add_parser(verbs, parents: Parents) -> None:
     pl = verbs.add_parser(
         "plan", help="rank parallel plans (dp x tp x pp, sharding, checkpointing) by step time",
         parents=[parents.model, parents.precision, parents.device, parents.training,
-                 parents.reserve, parents.set, parents.rules, parents.json],
+                 parents.efficiency, parents.reserve, parents.set, parents.rules, parents.json],
         description="Every dp x tp x pp that multiplies to --gpus, with each --micro-batch, "
         "--sharding and --checkpoint policy: per-device memory (estimate) and roofline step "
         "time with the plan's collectives and pipeline bubble; the plans that fit ranked by "
@@ -69,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
                           gpus_per_node=args.gpus_per_node,
                           reserve=DEFAULT_RESERVE_BYTES if args.reserve is None
                           else args.reserve, overrides=overrides, strict=args.strict,
-                          **training)
+                          **efficiency_options(args), **training)
     if args.json:
         return print_json(result)
     print(plan_report(list(result.plans), model=result.name, device=device, gpus=args.gpus,
