@@ -16,6 +16,7 @@ from graphcost.api import ModelAnalysis, analyze, cost, fit, plan, sweep
 from graphcost.api_results import (
     CheckpointResult,
     CostResult,
+    CoverageResult,
     FitResult,
     InferenceMemoryResult,
     InferenceRooflineResult,
@@ -35,7 +36,7 @@ from graphcost.trace.export import spec
 from graphcost.version import __version__ as __version__  # defined once, there
 
 __all__ = ["FLOPS_PER_FMA", "PRESETS", "Analysis", "CheckpointResult", "ConfigError",
-           "CostResult", "Device", "FitResult", "GraphcostError", "InferenceMemoryResult",
+           "CostResult", "CoverageResult", "Device", "FitResult", "GraphcostError", "InferenceMemoryResult",
            "InferenceRooflineResult", "MemoryResult", "ModelAnalysis", "OpCost", "Out",
            "ParallelFitResult", "ParallelMemoryResult", "ParallelPlan", "PlanResult",
            "RooflineResult", "RuleContext", "SweepResult", "TensorSpec", "TraceError",

@@ -26,6 +26,7 @@ from torch import nn
 
 from graphcost.analysis.analyze import Analysis
 from graphcost.analysis.analyze import analyze as analyze_module
+from graphcost.analysis.coverage import coverage
 from graphcost.api_options import (
     CHECKPOINT_IS_TRAINING,
     Budget,
@@ -42,6 +43,7 @@ from graphcost.api_options import (
 from graphcost.api_results import (
     CheckpointResult,
     CostResult,
+    CoverageResult,
     FitResult,
     InferenceMemoryResult,
     InferenceRooflineResult,
@@ -130,6 +132,10 @@ class ModelAnalysis(Analysis):
                               f"({', '.join(changes)}) needs MODEL by name, e.g. "
                               "graphcost.analyze('gpt2', batch=2)")
         return replace(self.source, **changes).analyze()
+
+    def coverage(self) -> CoverageResult:
+        """Every op of the trace with the rule that costs it (graphcost coverage)."""
+        return CoverageResult(self.model_name, tuple(coverage(self)), self.unsupported_ops)
 
     # ------------------------------------------------------------ memory
 

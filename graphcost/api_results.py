@@ -11,6 +11,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from graphcost.analysis.coverage import CoverageRow
 from graphcost.passes.checkpoint.policy import parse_policy
 from graphcost.passes.checkpoint.search import Optimum, PolicyRow
 from graphcost.passes.memory.inference import InferenceMemory
@@ -48,6 +49,24 @@ class ModelShape:
     dtype: str | None  # the dtype the model was cast to (None: as built)
     tokens: int | None  # batch * seq for a (batch, seq) token model
     precision: str | None  # dtype, or "bf16-mixed" (fp32 weights under torch.autocast)
+
+
+@dataclass(frozen=True)
+class CoverageResult:
+    """Every op of the trace with the rule that costs it, unsupported ones first."""
+
+    name: str
+    rows: tuple[CoverageRow, ...]
+    unsupported_ops: dict[str, int]
+
+    @property
+    def missing(self) -> list[CoverageRow]:
+        return [r for r in self.rows if not r.supported]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.name,
+                "ops": [dict(r.__dict__, supported=r.supported) for r in self.rows],
+                "unsupported_ops": self.unsupported_ops}
 
 
 # ---------------------------------------------------------------- memory
@@ -367,7 +386,7 @@ class PlanResult:
             "plans": [c.as_dict() for c in self.plans]})
 
 
-__all__ = ["CheckpointResult", "CostResult", "FitResult", "InferenceMemoryResult",
+__all__ = ["CheckpointResult", "CostResult", "CoverageResult", "FitResult", "InferenceMemoryResult",
            "InferenceRooflineResult", "MemoryResult", "ModelShape", "ParallelFitResult",
            "ParallelMemoryResult", "PlanResult", "RooflineResult", "SweepResult", "json_safe",
            "policy_name"]

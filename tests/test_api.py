@@ -45,6 +45,7 @@ def small(**changes):
 
 CASES = {
     "analyze": (lambda: small(batch=2).to_dict(), ["analyze", "gpt2", "--batch", "2"]),
+    "coverage": (lambda: small().coverage(), ["coverage", "gpt2"]),
     "memory": (lambda: small(batch=2, precision="bf16-mixed").memory(checkpoint="full",
                                                                      grad_accumulation=2),
                ["memory", "gpt2", "--batch", "2", "--precision", "bf16-mixed", "--checkpoint",

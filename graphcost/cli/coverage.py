@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 import warnings
 
-from graphcost.analysis.coverage import coverage
-from graphcost.cli.common import load_analysis
+from graphcost.cli.common import load_analysis, print_json
 from graphcost.cli.options import Parents
 from graphcost.report.units import format_flops, table
 
@@ -26,12 +24,10 @@ def run(args: argparse.Namespace) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the unsupported ops are the report itself
         analysis = load_analysis(args, strict=False)  # list, then --strict
-    rows = coverage(analysis)
-    missing = [r for r in rows if not r.supported]
+    result = analysis.coverage()
+    rows, missing = result.rows, result.missing
     if args.json:
-        print(json.dumps({"model": analysis.model_name,
-                          "ops": [dict(r.__dict__, supported=r.supported) for r in rows],
-                          "unsupported_ops": analysis.unsupported_ops}))
+        print_json(result)
     else:
         body = [[r.op, format(r.count, ","), r.rule or "UNSUPPORTED",
                  format_flops(r.forward_flops) if r.forward_flops else "0"]
