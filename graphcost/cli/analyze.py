@@ -7,7 +7,7 @@ import argparse
 import json
 
 from graphcost.cli.common import load_analysis
-from graphcost.cli.options import Parents, positive
+from graphcost.cli.options import Parents, non_negative, positive
 from graphcost.report.analysis import render
 
 
@@ -26,8 +26,8 @@ def add_parser(verbs, parents: Parents) -> None:
         "model or device, untraceable model, --strict with an unsupported op).")
     a.add_argument("--depth", type=positive, default=2,
                    help="module path depth of the per-module table/JSON (default 2)")
-    a.add_argument("--top", type=positive, default=10,
-                   help="rows of the per-op table (default 10)")
+    a.add_argument("--top", type=non_negative, default=10,
+                   help="rows of the per-op table (default 10; 0: all)")
     a.set_defaults(run=run)
 
 
@@ -36,7 +36,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(analysis.to_dict(module_depth=args.depth)))
         return 0
-    print(render(analysis, depth=args.depth, top=args.top, tokens=analysis.tokens,
+    print(render(analysis, depth=args.depth, top=args.top or len(analysis.ops),
+                 tokens=analysis.tokens,
                  dtype=analysis.dtype), end="")
     return 0
 

@@ -13,7 +13,7 @@ from graphcost.cli.common import (
     tracing,
     training_options,
 )
-from graphcost.cli.options import Parents, int_list, link, positive
+from graphcost.cli.options import Parents, int_list, link, non_negative, positive
 from graphcost.load.model import CliError, parse_overrides
 from graphcost.passes.checkpoint.policy import parse_policy
 from graphcost.report.parallel import plan_report
@@ -50,7 +50,8 @@ def add_parser(verbs, parents: Parents) -> None:
                     help="link between nodes (default: the device's, e.g. ib-ndr)")
     pl.add_argument("--gpus-per-node", type=positive, default=None,
                     help="GPUs per node (default 8)")
-    pl.add_argument("--top", type=positive, default=10, help="plans to list (default 10)")
+    pl.add_argument("--top", type=non_negative, default=10,
+                    help="plans to list (default 10; 0: all)")
     pl.set_defaults(run=run)
 
 
@@ -80,5 +81,5 @@ def run(args: argparse.Namespace) -> int:
         return print_json(result)
     print(plan_report(list(result.plans), model=result.name, device=device, gpus=args.gpus,
                       global_batch=args.global_batch, seq=args.seq, network=result.network,
-                      top=args.top), end="")
+                      top=args.top or len(result.plans)), end="")
     return 0
