@@ -12,7 +12,7 @@ need. Every result has `to_dict()`, which is what the CLI's --json prints.
 """
 
 from graphcost.analysis.analyze import Analysis
-from graphcost.api import ModelAnalysis, analyze, cost, fit, plan, sweep
+from graphcost.api import ModelAnalysis, analyze
 from graphcost.api_results import (
     CheckpointResult,
     CostResult,
@@ -27,6 +27,7 @@ from graphcost.api_results import (
     RooflineResult,
     SweepResult,
 )
+from graphcost.api_shapes import cost, fit, plan, sweep
 from graphcost.errors import ConfigError, GraphcostError, TraceError, UnsupportedOpError
 from graphcost.hardware.devices import PRESETS, Device, get_device
 from graphcost.passes.parallel.plan import ParallelPlan

@@ -83,7 +83,7 @@ def load_analysis(args: argparse.Namespace, **changes: Any) -> api.ModelAnalysis
 
 
 def training_options(args: argparse.Namespace, *names: str) -> dict[str, Any]:
-    """The training options the verb takes, as keyword arguments (api.TRAINING_OPTIONS),
+    """The training options the verb takes, as keyword arguments (api_options.TRAINING_OPTIONS),
     checked before any trace."""
     options = {name: getattr(args, name) for name in names}
     api.training_config(**options)

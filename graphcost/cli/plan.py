@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from graphcost import api
+from graphcost import api, api_shapes
 from graphcost.cli.common import (
     device_from_args,
     efficiency_options,
@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
             raise CliError(f"unknown --sharding {x!r}; use {', '.join(SHARDINGS)}")
     overrides = parse_overrides(args.set)
     with tracing(args):
-        result = api.plan(args.model, gpus=args.gpus, global_batch=args.global_batch,
+        result = api_shapes.plan(args.model, gpus=args.gpus, global_batch=args.global_batch,
                           device=device, seq=args.seq, precision=args.precision,
                           micro_batch=micro, checkpoint=policies, sharding=shardings,
                           intra_node=link(args.intra_node), inter_node=link(args.inter_node),

@@ -7,7 +7,7 @@ import argparse
 import csv
 import os
 
-from graphcost import api
+from graphcost import api, api_shapes
 from graphcost.cli.common import (
     device_from_args,
     efficiency_options,
@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
             raise CliError(f"{option} {path!r}: folder {folder!r} does not exist; create it first")
     options = model_options(args, batch=None, seq=None)
     with tracing(args):
-        result = api.sweep(args.model, device=device, batch=batches, seq=seqs,
+        result = api_shapes.sweep(args.model, device=device, batch=batches, seq=seqs,
                            precision=options["precision"], budget=args.budget,
                            reserve=args.reserve, overrides=options["overrides"],
                            strict=options["strict"], **efficiency_options(args), **training)
