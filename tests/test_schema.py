@@ -184,3 +184,8 @@ def test_a_copy_is_a_new_mutable_graph(costed):
         copy.op_order  # noqa: B018 - facts are read once the graph is frozen
     copy.freeze()
     assert copy.op_order == costed.op_order
+    other = costed.with_attributes({n: {**d, "forward_flops": -1} if d["kind"] == "op" else d
+                                    for n, d in costed.nodes(data=True)}, dict(costed.graph))
+    assert other.is_frozen and other.op_order == costed.op_order
+    assert list(other.edges) == list(costed.edges)
+    assert costed.nodes[n]["forward_flops"] != -1 == other.nodes[n]["forward_flops"]

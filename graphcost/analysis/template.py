@@ -9,6 +9,7 @@ from typing import Any
 
 import networkx as nx
 
+from graphcost.graph.costed import CostedGraph
 from graphcost.graph.expand import expand_blocks
 from graphcost.trace.blocks import RepeatedBlocks
 
@@ -24,8 +25,9 @@ class BlockTemplate:
     rules: Any = None  # rules.registry.RuleRegistry
     _short: dict = field(default_factory=dict, repr=False)
 
-    def shortened(self, n_blocks: int) -> nx.DiGraph | None:
-        """The costed graph of the model with `n_blocks` blocks (cached)."""
+    def shortened(self, n_blocks: int) -> CostedGraph | None:
+        """The costed graph of the model with `n_blocks` blocks: a new CostedGraph, built once
+        per `n_blocks` and kept here (None: the trace does not expand to that many)."""
         from graphcost.analysis.annotate import annotate
 
         if n_blocks not in self._short:

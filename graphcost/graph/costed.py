@@ -76,7 +76,7 @@ class CostedGraph(nx.DiGraph):
         for key in ("storage_bytes", "storage_owner"):
             if key in graph.graph:
                 g.graph[key] = dict(graph.graph[key])
-        g.add_nodes_from((n, dict(d)) for n, d in graph.nodes(data=True))
+        g.add_nodes_from(graph.nodes(data=True))  # each node's attributes into a new dict
         # through the adjacency, not graph.edges: that view refers back to its graph, a cycle
         # that keeps the graph alive until the (paused) cyclic collector runs
         g.add_edges_from((u, v) for u, successors in graph.succ.items() for v in successors)
