@@ -1,9 +1,7 @@
 """Facts of a costed graph that the memory passes share, computed once per graph: they are the
-cached properties `walk_facts` and `block_stack` of graphcost.graph.costed.CostedGraph.
-
-Reads the node attributes kind, order, storages, requires_grad, names, runs_backward and
-module_calls, and the graph attributes storage_owner, storage_bytes and outputs, through the
-graph's other cached properties (op_order, op_inputs, storage_root, new_storages, last_reads).
+cached properties `walk_facts` and `block_stack` of graphcost.graph.costed.CostedGraph, built
+from its other cached properties (op_order, op_inputs, storage_root, new_storages, last_reads,
+module_calls).
 """
 
 from __future__ import annotations

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import networkx as nx
 
 from graphcost.errors import ConfigError
-from graphcost.graph.costed import main_blocks_of
+from graphcost.graph.costed import CostedGraph, main_blocks_of
 
 # the graph attributes it reads (graphcost/graph/schema.py)
 READS = ("args", "kind", "module_calls", "module_path", "op", "order")
@@ -150,7 +150,7 @@ def per_block_spec(options) -> str:
     return "per-block:" + ",".join(o if n == 1 else f"{o}*{n}" for o, n in parts)
 
 
-def plan(g: nx.DiGraph, policy: str | Policy | None) -> Plan:
+def plan(g: CostedGraph, policy: str | Policy | None) -> Plan:
     """Resolve `policy` on a costed graph into the regions it checkpoints."""
     policy = parse_policy(policy)
     ops = g.op_order
@@ -218,7 +218,7 @@ def segment_size(n_blocks: int) -> int:
     return math.ceil(math.sqrt(n_blocks))
 
 
-def module_calls(g: nx.DiGraph, ops: list[str] | None = None) -> dict[str, list[int]]:
+def module_calls(g: CostedGraph, ops: list[str] | None = None) -> dict[str, list[int]]:
     """{module call path: [first op index, last op index]} in order of first op: the costed
     graph's `module_calls` (of other `ops` than its op order: computed for them)."""
     if ops is None or tuple(ops) == g.op_order:
@@ -239,7 +239,7 @@ def _call_region(name: str, span: list[int], ops: list[str], g: nx.DiGraph,
                   save_ops=frozenset(g.nodes[n]["op"] for n in save), modules=(name,))
 
 
-def main_blocks(g: nx.DiGraph, ops: list[str] | None = None) -> list[str]:
+def main_blocks(g: CostedGraph, ops: list[str] | None = None) -> list[str]:
     """Paths of the blocks of the model's main stack: the costed graph's `main_blocks` (of other
     `ops` than its op order: computed for them)."""
     if ops is None or tuple(ops) == g.op_order:

@@ -30,10 +30,10 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, replace
 
-import networkx as nx
 import numpy as np
 
 from graphcost.analysis.template import BlockTemplate
+from graphcost.graph.costed import CostedGraph
 from graphcost.graph.facts import BlockStack
 from graphcost.passes.checkpoint.policy import Plan, Region, plan
 from graphcost.passes.memory.training import EventTable, MemoryTimeline, TrainingConfig
@@ -55,7 +55,7 @@ class _Piece:
     run: bool
 
 
-def derived_timeline(g: nx.DiGraph, config: TrainingConfig) -> MemoryTimeline | None:
+def derived_timeline(g: CostedGraph, config: TrainingConfig) -> MemoryTimeline | None:
     """The timeline of `config` on `g` from walks of shortened stacks; None when `g` has no
     block template, the plan does not repeat along the stack, deriving would save little, or
     the short walks do not line up."""
@@ -244,7 +244,7 @@ def _align(a: _ShortWalk, b: _ShortWalk, run_piece: int) -> list | None:
     return out if j == len(sb) else None
 
 
-def _derive(g: nx.DiGraph, full: BlockStack, full_plan: Plan, pieces: list[_Piece],
+def _derive(g: CostedGraph, full: BlockStack, full_plan: Plan, pieces: list[_Piece],
             config: TrainingConfig, a: _ShortWalk, b: dict[int, _ShortWalk]) -> MemoryTimeline | None:
     aligned = {}
     for p, walk in b.items():

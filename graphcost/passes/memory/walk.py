@@ -37,8 +37,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
-import networkx as nx
-
+from graphcost.graph.costed import CostedGraph
 from graphcost.graph.liveness import last_reads
 from graphcost.passes.checkpoint.policy import Plan, Region, plan
 from graphcost.passes.memory.autograd import NOT_DIFFERENTIABLE, grad_passes_through
@@ -84,7 +83,7 @@ class _Live:
 
 
 class Walk:
-    def __init__(self, g: nx.DiGraph, config: TrainingConfig,
+    def __init__(self, g: CostedGraph, config: TrainingConfig,
                  checkpoint_plan: Plan | None = None) -> None:
         self.g, self.config = g, config
         self.f = f = g.walk_facts  # what every walk of g shares (graphcost/graph/facts.py)
