@@ -34,8 +34,7 @@ from graphcost.passes.memory.timeline import training_timeline
 from graphcost.passes.memory.training import TrainingConfig
 from graphcost.sizing.retrace import Unsupported, step_events
 
-# the graph attributes it reads (graphcost/graph/schema.py)
-READS = ()
+READS: tuple[str, ...] = ()  # graph attributes it reads itself: none (graph/schema.py)
 
 logger = logging.getLogger(__name__)
 GIB = 2**30
