@@ -336,3 +336,48 @@ def test_help_mentions_gpu_presets(capsys):
     code, out, err = run(capsys, "analyze", "--help")
     assert code == 0
     assert "h100-sxm" in out and "file.py:factory" in " ".join(out.split())
+
+
+# ---------------------------------------------------------------- one vocabulary (docs/cli.md)
+
+SMALL_SET = [arg for k, v in SMALL_GPT2.items() for arg in ("--set", f"{k}={v}")]
+
+
+@pytest.mark.parametrize("verb", ["analyze", "memory", "checkpoint"])
+def test_dtype_is_precision_on_every_verb(capsys, verb):
+    """--dtype is an alias of --precision: the same option, accepted wherever a model loads."""
+    by_dtype = run_json(capsys, verb, "gpt2", *SMALL_SET, "--seq", "16", "--dtype", "bf16")
+    by_precision = run_json(capsys, verb, "gpt2", *SMALL_SET, "--seq", "16", "--precision",
+                            "bfloat16")
+    assert by_dtype == by_precision and by_dtype["dtype"] == "bf16"
+
+
+def test_precision_takes_fp16_and_bf16_mixed_on_every_verb(capsys):
+    half = run_json(capsys, "memory", "gpt2", *SMALL_SET, "--seq", "16", "--precision", "fp16")
+    assert (half["dtype"], half["precision"]) == ("fp16", "fp16")
+    mixed = run_json(capsys, "analyze", "gpt2", *SMALL_SET, "--seq", "16", "--dtype",
+                     "bf16-mixed")
+    fp32 = run_json(capsys, "analyze", "gpt2", *SMALL_SET, "--seq", "16")
+    assert mixed["dtype"] == "fp32" and mixed["params"] == fp32["params"]
+    assert mixed["saved_activation_bytes"] != fp32["saved_activation_bytes"]  # bf16 copies
+
+
+def test_bad_precision_names_both_spellings(capsys):
+    assert_one_error(*run(capsys, "memory", "gpt2", "--precision", "fp8"), "'fp8'",
+                     "--precision/--dtype", "fp32, bf16, fp16 or bf16-mixed")
+
+
+def test_reserve_defaults_to_2gib_on_every_verb(capsys):
+    fit = run_json(capsys, "fit", "gpt2", *SMALL_SET, "--device", "a100-80gb")
+    check = run_json(capsys, "checkpoint", "gpt2", *SMALL_SET, "--seq", "16", "--device",
+                     "a100-80gb")
+    assert fit["reserve_bytes"] == 2 * 2**30
+    assert check["budget_bytes"] == fit["budget_bytes"] == PRESETS["a100-80gb"].memory_bytes \
+        - 2 * 2**30
+
+
+def test_top_zero_lists_every_row(capsys):
+    code, out, _ = run(capsys, "analyze", "gpt2", *SMALL_SET, "--seq", "16", "--top", "0")
+    assert code == 0
+    shown, total = out.split("top ", 1)[1].split(" ops", 1)[0].split(" of ")
+    assert shown == total
