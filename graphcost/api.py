@@ -11,8 +11,9 @@ keyword arguments and the same results (graphcost.api_results; the CLI prints th
 `analyze` takes a module and its example inputs, as graphcost.analysis.analyze does, or MODEL as
 the command line names it (a zoo name, `path/to/file.py:factory`, `hf:path/to/config.json`) with
 its shape. It returns a `ModelAnalysis`: the Analysis, its shape, and the methods `memory`,
-`checkpoints`, `optimize`, `roofline` and `cost`. `fit`, `plan` and `sweep` trace MODEL at the
-shapes they need.
+`checkpoints`, `optimize`, `roofline`, `cost` and `coverage`. `fit`, `plan`, `sweep` and `cost`
+by name (graphcost.api_shapes) trace MODEL at the shapes they need; the vocabulary they share
+(precision, sizes, budgets, training options) is graphcost.api_options.
 """
 
 from __future__ import annotations
