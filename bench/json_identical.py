@@ -5,20 +5,25 @@
     python bench/json_identical.py compare before.json after.json
 
 `record` runs each command below as `python -m graphcost ... --json` (a fresh process each, two at
-a time) and keeps its parsed output with its exit status (and a failure's message); the only keys dropped are wall-clock
-timings of graphcost itself (`TIMING_KEYS`), which differ from run to run. `compare` prints every
-command whose output differs, key by key, and exits 1 if any does.
+a time) and keeps its parsed output with its exit status (and a failure's message). Two things are
+made comparable between checkouts: wall-clock timings of graphcost itself (`TIMING_KEYS`) are
+dropped, and the checkout's own path in the ops' `source` lines is written as `<checkout>/`, with
+the zoo's old folder `graphcost/models/` as its new one, `models/` (`MOVED`). `compare` prints
+every command whose output differs, key by key, and exits 1 if any does.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
 # Wall-clock seconds graphcost spent, not figures it computed.
 TIMING_KEYS = {"search_seconds", "total_seconds", "elapsed_s"}
+# Files that moved between layouts: the same source line under its old and its new path.
+MOVED = {"<checkout>/graphcost/models/": "<checkout>/models/"}
 
 COMMANDS = [
     "analyze gpt2",
@@ -59,17 +64,21 @@ def run(command: str) -> dict:
         output = json.loads(proc.stdout)
     except json.JSONDecodeError:
         output = proc.stdout
-    result = {"returncode": proc.returncode, "output": drop_timings(output)}
+    result = {"returncode": proc.returncode, "output": comparable(output, os.getcwd() + os.sep)}
     if proc.returncode:
         result["stderr"] = proc.stderr.strip().splitlines()[-1:]  # the one message
     return result
 
 
-def drop_timings(value):
+def comparable(value, checkout: str):
     if isinstance(value, dict):
-        return {k: drop_timings(v) for k, v in value.items() if k not in TIMING_KEYS}
+        return {k: comparable(v, checkout) for k, v in value.items() if k not in TIMING_KEYS}
     if isinstance(value, list):
-        return [drop_timings(v) for v in value]
+        return [comparable(v, checkout) for v in value]
+    if isinstance(value, str) and value.startswith(checkout):
+        value = "<checkout>/" + value[len(checkout):]
+        for old, new in MOVED.items():
+            value = value.replace(old, new, 1) if value.startswith(old) else value
     return value
 
 
