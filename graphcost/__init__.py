@@ -5,15 +5,15 @@
     >>> a.params
     53561088
 
-The Python API mirrors the command line (graphcost.api): `analyze` a module with its example
+The Python API mirrors the command line (graphcost.api.analyze): `analyze` a module with its example
 inputs or MODEL by name, then `a.memory()`, `a.checkpoints()`, `a.optimize(budget)`,
 `a.roofline(device)`, `a.cost(tokens)`; `fit`, `plan` and `sweep` trace MODEL at the shapes they
 need. Every result has `to_dict()`, which is what the CLI's --json prints.
 """
 
 from graphcost.analysis.analyze import Analysis
-from graphcost.api import ModelAnalysis, analyze
-from graphcost.api_results import (
+from graphcost.api.analyze import ModelAnalysis, analyze
+from graphcost.api.results import (
     CheckpointResult,
     CostResult,
     CoverageResult,
@@ -27,7 +27,7 @@ from graphcost.api_results import (
     RooflineResult,
     SweepResult,
 )
-from graphcost.api_shapes import cost, fit, plan, sweep
+from graphcost.api.shapes import cost, fit, plan, sweep
 from graphcost.errors import ConfigError, GraphcostError, TraceError, UnsupportedOpError
 from graphcost.hardware.devices import PRESETS, Device, get_device
 from graphcost.passes.parallel.plan import ParallelPlan

@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from graphcost import api
+from graphcost.api.options import parse_bytes
 from graphcost.cli.common import ridge
 from graphcost.cli.options import Parents, positive
 from graphcost.errors import GraphcostError
@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"{exc}, in --dtypes") from None
     copy_bytes = None
     if args.copy_bytes is not None:
-        copy_bytes = api.parse_bytes(args.copy_bytes, "--copy-bytes")
+        copy_bytes = parse_bytes(args.copy_bytes, "--copy-bytes")
         if copy_bytes < 4:
             raise CliError(f"--copy-bytes {args.copy_bytes!r} must be at least 4 bytes")
     out = args.out or f"{kind}.json"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from graphcost import api
+from graphcost.api.options import resolve_budget
 from graphcost.cli.common import (
     device_from_args,
     load_analysis,
@@ -49,7 +49,7 @@ def add_parser(verbs, parents: Parents) -> None:
 def run(args: argparse.Namespace) -> int:
     training = training_options(args, "optimizer", "optimizer_impl", "grad_accumulation")
     device = device_from_args(args)
-    budget = api.resolve_budget(device, args.budget, args.reserve)  # fails before the trace
+    budget = resolve_budget(device, args.budget, args.reserve)  # fails before the trace
     analysis = load_analysis(args)
     result = analysis.checkpoints(args.policies, args.budget, reserve=args.reserve, **training)
     optimum = result.optimum

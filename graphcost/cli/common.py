@@ -15,7 +15,9 @@ from typing import Any
 
 import torch
 
-from graphcost import api
+from graphcost.api.analyze import ModelAnalysis
+from graphcost.api.analyze import analyze as api_analyze
+from graphcost.api.options import parse_bytes, training_config
 from graphcost.errors import GraphcostError
 from graphcost.hardware.devices import Device, dtype_key, get_device
 from graphcost.load.model import CliError, parse_overrides
@@ -68,25 +70,25 @@ def tracing(args: argparse.Namespace):
 
 
 def model_options(args: argparse.Namespace, **changes: Any) -> dict[str, Any]:
-    """MODEL's options as api.analyze's keyword arguments (`changes` replace some)."""
+    """MODEL's options as graphcost.api.analyze.analyze's keyword arguments (`changes` replace some)."""
     get = {**vars(args), **changes}.get
     return dict(batch=get("batch"), seq=get("seq"), precision=get("precision"),
                 device=device_from_args(args), targets=not get("no_targets", False),
                 overrides=parse_overrides(get("set") or []), strict=get("strict", False))
 
 
-def load_analysis(args: argparse.Namespace, **changes: Any) -> api.ModelAnalysis:
-    """MODEL from the options, traced and costed (api.analyze)."""
+def load_analysis(args: argparse.Namespace, **changes: Any) -> ModelAnalysis:
+    """MODEL from the options, traced and costed (graphcost.api.analyze.analyze)."""
     options = model_options(args, **changes)
     with tracing(args):
-        return api.analyze(args.model, **options)
+        return api_analyze(args.model, **options)
 
 
 def training_options(args: argparse.Namespace, *names: str) -> dict[str, Any]:
-    """The training options the verb takes, as keyword arguments (api_options.TRAINING_OPTIONS),
+    """The training options the verb takes, as keyword arguments (TRAINING_OPTIONS),
     checked before any trace."""
     options = {name: getattr(args, name) for name in names}
-    api.training_config(**options)
+    training_config(**options)
     return options
 
 
@@ -160,7 +162,7 @@ def device_from_args(args: argparse.Namespace, name: str | None = None) -> Devic
     device = get_device(args.device if name is None else name)
     memory = bandwidth = None
     if args.device_memory is not None:
-        memory = api.parse_bytes(args.device_memory, "--device-memory")
+        memory = parse_bytes(args.device_memory, "--device-memory")
         if memory <= 0:
             raise CliError(f"--device-memory {args.device_memory!r} must be more than 0 bytes")
     if args.device_bandwidth is not None:

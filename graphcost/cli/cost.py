@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from graphcost import api
+from graphcost.api.options import roofline_device
 from graphcost.cli.common import (
     device_from_args,
     efficiency_options,
@@ -47,7 +47,7 @@ def add_parser(verbs, parents: Parents) -> None:
 def run(args: argparse.Namespace) -> int:
     training = training_options(args, "optimizer", "optimizer_impl", "grad_accumulation",
                                 "checkpoint")
-    device = api.roofline_device(device_from_args(args))
+    device = roofline_device(device_from_args(args))
     if args.inference and parse_policy(args.checkpoint).kind != "none":
         raise CliError("--checkpoint applies to training; drop --checkpoint or --inference")
     analysis = load_analysis(args, no_targets=args.no_targets or args.inference)

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import argparse
 
-from graphcost import api_shapes
-from graphcost.api_results import policy_name
+from graphcost.api.results import policy_name
+from graphcost.api.shapes import fit
 from graphcost.cli.common import (
     device_from_args,
     parallel_plan,
@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     plan = parallel_plan(args)
     device = device_from_args(args)
     with tracing(args):
-        result = api_shapes.fit(args.model, device=device, seq=args.seq, precision=args.precision,
+        result = fit(args.model, device=device, seq=args.seq, precision=args.precision,
                          reserve=DEFAULT_RESERVE_BYTES if args.reserve is None else args.reserve,
                          overrides=overrides, plan=plan, **training)
     if args.json:

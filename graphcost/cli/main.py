@@ -14,7 +14,7 @@ MODEL is a zoo name (`graphcost models` lists them), `path/to/file.py:factory`, 
 `factory()` returns `(module, example_inputs)` and runs under `torch.device("meta")`, or
 `hf:path/to/config.json` (a Hugging Face config, docs/huggingface.md). The options mean the
 same on every verb (options.py, docs/cli.md); each verb computes through the Python API
-(graphcost.api) and `--json` prints its result's `to_dict()`.
+(graphcost.api.analyze) and `--json` prints its result's `to_dict()`.
 Errors a user can cause print one line-led message, `graphcost: error: ...`, and exit with 2.
 """
 

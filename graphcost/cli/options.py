@@ -7,7 +7,7 @@ import argparse
 import math
 from dataclasses import dataclass
 
-from graphcost.api_options import parse_precision
+from graphcost.api.options import parse_precision
 from graphcost.errors import GraphcostError
 from graphcost.hardware.devices import DEFAULT_DEVICE
 from graphcost.load.model import CliError

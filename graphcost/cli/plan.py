@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import argparse
 
-from graphcost import api, api_shapes
+from graphcost.api.options import roofline_device, sized_device
+from graphcost.api.shapes import plan
 from graphcost.cli.common import (
     device_from_args,
     efficiency_options,
@@ -57,7 +58,7 @@ def add_parser(verbs, parents: Parents) -> None:
 
 def run(args: argparse.Namespace) -> int:
     training = training_options(args, "optimizer", "optimizer_impl")
-    device = api.sized_device(api.roofline_device(device_from_args(args)),
+    device = sized_device(roofline_device(device_from_args(args)),
                               " such as h100-sxm ('graphcost devices')")
     micro = int_list(args.micro_batch, "--micro-batch")
     policies = [p.strip() for p in args.checkpoint.split(",") if p.strip()]
@@ -69,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
             raise CliError(f"unknown --sharding {x!r}; use {', '.join(SHARDINGS)}")
     overrides = parse_overrides(args.set)
     with tracing(args):
-        result = api_shapes.plan(args.model, gpus=args.gpus, global_batch=args.global_batch,
+        result = plan(args.model, gpus=args.gpus, global_batch=args.global_batch,
                           device=device, seq=args.seq, precision=args.precision,
                           micro_batch=micro, checkpoint=policies, sharding=shardings,
                           intra_node=link(args.intra_node), inter_node=link(args.inter_node),

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from graphcost import api
+from graphcost.api.options import check_context, roofline_device
 from graphcost.cli.common import (
     device_from_args,
     efficiency_options,
@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     if args.context is not None:
         raise CliError("--context is the cached context of --inference; for training use --seq")
     training = training_options(args, *TRAINING)
-    api.roofline_device(device_from_args(args))  # its own message first, before the trace
+    roofline_device(device_from_args(args))  # its own message first, before the trace
     analysis = load_analysis(args)
     result = analysis.roofline(compute_bound_batch=args.compute_bound_batch,
                                **efficiency_options(args), **training)
@@ -90,8 +90,8 @@ def run_inference(args: argparse.Namespace) -> int:
         option = "--grad-accumulation" if args.grad_accumulation != 1 else \
             "--compute-bound-batch"
         raise CliError(f"{option} applies to training; drop it or --inference")
-    api.roofline_device(device_from_args(args))
-    api.check_context(args.model, args.context, parse_overrides(args.set))
+    roofline_device(device_from_args(args))
+    check_context(args.model, args.context, parse_overrides(args.set))
     analysis = load_analysis(args, no_targets=True)
     result = analysis.roofline(inference=True, context=args.context,
                                **efficiency_options(args))

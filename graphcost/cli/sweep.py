@@ -7,7 +7,8 @@ import argparse
 import csv
 import os
 
-from graphcost import api, api_shapes
+from graphcost.api.options import resolve_budget, roofline_device
+from graphcost.api.shapes import sweep
 from graphcost.cli.common import (
     device_from_args,
     efficiency_options,
@@ -52,8 +53,8 @@ def run(args: argparse.Namespace) -> int:
     seqs = int_list(args.seq, "--seq")
     training = training_options(args, "optimizer", "optimizer_impl", "grad_accumulation",
                                 "checkpoint")
-    device = api.roofline_device(device_from_args(args))
-    budget = api.resolve_budget(device, args.budget, args.reserve)
+    device = roofline_device(device_from_args(args))
+    budget = resolve_budget(device, args.budget, args.reserve)
     if args.plot and not args.plot.lower().endswith(".png"):
         raise CliError(f"--plot {args.plot!r} must end in .png")
     for option, path in (("--csv", args.csv), ("--plot", args.plot)):
@@ -62,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
             raise CliError(f"{option} {path!r}: folder {folder!r} does not exist; create it first")
     options = model_options(args, batch=None, seq=None)
     with tracing(args):
-        result = api_shapes.sweep(args.model, device=device, batch=batches, seq=seqs,
+        result = sweep(args.model, device=device, batch=batches, seq=seqs,
                            precision=options["precision"], budget=args.budget,
                            reserve=args.reserve, overrides=options["overrides"],
                            strict=options["strict"], **efficiency_options(args), **training)

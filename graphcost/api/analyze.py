@@ -1,5 +1,5 @@
 """The Python API: the command line's verbs as functions and methods, with the same options as
-keyword arguments and the same results (graphcost.api_results; the CLI prints their `to_dict()`).
+keyword arguments and the same results (graphcost.api.results; the CLI prints their `to_dict()`).
 
     >>> import graphcost
     >>> a = graphcost.analyze("gpt2", seq=128, overrides={"n_layer": 2})
@@ -12,8 +12,8 @@ keyword arguments and the same results (graphcost.api_results; the CLI prints th
 the command line names it (a zoo name, `path/to/file.py:factory`, `hf:path/to/config.json`) with
 its shape. It returns a `ModelAnalysis`: the Analysis, its shape, and the methods `memory`,
 `checkpoints`, `optimize`, `roofline`, `cost` and `coverage`. `fit`, `plan`, `sweep` and `cost`
-by name (graphcost.api_shapes) trace MODEL at the shapes they need; the vocabulary they share
-(precision, sizes, budgets, training options) is graphcost.api_options.
+by name (graphcost.api.shapes) trace MODEL at the shapes they need; the vocabulary they share
+(precision, sizes, budgets, training options) is graphcost.api.options.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from torch import nn
 from graphcost.analysis.analyze import Analysis
 from graphcost.analysis.analyze import analyze as analyze_module
 from graphcost.analysis.coverage import coverage
-from graphcost.api_options import (
+from graphcost.api.options import (
     CHECKPOINT_IS_TRAINING,
     Budget,
     check_context,
@@ -41,7 +41,7 @@ from graphcost.api_options import (
     sized_device,
     training_config,
 )
-from graphcost.api_results import (
+from graphcost.api.results import (
     CheckpointResult,
     CostResult,
     CoverageResult,

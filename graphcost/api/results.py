@@ -1,4 +1,4 @@
-"""What the Python API (graphcost.api) returns: frozen results that join a pass's answer with the
+"""What the Python API (graphcost.api.analyze) returns: frozen results that join a pass's answer with the
 model's shape (name, batch, seq, dtype, precision) and the options that produced it.
 
 Each has `to_dict()`, the one definition of its JSON keys: the command line's `--json` prints

@@ -1,6 +1,6 @@
 """The Python API's functions that trace MODEL at the shapes they need: `fit` (the batch and
 context searches), `plan` (a trace per micro-batch), `sweep` (a grid of batch x seq), and `cost`
-(MODEL at one shape, then ModelAnalysis.cost). Like the rest of the API (graphcost.api), they
+(MODEL at one shape, then ModelAnalysis.cost). Like the rest of the API (graphcost.api.analyze), they
 take the command line's options as keyword arguments, and the CLI prints their `to_dict()`.
 """
 
@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from graphcost.api import ModelAnalysis, analyze, mixed_name
-from graphcost.api_options import (
+from graphcost.api.analyze import ModelAnalysis, analyze, mixed_name
+from graphcost.api.options import (
     efficiency_of,
     parse_bytes,
     precision_dtypes,
@@ -19,7 +19,7 @@ from graphcost.api_options import (
     sized_device,
     training_config,
 )
-from graphcost.api_results import CostResult, FitResult, ParallelFitResult, PlanResult, SweepResult
+from graphcost.api.results import CostResult, FitResult, ParallelFitResult, PlanResult, SweepResult
 from graphcost.errors import ConfigError
 from graphcost.hardware.devices import Device
 from graphcost.hardware.network import network_for
