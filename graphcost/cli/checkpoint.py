@@ -42,7 +42,7 @@ def add_parser(verbs, parents: Parents) -> None:
                    "built-ins)")
     c.add_argument("--plot", metavar="FILE.png", default=None,
                    help="save peak memory vs recompute FLOPs per policy, with the Pareto front "
-                   "and the budget (needs matplotlib)")
+                   "and the budget (needs the plot extra: matplotlib)")
     c.set_defaults(run=run)
 
 

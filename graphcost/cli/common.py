@@ -111,12 +111,10 @@ def parallel_plan(args: argparse.Namespace) -> ParallelPlan | None:
 
 
 def write_plot(path: str, draw) -> None:
-    """`draw(path)` with a plotting function of graphcost.report.plot, its errors as one
-    message: matplotlib missing, or the file not writable."""
+    """`draw(path)` with a plotting function of graphcost.report.plot, a file that cannot be
+    written as one message (matplotlib missing is report.plot's ConfigError, graphcost.optional)."""
     try:
         draw(path)
-    except ImportError:
-        raise CliError("--plot needs matplotlib: pip install matplotlib") from None
     except OSError as exc:
         raise CliError(f"cannot write --plot {path!r}: {exc.strerror}") from None
 

@@ -40,7 +40,7 @@ def add_parser(verbs, parents: Parents) -> None:
     mem.add_argument("--context", type=positive, default=None,
                      help="with --inference: tokens per sequence in the KV cache (default --seq)")
     mem.add_argument("--plot", metavar="FILE.png", default=None,
-                     help="save the memory timeline with the peak marked (needs matplotlib)")
+                     help="save the memory timeline with the peak marked (needs the plot extra: matplotlib)")
     mem.set_defaults(run=run)
 
 

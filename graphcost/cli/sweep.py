@@ -44,7 +44,7 @@ def add_parser(verbs, parents: Parents) -> None:
                    help="sequence lengths, comma-separated (default: the model's own)")
     s.add_argument("--csv", metavar="FILE.csv", default=None, help="write the table as CSV")
     s.add_argument("--plot", metavar="FILE.png", default=None,
-                   help="save MFU against batch size, one line per --seq (needs matplotlib)")
+                   help="save MFU against batch size, one line per --seq (needs the plot extra: matplotlib)")
     s.set_defaults(run=run)
 
 
