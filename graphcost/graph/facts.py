@@ -12,8 +12,8 @@ from functools import cached_property
 import networkx as nx
 
 # the graph attributes it reads (graphcost/graph/schema.py)
-READS = ("kind", "names", "order", "outputs", "requires_grad", "runs_backward", "storage_bytes",
-         "storage_owner", "storages")
+READS = ("cost", "kind", "module_path", "names", "op", "order", "outputs", "requires_grad",
+         "runs_backward", "storage_bytes", "storage_owner", "storages")
 
 
 class WalkFacts:
@@ -47,6 +47,14 @@ class WalkFacts:
         self.graph_outputs = list(g.graph.get("outputs", []))
         self.outputs = {find(v.storage) for v in self.graph_outputs}
         self.backward_ops = [n for n in reversed(self.ops) if self.nd[n]["runs_backward"]]
+        self.labels: dict[str, tuple[str, str]] = {}  # op -> (op name, module path): its events'
+        self.workspace: dict[str, tuple[int, int]] = {}  # op -> its kernels' forward, backward
+        for n in self.ops:  # workspace bytes (an op without a rule: none)
+            d = self.nd[n]
+            self.labels[n] = (d["op"], d["module_path"])
+            cost = d["cost"]
+            self.workspace[n] = (cost.forward_workspace_bytes, cost.backward_workspace_bytes) \
+                if cost is not None else (0, 0)
         self.recompute_frees: dict[tuple, tuple] = {}  # a recomputation's last reads, by ops
         self.value_bytes: dict[tuple[str, int], int] = {}
         self.param_consumers: dict[str, int] = defaultdict(int)

@@ -44,11 +44,12 @@ def grad_passes_through(d: dict, v, find) -> bool:
     out = d["outputs"][0] if d["outputs"] else None
     if out is None:
         return False
-    if d.get("target") in GRAD_IS_INCOMING:
+    target = d.get("target")
+    if target in GRAD_IS_INCOMING:
         return v.spec.shape == out.shape and v.spec.dtype == out.dtype
-    if d.get("target") in GRAD_IS_EXPANDED:
+    if target in GRAD_IS_EXPANDED:
         return True
-    if d.get("target") in GRAD_IS_VIEW:
+    if target in GRAD_IS_VIEW:
         return v.spec.numel == out.numel
     # an op that returns its input itself (dropout that does nothing, a same-dtype `to`)
     return (len(d["outputs"]) == 1 and d["storages"][0] is not None

@@ -49,13 +49,11 @@ from graphcost.passes.memory.training import (
     MemoryTimeline,
     TrainingConfig,
 )
-from graphcost.rules.registry import OpCost
 from graphcost.trace.autocast import cast_dtype, cast_inputs
 
 # the graph attributes it reads (graphcost/graph/schema.py)
-READS = ("autocast", "bytes_read", "bytes_written", "cost", "device", "forward_flops", "kind",
-         "module_path", "names", "op", "outputs", "requires_grad", "runs_backward", "saved",
-         "storages", "target")
+READS = ("autocast", "bytes_read", "bytes_written", "device", "forward_flops", "names", "outputs",
+         "requires_grad", "runs_backward", "saved", "storages", "target")
 
 
 class _Live:
@@ -115,12 +113,12 @@ class Walk:
     # -- events -------------------------------------------------------------------------------
 
     def sample(self, step: int, phase: str, node: str, where: str | None = None) -> None:
-        d = self.f.nd[node]
         b = self.live.bytes
-        if d["kind"] == "op":
-            op, where = d["op"], d["module_path"]
+        label = self.f.labels.get(node)  # an op's
+        if label is not None:
+            op, where = label
         else:  # the optimizer's update of one parameter (or of all: foreach, fused)
-            op, where = f"{self.config.optimizer} update", where or d["names"][0]
+            op, where = f"{self.config.optimizer} update", where or self.f.nd[node]["names"][0]
         self.rows.append((step, _PHASE_INDEX[phase], node, op, where, b["params"], b["grads"],
                           b["optimizer_state"], b["activations"], b["transient"]))
 
@@ -204,7 +202,7 @@ class Walk:
             for sid in f.new[n]:
                 self.live.add(sid, f.nbytes[sid], "activations" if sid in saved
                               else "transient")
-            self.live.add("workspace", _cost(f.nd[n]).forward_workspace_bytes, "transient")
+            self.live.add("workspace", f.workspace[n][0], "transient")
             self.sample(step, "forward", n)
             self.live.drop("workspace")
             for sid in f.frees_after.get(n, []) + [s for s in f.new[n]
@@ -277,10 +275,11 @@ class Walk:
         # its incoming gradient (views, same-shape add/sub) or a new tensor of the input's size.
         contributions: list[tuple[tuple[str, int], int, object | None]] = []
         seen = set()
+        target = d.get("target")
+        no_gradient = NOT_DIFFERENTIABLE.get(target, ())
         for position, v in enumerate(f.inputs_of[n]):
             key = (v.node, v.index)
-            if not v.requires_grad or key in seen or position in NOT_DIFFERENTIABLE.get(
-                    d.get("target"), ()):
+            if not v.requires_grad or key in seen or position in no_gradient:
                 continue
             seen.add(key)
             through = grad_passes_through(d, v, f.find)
@@ -290,11 +289,11 @@ class Walk:
                 contributions.append((key, v.spec.nbytes, None))
         # Under autocast the op's backward makes its gradients in the dtype it ran in; the cast
         # back to the input's dtype comes after (ToCopyBackward).
-        run_dtype = cast_dtype(d.get("target"), self.g.graph.get("autocast"))
+        run_dtype = cast_dtype(target, self.g.graph.get("autocast"))
         casts = {(v.node, v.index) for v in cast_inputs(tuple(f.inputs_of[n]), run_dtype)}
         new = sum(nbytes // self.value_dtype_size(key) * run_dtype.itemsize if key in casts
                   else nbytes for key, nbytes, _ in contributions)
-        self.live.add("temporary", _cost(d).backward_workspace_bytes + new, "transient")
+        self.live.add("temporary", f.workspace[n][1] + new, "transient")
         self.sample(step, "backward", n)
         self.live.drop("temporary")
         made = [(key, alias if alias is not None else self._new_buffer(nbytes))
@@ -373,8 +372,7 @@ class Walk:
                     self.live.add(key, f.nbytes[sid],
                                   "activations" if sid in region.keep else "transient")
                 local[sid] = key
-            self.live.add("workspace", _cost(f.nd[m]).forward_workspace_bytes,
-                          "transient")
+            self.live.add("workspace", f.workspace[m][0], "transient")
             self.sample(step, "recompute", m)
             self.live.drop("workspace")
             for sid in frees.get(i, []) + [s for s in f.new[m] if s not in last]:
@@ -480,9 +478,4 @@ class _Region:
     recompute_bytes: int
 
 
-def _cost(d: dict) -> OpCost:
-    return d["cost"] or _NO_COST
-
-
-_NO_COST = OpCost()
 _PHASE_INDEX = {p: i for i, p in enumerate(PHASES)}
