@@ -149,7 +149,7 @@ def annotate(graph: nx.DiGraph, *, device: str | Device = "cpu", rules: RuleRegi
     g.graph["saved_storages"] = saved_storages
     g.graph["storage_alias"] = layouts.alias
     g.graph["unsupported_ops"] = unsupported
-    g.freeze()
+    g.freeze(op_order=ops)
     if unsupported:
         _warn_unsupported(g, unsupported, strict)
     return g

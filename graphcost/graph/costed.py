@@ -77,9 +77,9 @@ class CostedGraph(nx.DiGraph):
             if key in graph.graph:
                 g.graph[key] = dict(graph.graph[key])
         g.add_nodes_from(graph.nodes(data=True))  # each node's attributes into a new dict
-        # through the adjacency, not graph.edges: that view refers back to its graph, a cycle
-        # that keeps the graph alive until the (paused) cyclic collector runs
-        g.add_edges_from((u, v) for u, successors in graph.succ.items() for v in successors)
+        # through the adjacency dicts, as DiGraph.copy does (graph.edges would tie the source
+        # graph into a cycle with its view, alive until the paused cyclic collector runs)
+        g.add_edges_from((u, v) for u, successors in graph._adj.items() for v in successors)
         return g
 
     def with_attributes(self, nodes: dict[str, dict], graph: dict) -> CostedGraph:
@@ -93,9 +93,10 @@ class CostedGraph(nx.DiGraph):
         g.graph.update(graph)
         return g.freeze()
 
-    def freeze(self) -> CostedGraph:
+    def freeze(self, *, op_order: tuple[str, ...] | None = None) -> CostedGraph:
         """No more changes: the structure (nx.freeze), every node's attributes, the graph's
-        attributes and its storage maps become read-only."""
+        attributes and its storage maps become read-only. `op_order`: the op order, when the
+        writer already walked it (annotate): it is the `op_order` property, not sorted again."""
         for n, d in self._node.items():
             if type(d) is not FrozenDict:
                 self._node[n] = FrozenDict(d)
@@ -105,6 +106,8 @@ class CostedGraph(nx.DiGraph):
                 graph[key] = FrozenDict(graph[key])
         self.graph = FrozenDict(graph)
         nx.freeze(self)
+        if op_order is not None:
+            self.__dict__["op_order"] = tuple(op_order)
         return self
 
     @property
@@ -162,22 +165,23 @@ class CostedGraph(nx.DiGraph):
     def new_storages(self) -> dict[str, tuple[int, ...]]:
         """op node -> the storages it creates: its outputs that are neither views nor free on
         the device (see storage_root), then the tensors its kernel makes to save."""
-        saved = {}
-        for n, outputs in self.new_outputs.items():
-            d, owner = self.nodes[n], self.graph["storage_owner"]
-            extra = [s for s in d["saved"] if owner.get(s) == n and s not in d["storages"]]
-            saved[n] = tuple(dict.fromkeys(outputs + tuple(extra)))
-        return saved
+        return self._made(with_saved=True)
 
     @cached_property
     def new_outputs(self) -> dict[str, tuple[int, ...]]:
         """op node -> its new output storages (new_storages without what its kernel saves)."""
+        return self._made(with_saved=False)
+
+    def _made(self, with_saved: bool) -> dict[str, tuple[int, ...]]:
         self._facts_need_frozen()
         owner, alias = self.graph["storage_owner"], self.graph.get("storage_alias", {})
         out = {}
         for n in self.op_order:
-            made = [s for s in self.nodes[n]["storages"]
+            d = self.nodes[n]
+            made = [s for s in d["storages"]
                     if s is not None and owner.get(s) == n and s not in alias]
+            if with_saved:
+                made += [s for s in d["saved"] if owner.get(s) == n and s not in d["storages"]]
             out[n] = tuple(dict.fromkeys(made))
         return out
 
