@@ -189,3 +189,40 @@ def test_a_copy_is_a_new_mutable_graph(costed):
     assert other.is_frozen and other.op_order == costed.op_order
     assert list(other.edges) == list(costed.edges)
     assert costed.nodes[n]["forward_flops"] != -1 == other.nodes[n]["forward_flops"]
+
+
+def test_a_pass_fact_is_derived_once_per_graph_and_arguments(costed):
+    """CostedGraph.derived: what a pass derives from the graph (the parallel pass's stages) is
+    computed once per graph and arguments, on the graph (no global memo holds the graph)."""
+    import gc
+    import weakref
+
+    calls = []
+
+    def ops_in_stage(g, pp):
+        calls.append(pp)
+        return len(g.op_order) // pp
+
+    assert costed.derived(ops_in_stage, 2) == costed.derived(ops_in_stage, 2) \
+        == len(costed.op_order) // 2
+    assert costed.derived(ops_in_stage, 4) == len(costed.op_order) // 4
+    assert calls == [2, 4]
+    copy = CostedGraph.of(costed)
+    with pytest.raises(FrozenGraphError):
+        copy.derived(ops_in_stage, 2)  # facts are read once the graph is frozen
+    copy.freeze()
+    copy.derived(ops_in_stage, 2)
+    assert calls == [2, 4, 2]  # a new graph, a new computation
+    ref = weakref.ref(copy)
+    del copy
+    gc.collect()
+    assert ref() is None  # nothing outside the graph keeps it
+
+
+def test_the_parallel_pass_keeps_its_facts_on_the_graph(costed):
+    from graphcost.passes.parallel.plan import op_stages, stage_of_params, tensor_split
+
+    assert tensor_split(costed) is tensor_split(costed)
+    assert op_stages(costed, 2) is op_stages(costed, 2)
+    assert stage_of_params(costed, 2) is stage_of_params(costed, 2)
+    assert set(op_stages(costed, 2).values()) == {0, 1}

@@ -22,14 +22,17 @@ The node and graph attributes are declared in graphcost/graph/schema.py (docs/gr
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from functools import cached_property
+from typing import TypeVar
 
 import networkx as nx
 
 from graphcost.graph.facts import BlockStack, WalkFacts
 from graphcost.graph.liveness import last_reads
 from graphcost.rules.registry import Value, values_in
+
+T = TypeVar("T")
 
 # the graph attributes it reads (graphcost/graph/schema.py)
 READS = ("args", "block_template", "kind", "kwargs", "module_call_types", "module_calls", "op",
@@ -118,6 +121,17 @@ class CostedGraph(nx.DiGraph):
         if not nx.is_frozen(self):
             raise FrozenGraphError("a costed graph's derived facts are read once it is frozen "
                                    "(annotate freezes the graph it returns)")
+
+    def derived(self, compute: Callable[..., T], *args: Hashable) -> T:
+        """`compute(self, *args)`, once per graph and arguments: a fact a pass derives from the
+        graph that graph/ cannot name without importing the pass (the parallel pass's tensor
+        split, a pipeline's stages). Kept on this object, dropped with it."""
+        self._facts_need_frozen()
+        found = self.__dict__.setdefault("_derived", {})
+        key = (compute, args)
+        if key not in found:
+            found[key] = compute(self, *args)
+        return found[key]
 
     # -- the ops --------------------------------------------------------------------------------
 

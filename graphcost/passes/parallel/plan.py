@@ -36,7 +36,6 @@ buffers other than FSDP's are not counted.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -45,6 +44,7 @@ import networkx as nx
 
 from graphcost.analysis.analyze import Analysis
 from graphcost.errors import ConfigError
+from graphcost.graph.costed import CostedGraph
 from graphcost.passes.checkpoint.policy import main_blocks, module_calls, short_op
 from graphcost.passes.memory.timeline import training_timeline
 from graphcost.passes.memory.training import (
@@ -118,9 +118,13 @@ class TensorSplit:
     embeddings: frozenset[str] = frozenset()  # vocab-parallel embedding weights
 
 
-@functools.lru_cache(maxsize=8)  # graphs hash by identity; a plan search asks many times
-def tensor_split(g: nx.DiGraph) -> TensorSplit:
-    """Propagate split/replicated through the graph (see the module docstring)."""
+def tensor_split(g: CostedGraph) -> TensorSplit:
+    """Propagate split/replicated through the graph (see the module docstring); once per graph
+    (a plan search asks many times)."""
+    return g.derived(_tensor_split)
+
+
+def _tensor_split(g: CostedGraph) -> TensorSplit:
     split: set[tuple[str, int]] = set()
     dims: dict[str, int | None] = {}
     embeddings: set[str] = set()
@@ -204,11 +208,14 @@ def _params(g: nx.DiGraph) -> list[tuple[str, dict]]:
                   key=lambda x: x[1]["order"])
 
 
-@functools.lru_cache(maxsize=64)
-def stage_of_params(g: nx.DiGraph, pp: int) -> dict[str, int]:
+def stage_of_params(g: CostedGraph, pp: int) -> dict[str, int]:
     """Pipeline stage of each parameter: blocks split into pp contiguous runs, what comes
     before the stack to the first stage, after it to the last (a tied embedding/head
-    parameter belongs to both: it is counted on the first)."""
+    parameter belongs to both: it is counted on the first). Once per graph and pp."""
+    return g.derived(_stage_of_params, pp)
+
+
+def _stage_of_params(g: CostedGraph, pp: int) -> dict[str, int]:
     stage_of_op = op_stages(g, pp)
     out = {}
     for n, _ in _params(g):
@@ -387,9 +394,12 @@ def per_device_memory(analysis: Analysis, plan: ParallelPlan,
     return out
 
 
-@functools.lru_cache(maxsize=64)
-def op_stages(g, pp: int) -> dict[str, int]:
-    """Pipeline stage of every op (see stage_of_params)."""
+def op_stages(g: CostedGraph, pp: int) -> dict[str, int]:
+    """Pipeline stage of every op (see stage_of_params), once per graph and pp."""
+    return g.derived(_op_stages, pp)
+
+
+def _op_stages(g: CostedGraph, pp: int) -> dict[str, int]:
     ops = g.op_order
     if pp == 1:
         return {n: 0 for n in ops}
