@@ -1,1 +1,3 @@
-"""trace."""
+"""Stage 1: a module and its example inputs captured with torch.export as an ATen-level fx graph
+(export.py), a deep stack traced with two blocks (blocks.py), autocast's dtypes, stand-ins for
+what cannot be traced (opaque.py), and what each fx node says of its origin (node_meta.py)."""
