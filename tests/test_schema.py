@@ -181,7 +181,7 @@ def test_a_copy_is_a_new_mutable_graph(costed):
     copy.nodes[n]["forward_flops"] = -1
     assert costed.nodes[n]["forward_flops"] != -1
     with pytest.raises(FrozenGraphError):
-        copy.op_order  # noqa: B018 - facts are read once the graph is frozen
+        copy.op_order  # facts are read once the graph is frozen
     copy.freeze()
     assert copy.op_order == costed.op_order
     other = costed.with_attributes({n: {**d, "forward_flops": -1} if d["kind"] == "op" else d

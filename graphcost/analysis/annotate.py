@@ -100,7 +100,7 @@ def annotate(graph: nx.DiGraph, *, device: str | Device = "cpu", rules: RuleRegi
                               requires_grad=data["requires_grad"], device=device)
             try:
                 cost = rule(ctx)
-            except Exception as exc:  # noqa: BLE001 - re-raised naming the node
+            except Exception as exc:  # re-raised naming the node
                 raise GraphcostError(
                     f"rule for {data['op']} failed at node %{name} (module "
                     f"{data['module_path'] or '<root>'}): {type(exc).__name__}: {exc}") from exc

@@ -191,7 +191,7 @@ def _rerun(tr: Trace, rewrite: Rewrite) -> dict[torch.fx.Node, Any]:
                 return run()
     except Unsupported:
         raise
-    except Exception as exc:  # noqa: BLE001 - the rewritten trace does not run at this shape
+    except Exception as exc:  # the rewritten trace does not run at this shape
         raise Unsupported(f"rerun at {rewrite.to}: {type(exc).__name__}: {exc}") from exc
 
 
@@ -402,7 +402,7 @@ Loader = Callable[[int, int, bool], tuple]
 def _load(load: Loader, shape: Shape, training: bool) -> tuple:
     try:
         return load(*shape, training)
-    except Exception as exc:  # noqa: BLE001 - a loader may refuse the marker shape
+    except Exception as exc:  # a loader may refuse the marker shape
         raise Unsupported(f"loading at {shape}: {exc}") from exc
 
 
@@ -414,7 +414,7 @@ def _trace(module: nn.Module, inputs: Any, **options: Any) -> Trace:
     config.do_not_emit_stack_traces = True
     try:
         return trace(module, inputs, **options)
-    except Exception as exc:  # noqa: BLE001 - the marker shape may be one the model refuses
+    except Exception as exc:  # the marker shape may be one the model refuses
         raise Unsupported(f"export at the marker shape: {exc}") from exc
     finally:
         config.do_not_emit_stack_traces = emit
