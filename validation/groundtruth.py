@@ -27,15 +27,40 @@ def scalar_loss(output: Any) -> torch.Tensor:
     return sum(t.sum() for t in floats)
 
 
+def per_group_conv_backward_flop(grad_out_shape, x_shape, w_shape, bias, stride, padding,
+                                 dilation, transposed, output_padding, groups, output_mask,
+                                 out_shape=None, **kwargs) -> int:
+    """The backward of a grouped convolution counted as `groups` separate convolutions, one per
+    group, each by torch's own formula for an ungrouped one. torch's `conv_backward_flop` counts
+    the weight gradient as if groups were 1 (`groups` times too many: a depthwise conv's weight
+    gradient by its channel count); an ungrouped convolution it counts right, so this is the
+    same convolution done per group, an independent count of the true FLOPs."""
+    def per_group(shape, dim: int) -> list[int]:
+        shape = list(shape)
+        shape[dim] //= groups
+        return shape
+
+    x_group = per_group(x_shape, 1)  # (N, C_in / g, ...)
+    grad_group = per_group(grad_out_shape, 1)  # (N, C_out / g, ...)
+    # weight: (C_out, C_in / g, ...) for a conv, (C_in, C_out / g, ...) transposed
+    w_group = per_group(w_shape, 0)
+    out = None if out_shape is None else (x_group, w_group, None)
+    return groups * flop_counter.conv_backward_flop.__wrapped__(
+        grad_group, x_group, w_group, bias, stride, padding, dilation, transposed,
+        output_padding, 1, output_mask, out_shape=out)
+
+
 def cpu_flop_counter() -> FlopCounterMode:
     """FlopCounterMode that also counts the CPU's fused attention kernel with torch's own flash
     attention formulas (FlopCounterMode has none for `_scaled_dot_product_flash_attention_for_cpu`
-    and would count it as 0)."""
+    and would count it as 0), and a grouped convolution's backward per group
+    (`per_group_conv_backward_flop`: its own formula overcounts the weight gradient)."""
     aten = torch.ops.aten
     return FlopCounterMode(display=False, custom_mapping={
         aten._scaled_dot_product_flash_attention_for_cpu: flop_counter.sdpa_flop.__wrapped__,
         aten._scaled_dot_product_flash_attention_for_cpu_backward:
-            flop_counter.sdpa_backward_flop.__wrapped__})
+            flop_counter.sdpa_backward_flop.__wrapped__,
+        aten.convolution_backward: per_group_conv_backward_flop})
 
 
 def measure_flops(module: nn.Module, inputs: tuple) -> tuple[int, int]:

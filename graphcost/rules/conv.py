@@ -1,5 +1,9 @@
 """Convolutions and pooling. Convolution FLOPs come from torch.utils.flop_counter's conv formulas
-(forward, and backward for the gradients actually required)."""
+(forward, and the input gradient when it is required). The weight gradient multiplies each
+input element with each output gradient it met in the forward, one product for each forward
+product, so it costs what the forward costs. torch's `conv_backward_flop` counts it as if
+`groups` were 1, `groups` times too many for a grouped or depthwise convolution
+(docs/rules.md); graphcost does not inherit that."""
 
 from __future__ import annotations
 
@@ -18,11 +22,14 @@ def _conv(ctx: RuleContext, transposed: bool, output_padding, dilation, groups) 
     out = ctx.out
     forward = conv_flop(x.shape, w.shape, bias, stride, padding, dilation, transposed,
                         out_val=out.shape)
-    mask = [x.requires_grad, w.requires_grad, bias is not None and bias.requires_grad]
-    backward = (conv_backward_flop(out.shape, x.shape, w.shape, None, stride, padding, dilation,
-                                   transposed, output_padding, groups, mask,
-                                   out_val=(x.shape, w.shape, None))
-                if ctx.requires_grad else 0)
+    backward = 0
+    if ctx.requires_grad and x.requires_grad:
+        backward += conv_backward_flop(out.shape, x.shape, w.shape, None, stride, padding,
+                                       dilation, transposed, output_padding, groups,
+                                       [True, False, False], out_val=(x.shape, w.shape, None))
+    if ctx.requires_grad and w.requires_grad:
+        backward += forward  # the weight gradient: one product for each of the forward's
+    # NB: the bias gradient is a sum over the output gradient: no FLOPs, as FlopCounterMode counts
     return OpCost(forward_flops=forward, backward_flops=backward, saved=ctx.saved_if_grad(x, w))
 
 

@@ -140,3 +140,64 @@ CNN_FROZEN = {
 def test_small_cnn_with_frozen_layers(prefixes, dtype):
     assert_matches_pytorch(frozen(small_cnn, *prefixes),
                            randn_inputs((2, 3, 8, 8), requires_grad=False), dtype)
+
+
+# -- grouped convolutions: the true count, not FlopCounterMode's -------------------------------
+
+class PerGroup(nn.Module):
+    """A grouped convolution written as `groups` ungrouped ones on channel slices: the same
+    products, each counted right by FlopCounterMode (it overcounts only grouped ones)."""
+
+    def __init__(self, grouped: nn.Conv2d) -> None:
+        super().__init__()
+        g = grouped.groups
+        self.groups = g
+        self.convs = nn.ModuleList(
+            nn.Conv2d(grouped.in_channels // g, grouped.out_channels // g, grouped.kernel_size,
+                      grouped.stride, grouped.padding, grouped.dilation, bias=False)
+            for _ in range(g))
+
+    def forward(self, x):
+        return torch.cat([conv(part) for conv, part in zip(self.convs, x.chunk(self.groups, 1))],
+                         1)
+
+
+GROUPED = {
+    "groups2": lambda: nn.Conv2d(4, 6, K, padding=1, groups=2, bias=False),
+    "depthwise": lambda: nn.Conv2d(8, 8, K, padding=1, groups=8, bias=False),
+    "depthwise_multiplier": lambda: nn.Conv2d(4, 8, K, stride=2, groups=4, bias=False),
+}
+
+
+@pytest.mark.parametrize("make", GROUPED.values(), ids=GROUPED.keys())
+@pytest.mark.parametrize("input_grad", [True, False], ids=["input_grad", "first_layer"])
+def test_grouped_conv_flops_equal_the_same_conv_done_per_group(make, input_grad):
+    from validation.groundtruth import measure_flops
+
+    with torch.device("meta"):
+        conv = make()
+        x = torch.randn(N, conv.in_channels, 8, 8, requires_grad=input_grad)
+    a = analyze_meta(make, randn_inputs(tuple(x.shape), requires_grad=input_grad))
+    with torch.device("meta"):
+        per_group = PerGroup(conv)
+    assert (a.forward_flops, a.backward_flops) == measure_flops(per_group, (x,))
+
+
+def test_flop_counter_overcounts_a_depthwise_weight_gradient():
+    """Why graphcost differs from FlopCounterMode here (docs/rules.md): its weight-gradient
+    formula ignores `groups`. A depthwise 3x3 conv over C channels makes N*C*H*W*9 products,
+    forward and for the weight gradient alike; FlopCounterMode counts the latter C times."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    c, hw = 8, 8
+    with torch.device("meta"):
+        conv = nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False)
+        x = torch.randn(N, c, hw, hw)  # a first layer: the weight gradient only
+    products = N * c * hw * hw * 9
+    counter = FlopCounterMode(display=False)
+    with counter:
+        conv(x).sum().backward()
+    assert counter.get_total_flops() == FLOPS_PER_FMA * products * (1 + c)
+    a = analyze_meta(lambda: nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False),
+                     randn_inputs((N, c, hw, hw), requires_grad=False))
+    assert (a.forward_flops, a.backward_flops) == (FLOPS_PER_FMA * products,) * 2
