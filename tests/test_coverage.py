@@ -104,47 +104,47 @@ def test_coverage_lists_every_op_with_its_rule(capsys):
     assert all(r["supported"] for r in out["ops"])
 
 
-CUMSUM_MODEL = """
+LGAMMA_MODEL = """
     import torch
     from torch import nn
 
-    class CumSum(nn.Module):
+    class LogGamma(nn.Module):
         def __init__(self):
             super().__init__()
             self.proj = nn.Linear(8, 8)
 
         def forward(self, x):
-            return self.proj(x).cumsum(-1)
+            return self.proj(x).lgamma()
 
     def factory():
-        return CumSum(), (torch.empty(4, 8),)
+        return LogGamma(), (torch.empty(4, 8),)
 """
 
-CUMSUM_RULE = """
+LGAMMA_RULE = """
     import torch
     import graphcost
 
-    @graphcost.register_rule(torch.ops.aten.cumsum, override=True)
-    def cumsum_cost(ctx):
+    @graphcost.register_rule(torch.ops.aten.lgamma, override=True)
+    def lgamma_cost(ctx):
         x = ctx.inputs[0]
-        return graphcost.OpCost(forward_flops=x.spec.numel)  # one add per element
+        return graphcost.OpCost(forward_flops=x.spec.numel)  # one FLOP per element, say
 """
 
 
 def test_unsupported_op_is_listed_and_a_rule_file_fixes_it(tmp_path, capsys):
     model = tmp_path / "model.py"
-    model.write_text(textwrap.dedent(CUMSUM_MODEL))
+    model.write_text(textwrap.dedent(LGAMMA_MODEL))
     code = main(["coverage", f"{model}:factory", "--strict"])
     out = capsys.readouterr().out
-    assert code == 1 and "UNSUPPORTED" in out and "aten.cumsum" in out
+    assert code == 1 and "UNSUPPORTED" in out and "aten.lgamma" in out
     rules = tmp_path / "rules.py"
-    rules.write_text(textwrap.dedent(CUMSUM_RULE))
+    rules.write_text(textwrap.dedent(LGAMMA_RULE))
     code = main(["coverage", f"{model}:factory", "--rules", str(rules), "--json"])
     ops = {r["op"]: r for r in json.loads(capsys.readouterr().out)["ops"]}
-    assert code == 0 and ops["aten.cumsum.default"]["rule"].endswith("cumsum_cost")
-    assert ops["aten.cumsum.default"]["forward_flops"] == 4 * 8
+    assert code == 0 and ops["aten.lgamma.default"]["rule"].endswith("lgamma_cost")
+    assert ops["aten.lgamma.default"]["forward_flops"] == 4 * 8
     from graphcost.rules import REGISTRY  # leave the global table as it was
-    REGISTRY._rules.pop(torch.ops.aten.cumsum, None)
+    REGISTRY._rules.pop(torch.ops.aten.lgamma, None)
 
 
 def test_a_bad_rule_file_exits_2(tmp_path, capsys):

@@ -16,6 +16,19 @@ def topk_cost(ctx: RuleContext) -> OpCost:
     return OpCost(saved=ctx.saved_if_grad(Out(1)))
 
 
+@register(aten.sort)
+def sort_cost(ctx: RuleContext) -> OpCost:
+    """SortBackward scatters the gradient back through the permutation (output 1, int64)."""
+    return OpCost(saved=ctx.saved_if_grad(Out(1)))
+
+
+@register(aten.gather)
+def gather_cost(ctx: RuleContext) -> OpCost:
+    """gather(x, dim, index): the backward keeps x (for its shape and a sparse gradient) and the
+    index it scatters the gradient through."""
+    return OpCost(saved=ctx.saved_if_grad(ctx.arg(0, "self"), ctx.arg(2, "index")))
+
+
 @register(aten.index)
 def index_cost(ctx: RuleContext) -> OpCost:
     """x[idx]: IndexBackward keeps the index tensors (index_put_ of the gradient)."""

@@ -14,8 +14,18 @@ aten = torch.ops.aten
           aten.gt, aten.lt, aten.ge, aten.le, aten.eq, aten.ne, aten.logical_not,
           aten.logical_and, aten.logical_or, aten.bitwise_not, aten.argmax, aten.argmin,
           aten.upsample_nearest2d, aten.upsample_bilinear2d, aten.upsample_nearest1d,
-          aten.upsample_linear1d, aten.upsample_bicubic2d, aten.zero_, aten.fill_, aten.copy_)
+          aten.upsample_linear1d, aten.upsample_bicubic2d, aten.zero_, aten.fill_, aten.copy_,
+          aten.cumsum, aten.logical_xor, aten.bitwise_and, aten.bitwise_or, aten.bitwise_xor)
 def nothing_saved(ctx: RuleContext) -> OpCost:
+    # cumsum's gradient is a reversed cumsum of the incoming one: nothing kept
+    return OpCost()
+
+
+@register(aten.sign, aten.floor, aten.ceil, aten.round, aten.trunc, aten.randn_like,
+          aten.rand_like, aten.one_hot)
+def zero_cost(ctx: RuleContext) -> OpCost:
+    """Costs nothing, listed so that "unsupported" means unknown: a zero gradient (sign and
+    the roundings) or no gradient at all (random tensors, one_hot's int64 output)."""
     return OpCost()
 
 
@@ -73,11 +83,30 @@ def pow_cost(ctx: RuleContext) -> OpCost:
 @register(aten.gelu, aten.silu, aten.log, aten.sin, aten.cos, aten.abs,
           aten.clamp, aten.clamp_min, aten.clamp_max, aten.leaky_relu,
           aten.hardtanh, aten.elu, aten.softplus, aten.mish, aten.hardswish, aten.log1p,
-          aten.erf, aten.square)
+          aten.erf, aten.square, aten.hardsigmoid, aten.glu, aten.selu, aten.celu, aten.atan2,
+          aten.var)
 def saves_input(ctx: RuleContext) -> OpCost:
     # Every tensor argument: clamp.Tensor keeps its min/max tensors too. square runs as
     # pow(self, 2).
     return OpCost(saved=ctx.saved_if_grad(*ctx.inputs))
+
+
+@register(aten.cumprod, aten.logsumexp, aten.amax, aten.amin, aten.linalg_vector_norm,
+          aten.std)
+def saves_input_and_output(ctx: RuleContext) -> OpCost:
+    """Reductions and scans whose gradient needs the input and the result (amax's ties, the
+    norm's and std's division by the result, logsumexp's exp(x - result))."""
+    return OpCost(saved=ctx.saved_if_grad(ctx.inputs[0], Out(0)))
+
+
+@register(aten.log_sigmoid)
+def log_sigmoid_cost(ctx: RuleContext) -> OpCost:
+    """log_sigmoid runs log_sigmoid_forward, which keeps the input and a buffer: input-sized on
+    the CPU, empty on CUDA."""
+    x = ctx.inputs[0]
+    # NB: the CUDA branch is not checked here (no GPU); the CPU one is.
+    buffer = TensorSpec(x.shape if ctx.device.kind == "cpu" else (0,), x.dtype)
+    return OpCost(saved=ctx.saved_if_grad(x, buffer))
 
 
 @register(aten.minimum, aten.maximum, aten.min.other, aten.max.other)

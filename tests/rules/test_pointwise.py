@@ -184,3 +184,30 @@ def test_interpolate(kwargs, dtype):
 def test_interpolate_as_first_op(dtype):
     assert_matches_pytorch(lambda: Fn(lambda x: F.interpolate(x, scale_factor=2)),
                            randn_inputs((1, 2, 4, 4)), dtype)
+
+
+# ---- ops with their own kernels, and ops that cost nothing (so "unsupported" means unknown) ----
+
+KERNELS = {
+    "glu": lambda x: F.glu(x, -1), "hardsigmoid": F.hardsigmoid, "selu": F.selu, "celu": F.celu,
+    "log_sigmoid": F.logsigmoid, "atan2": lambda x: torch.atan2(x, x * 2),
+    "cumsum": lambda x: x.cumsum(-1), "cumprod": lambda x: x.cumprod(-1),
+    "logsumexp": lambda x: x.logsumexp(-1), "vector_norm": lambda x: x.norm(dim=-1),
+    "var": lambda x: x.var(-1), "std": lambda x: x.std(-1), "amax": lambda x: x.amax(-1),
+    "amin": lambda x: x.amin(-1), "sort": lambda x: x.sort(-1).values,
+    "gather": lambda x: x.gather(-1, torch.zeros_like(x, dtype=torch.long)),
+    "randn_like": lambda x: x + torch.randn_like(x), "rand_like": lambda x: x * torch.rand_like(x),
+    "one_hot": lambda x: x + F.one_hot(torch.zeros(x.shape[:-1], dtype=torch.long,
+                                                   device=x.device), x.shape[-1]),
+    "logical_xor": lambda x: x * torch.logical_xor(x > 0, x < 1),
+    "sign": lambda x: x * torch.sign(x), "floor": lambda x: x * torch.floor(x),
+    "ceil": lambda x: x * torch.ceil(x), "round": lambda x: x * torch.round(x),
+    "trunc": lambda x: x * torch.trunc(x),
+}
+
+
+@pytest.mark.parametrize("fn", KERNELS.values(), ids=KERNELS.keys())
+def test_kernel_ops_against_autograd(fn, dtype):
+    """FLOPs against FlopCounterMode, saved bytes against autograd's saved tensors, no op left
+    without a rule."""
+    assert_matches_pytorch(*on_activations(fn, (2, 4, 6)), dtype)
