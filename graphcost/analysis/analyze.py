@@ -161,7 +161,8 @@ def analyze(module: nn.Module, example_inputs: Any, *, kwargs: dict | None = Non
     """
     device = get_device(device)
     tr = trace(module, example_inputs, kwargs=kwargs, model_name=model_name,
-               reuse_blocks=reuse_blocks, autocast=autocast, opaque_submodules=not strict)
+               reuse_blocks=reuse_blocks, autocast=autocast, opaque_submodules=not strict,
+               rules=rules)
     g = build_graph(tr)
     if tr.blocks is not None:
         two = g
@@ -171,7 +172,7 @@ def analyze(module: nn.Module, example_inputs: Any, *, kwargs: dict | None = Non
         else:  # the two-block trace did not repeat cleanly: export the whole model
             g = build_graph(trace(module, example_inputs, kwargs=kwargs, model_name=model_name,
                                   reuse_blocks=False, autocast=autocast,
-                                  opaque_submodules=not strict))
+                                  opaque_submodules=not strict, rules=rules))
     return summarize(annotate(g, device=device, rules=rules, strict=strict))
 
 

@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from graphcost.errors import TraceError
-from graphcost.rules.registry import TensorSpec
+from graphcost.rules import REGISTRY
+from graphcost.rules.registry import RuleRegistry, TensorSpec
 from graphcost.trace.blocks import RepeatedBlocks, find_repeated_blocks, first_two_blocks
 from graphcost.trace.opaque import CannotStandIn, StandIn, add_stand_in, first_line, standing_in
 
@@ -61,7 +62,8 @@ def _as_tensor(x: Any, device: torch.device) -> Any:
 
 def trace(module: nn.Module, example_inputs: Any, *, kwargs: dict | None = None,
           model_name: str | None = None, reuse_blocks: bool = True,
-          autocast: torch.dtype | None = None, opaque_submodules: bool = True) -> Trace:
+          autocast: torch.dtype | None = None, opaque_submodules: bool = True,
+          rules: RuleRegistry | None = None) -> Trace:
     """Export `module` called on `example_inputs` (tensors, meta tensors or TensorSpecs).
 
     With `reuse_blocks`, a stack of identical blocks is exported with its first two blocks only
@@ -69,7 +71,10 @@ def trace(module: nn.Module, example_inputs: Any, *, kwargs: dict | None = None,
     `autocast` (torch.bfloat16 or torch.float16) the ops carry the dtypes they produce under
     torch.autocast (graphcost.autocast). With `opaque_submodules`, a submodule torch.export
     cannot capture becomes one opaque op with the outputs it really has (graphcost.opaque), so
-    the rest of the model is still traced; without, its failure is a TraceError."""
+    the rest of the model is still traced; without, its failure is a TraceError. An op that
+    `rules` (default: the shipped REGISTRY) has no rule for and that PyTorch runs through its
+    CompositeImplicitAutograd decomposition is replaced by that decomposition
+    (`decompose_composites`)."""
     if not isinstance(module, nn.Module):
         raise TraceError(f"expected an nn.Module, got {type(module).__name__}")
     name = model_name or type(module).__name__
@@ -86,8 +91,9 @@ def trace(module: nn.Module, example_inputs: Any, *, kwargs: dict | None = None,
         if blocks is not None:  # the shortened model may be what failed: try the real one
             return trace(module, example_inputs, kwargs=kwargs, model_name=model_name,
                          reuse_blocks=False, autocast=autocast,
-                         opaque_submodules=opaque_submodules)
+                         opaque_submodules=opaque_submodules, rules=rules)
         raise
+    program = decompose_composites(program, rules or REGISTRY)
     inline_grad_mode_regions(program.graph_module)
     if autocast is not None:
         from graphcost.trace.autocast import rerun
@@ -99,6 +105,26 @@ def trace(module: nn.Module, example_inputs: Any, *, kwargs: dict | None = None,
                              f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}; "
                              "analyze it without mixed precision") from exc
     return Trace(program, module, name, blocks, autocast)
+
+
+def decompose_composites(program: torch.export.ExportedProgram,
+                         rules: RuleRegistry) -> torch.export.ExportedProgram:
+    """The program with every op that has no rule in `rules` and a CompositeImplicitAutograd
+    kernel (einsum, diff, cosine_similarity, ...) replaced by the ops that kernel runs: eager
+    PyTorch runs those ops and autograd differentiates through them, so their rules give the
+    op's FLOPs and saved tensors. torch.export keeps such ops whole; its own decomposition
+    table (`torch.export.default_decompositions`) says how each one decomposes. An op with its
+    own kernel and no rule stays as it is, unsupported."""
+    composite = {op for op in {n.target for n in program.graph.nodes
+                               if isinstance(n.target, torch._ops.OpOverload)}
+                 if rules.lookup(op) is None
+                 and torch._C._dispatch_has_kernel_for_dispatch_key(op.name(),
+                                                                     "CompositeImplicitAutograd")}
+    if not composite:
+        return program
+    table = torch.export.default_decompositions()
+    chosen = {op: table[op] for op in composite if op in table}
+    return program.run_decompositions(chosen) if chosen else program
 
 
 def inline_grad_mode_regions(gm: torch.fx.GraphModule) -> None:
