@@ -84,15 +84,15 @@ def pow_cost(ctx: RuleContext) -> OpCost:
           aten.clamp, aten.clamp_min, aten.clamp_max, aten.leaky_relu,
           aten.hardtanh, aten.elu, aten.softplus, aten.mish, aten.hardswish, aten.log1p,
           aten.erf, aten.square, aten.hardsigmoid, aten.glu, aten.selu, aten.celu, aten.atan2,
-          aten.var)
+          aten.var, aten._prelu_kernel, aten.xlogy)
 def saves_input(ctx: RuleContext) -> OpCost:
-    # Every tensor argument: clamp.Tensor keeps its min/max tensors too. square runs as
-    # pow(self, 2).
+    # Every tensor argument: clamp.Tensor keeps its min/max tensors too, prelu its weight,
+    # xlogy both operands. square runs as pow(self, 2).
     return OpCost(saved=ctx.saved_if_grad(*ctx.inputs))
 
 
 @register(aten.cumprod, aten.logsumexp, aten.amax, aten.amin, aten.linalg_vector_norm,
-          aten.std)
+          aten.norm, aten.std)
 def saves_input_and_output(ctx: RuleContext) -> OpCost:
     """Reductions and scans whose gradient needs the input and the result (amax's ties, the
     norm's and std's division by the result, logsumexp's exp(x - result))."""

@@ -203,6 +203,11 @@ KERNELS = {
     "sign": lambda x: x * torch.sign(x), "floor": lambda x: x * torch.floor(x),
     "ceil": lambda x: x * torch.ceil(x), "round": lambda x: x * torch.round(x),
     "trunc": lambda x: x * torch.trunc(x),
+    "prelu": lambda x: F.prelu(x, torch.full((4,), 0.25, device=x.device, dtype=x.dtype)),
+    "xlogy": lambda x: torch.xlogy(x, x * 2),
+    "kl_div": lambda x: F.kl_div(F.log_softmax(x, -1), F.softmax(x * 2, -1),
+                                 reduction="batchmean"),
+    "pairwise_distance": lambda x: F.pairwise_distance(x, x * 2),
 }
 
 
@@ -211,3 +216,13 @@ def test_kernel_ops_against_autograd(fn, dtype):
     """FLOPs against FlopCounterMode, saved bytes against autograd's saved tensors, no op left
     without a rule."""
     assert_matches_pytorch(*on_activations(fn, (2, 4, 6)), dtype)
+
+
+@pytest.mark.parametrize("channels", [1, 4])
+def test_prelu_module_keeps_its_input(channels, dtype):
+    """nn.PReLU: _prelu_kernel keeps its input and its weight (a parameter: not an activation)."""
+    def make():
+        return nn.Sequential(nn.Linear(6, 6), Fn(lambda h: h.view(2, 4, 6)),
+                             nn.PReLU(channels if channels == 1 else 4))
+
+    assert_matches_pytorch(make, randn_inputs((8, 6), requires_grad=False), dtype)
