@@ -12,20 +12,17 @@ aten = torch.ops.aten
 
 @register(aten.add, aten.sub, aten.rsub, aten.neg, aten.mean, aten.sum, aten.add_, aten.sub_,
           aten.gt, aten.lt, aten.ge, aten.le, aten.eq, aten.ne, aten.logical_not,
-          aten.logical_and, aten.logical_or, aten.bitwise_not, aten.argmax, aten.argmin,
+          aten.logical_and, aten.logical_or, aten.logical_xor, aten.bitwise_not,
+          aten.bitwise_and, aten.bitwise_or, aten.bitwise_xor, aten.argmax, aten.argmin,
           aten.upsample_nearest2d, aten.upsample_bilinear2d, aten.upsample_nearest1d,
           aten.upsample_linear1d, aten.upsample_bicubic2d, aten.zero_, aten.fill_, aten.copy_,
-          aten.cumsum, aten.logical_xor, aten.bitwise_and, aten.bitwise_or, aten.bitwise_xor)
+          aten.cumsum, aten.sign, aten.floor, aten.ceil, aten.round, aten.trunc,
+          aten.randn_like, aten.rand_like, aten.one_hot)
 def nothing_saved(ctx: RuleContext) -> OpCost:
-    # cumsum's gradient is a reversed cumsum of the incoming one: nothing kept
-    return OpCost()
-
-
-@register(aten.sign, aten.floor, aten.ceil, aten.round, aten.trunc, aten.randn_like,
-          aten.rand_like, aten.one_hot)
-def zero_cost(ctx: RuleContext) -> OpCost:
-    """Costs nothing, listed so that "unsupported" means unknown: a zero gradient (sign and
-    the roundings) or no gradient at all (random tensors, one_hot's int64 output)."""
+    """No FLOPs and nothing kept for backward. Listed, down to the ops that cost nothing at all,
+    so that "unsupported" means unknown: a gradient that needs no tensor (add, cumsum's reversed
+    cumsum), a zero gradient (sign, the roundings) or none (comparisons, random tensors,
+    one_hot's int64 output)."""
     return OpCost()
 
 
