@@ -12,6 +12,7 @@ import linecache
 import operator
 import sys
 import traceback
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -124,7 +125,12 @@ def decompose_composites(program: torch.export.ExportedProgram,
         return program
     table = torch.export.default_decompositions()
     chosen = {op: table[op] for op in composite if op in table}
-    return program.run_decompositions(chosen) if chosen else program
+    if not chosen:
+        return program
+    with warnings.catch_warnings():  # torch's own deprecations inside it: nothing a user can do
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return program.run_decompositions(chosen)
 
 
 def inline_grad_mode_regions(gm: torch.fx.GraphModule) -> None:

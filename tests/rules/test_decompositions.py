@@ -57,3 +57,26 @@ def test_an_op_with_a_rule_is_kept_whole():
 def test_cosine_similarity_saved_bytes():
     m = measure(*on_activations(lambda x: F.cosine_similarity(x, x * 2, -1), SHAPE))
     assert m["graphcost"] == m["pytorch"]
+
+
+def test_the_cli_says_nothing_of_torch_internals_while_decomposing(tmp_path, capsys):
+    """A model with an einsum: the report, and no warning torch raises inside its own
+    decomposition pass (nothing a user can act on)."""
+    from graphcost.cli.main import main
+
+    model = tmp_path / "model.py"
+    model.write_text("import torch\n"
+                     "from torch import nn\n\n"
+                     "class M(nn.Module):\n"
+                     "    def __init__(self):\n"
+                     "        super().__init__()\n"
+                     "        self.proj = nn.Linear(8, 8)\n\n"
+                     "    def forward(self, x):\n"
+                     "        h = self.proj(x)\n"
+                     "        return torch.einsum('bij,bik->bjk', h, h).sum()\n\n"
+                     "def factory():\n"
+                     "    return M(), (torch.empty(2, 4, 8),)\n")
+    assert main(["analyze", f"{model}:factory"]) == 0
+    out, err = capsys.readouterr()
+    assert "aten.bmm.default" in out and "UNSUPPORTED" not in out
+    assert err == ""
