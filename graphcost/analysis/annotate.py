@@ -43,8 +43,9 @@ from graphcost.trace.opaque import OPAQUE, unsupported_name
 from graphcost.trace.opaque import warning as opaque_warning
 
 # the graph attributes it reads (graphcost/graph/schema.py)
-READS = ("args", "autocast", "cost", "kind", "kwargs", "module_path", "op", "outputs",
-         "requires_grad", "storage_bytes", "storage_owner", "storages", "target")
+READS = ("args", "autocast", "checkpoint", "cost", "kind", "kwargs", "module_path", "op",
+         "outputs", "requires_grad", "runs_backward", "storage_bytes", "storage_owner",
+         "storages", "target")
 
 aten = torch.ops.aten
 NOT_ACTIVATIONS = ("param", "buffer", "input", "constant")
@@ -127,7 +128,7 @@ def annotate(graph: nx.DiGraph, *, device: str | Device = "cpu", rules: RuleRegi
                 next_storage += 1
         for sid in saved:
             owner = g.graph["storage_owner"][sid]
-            if g.nodes[owner]["kind"] not in NOT_ACTIVATIONS:
+            if g.nodes[owner]["kind"] not in NOT_ACTIVATIONS and data.get("checkpoint") is None:
                 saved_storages[sid] = g.graph["storage_bytes"][sid]
         new_outputs = {sid for sid in data["storages"] if sid is not None
                        and g.graph["storage_owner"][sid] == name and sid not in layouts.alias}
@@ -146,6 +147,7 @@ def annotate(graph: nx.DiGraph, *, device: str | Device = "cpu", rules: RuleRegi
                            else sum(s.nbytes for s, sid in zip(data["outputs"], data["storages"])
                                     if s is not None and sid in new_outputs)),
         )
+    saved_storages.update(_checkpoint_inputs(g, ops, layouts.find))
     g.graph["saved_storages"] = saved_storages
     g.graph["storage_alias"] = layouts.alias
     g.graph["unsupported_ops"] = unsupported
@@ -173,6 +175,28 @@ def _warn_unsupported(g: CostedGraph, unsupported: Counter[str], strict: bool) -
                       "(listed under unsupported_ops)", stacklevel=3)
     if opaque:
         warnings.warn(opaque_warning(g, opaque), stacklevel=3)
+
+
+def _checkpoint_inputs(g: nx.DiGraph, ops: list[str], find) -> dict[int, int]:
+    """{storage: bytes} of the activations the model's own checkpoint regions (graph attribute
+    `checkpoint`) keep for their recomputation: what their ops read that was made before them.
+    Inside a region autograd saves nothing else (trace/checkpoints.py)."""
+    made: dict[int, str] = {}  # storage -> region of the op that made it (None: outside)
+    kept: dict[int, int] = {}
+    for name in ops:
+        data = g.nodes[name]
+        tag = data.get("checkpoint")
+        region = tag.region if tag is not None else None
+        if region is not None and data["runs_backward"]:
+            for v in values_in((data["args"], list(data["kwargs"].values()))):
+                sid = find(v.storage)
+                owner = g.graph["storage_owner"][sid]
+                if g.nodes[owner]["kind"] not in NOT_ACTIVATIONS and made.get(sid) != region:
+                    kept[sid] = g.graph["storage_bytes"][sid]
+        for sid in data["storages"]:
+            if sid is not None:
+                made.setdefault(find(sid), region)
+    return kept
 
 
 def _replace_values(x, mapping: dict):

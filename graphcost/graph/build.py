@@ -2,8 +2,8 @@
 
 `build_graph` writes the structure and the attributes graphcost/graph/schema.py marks
 "build_graph" (kind, order, outputs, storages, requires_grad; names on parameters, buffers and
-inputs; target, op, args, kwargs, module_path, module_type, module_calls, module_call_types and
-source on ops; the graph's model_name, autocast, outputs, storage_bytes and storage_owner). The
+inputs; target, op, args, kwargs, module_path, module_type, module_calls, module_call_types,
+source and checkpoint on ops; the graph's model_name, autocast, outputs, storage_bytes and storage_owner). The
 graph it returns is plain and mutable; `annotate` costs a copy of it (a frozen CostedGraph).
 """
 
@@ -19,6 +19,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 from graphcost.graph.costed import CostedGraph, op_order_of
 from graphcost.rules.registry import TensorSpec, Value, op_name, values_in
+from graphcost.trace.checkpoints import region_of
 from graphcost.trace.export import Trace
 from graphcost.trace.node_meta import module_call_types_of, module_calls_of, module_of, source_of
 
@@ -130,7 +131,7 @@ def build_graph(tr: Trace) -> nx.DiGraph:
                        op=op_name(node.target), args=args, kwargs=kwargs, outputs=specs,
                        storages=sids, requires_grad=rg, module_path=path, module_type=mtype,
                        module_calls=module_calls_of(node), module_call_types=module_call_types_of(node),
-                       source=source_of(node))
+                       source=source_of(node), checkpoint=region_of(node))
             for v in inputs:
                 g.add_edge(v.node, node.name)
             for i, (s, sid) in enumerate(zip(specs, sids)):

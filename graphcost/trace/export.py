@@ -24,6 +24,7 @@ from graphcost.errors import TraceError
 from graphcost.rules import REGISTRY
 from graphcost.rules.registry import RuleRegistry, TensorSpec
 from graphcost.trace.blocks import RepeatedBlocks, find_repeated_blocks, first_two_blocks
+from graphcost.trace.checkpoints import has_regions, recording_checkpoints, tag_regions
 from graphcost.trace.opaque import CannotStandIn, StandIn, add_stand_in, first_line, standing_in
 
 WHAT_TO_DO = ("\n  what to do: graphcost traces with torch.export (non-strict) on meta tensors, "
@@ -89,11 +90,15 @@ def trace(module: nn.Module, example_inputs: Any, *, kwargs: dict | None = None,
         with first_two_blocks(module, blocks) if blocks else contextlib.nullcontext():
             program = _export(module, args, kwargs, name, opaque_submodules)
     except TraceError:
-        if blocks is not None:  # the shortened model may be what failed: try the real one
-            return trace(module, example_inputs, kwargs=kwargs, model_name=model_name,
-                         reuse_blocks=False, autocast=autocast,
-                         opaque_submodules=opaque_submodules, rules=rules)
-        raise
+        if blocks is None:
+            raise
+        program = None  # the shortened model may be what failed: try the real one
+    # A model that checkpoints in its own forward decides per block what to checkpoint (every
+    # n-th, segments): the first two blocks do not say what the others do.
+    if blocks is not None and (program is None or has_regions(program.graph)):
+        return trace(module, example_inputs, kwargs=kwargs, model_name=model_name,
+                     reuse_blocks=False, autocast=autocast,
+                     opaque_submodules=opaque_submodules, rules=rules)
     program = decompose_composites(program, rules or REGISTRY)
     inline_grad_mode_regions(program.graph_module)
     if autocast is not None:
@@ -238,11 +243,13 @@ def _data_dependent_shape(name: str, module: nn.Module,
 
 def _export_quietly(module: nn.Module, args: tuple, kwargs: dict) -> torch.export.ExportedProgram:
     """torch.export.export, whose stderr is passed on only when it succeeds (on failure it
-    prints its partial graph: graphcost's own message or stand-in replaces that)."""
+    prints its partial graph: graphcost's own message or stand-in replaces that), with the
+    checkpoint regions of the model's own forward tagged on their ops (trace/checkpoints.py)."""
     held = io.StringIO()
-    with contextlib.redirect_stderr(held):
+    with contextlib.redirect_stderr(held), recording_checkpoints() as checkpoints:
         program = torch.export.export(module, args, kwargs, strict=False)
     sys.stderr.write(held.getvalue())
+    tag_regions(program.graph, checkpoints)
     return program
 
 

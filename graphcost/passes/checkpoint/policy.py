@@ -28,6 +28,13 @@ Built-in policies (`parse_policy` names):
                    region ("modules:layers.*.attention,layers.*.feed_forward"); with +save the
                    outputs of those ops are kept ("+save:linear,scaled_dot_product_attention")
 
+    model          the checkpoint regions of the model's own forward (torch.utils.checkpoint
+                   called in it: trace/checkpoints.py); what "none" means for such a model
+
+A model that checkpoints inside its own forward is costed with its own regions, whatever the
+policy: those are what will run. A policy on top of them is a ConfigError (graphcost does not
+compose two checkpointing schemes); remove the model's checkpoint calls to compare policies.
+
 `apply_policy` (graphcost.checkpoint_apply) applies the same policies to a real module.
 """
 
@@ -44,7 +51,7 @@ from graphcost.errors import ConfigError
 from graphcost.graph.costed import CostedGraph, main_blocks_of
 
 # the graph attributes it reads (graphcost/graph/schema.py)
-READS = ("args", "kind", "module_calls", "module_path", "op", "order")
+READS = ("args", "checkpoint", "kind", "module_calls", "module_path", "op", "order")
 
 BUILTIN_POLICIES = ("none", "full", "every-2", "sqrt", "selective", "save-matmuls")
 BLOCK_OPTIONS = ("none", "selective", "save-matmuls", "full")  # what per-block mixes
@@ -93,6 +100,10 @@ class Region:
     save_ops: frozenset[str] = frozenset()  # the ops of those nodes ("aten.linear.default")
     modules: tuple[str, ...] = ()  # the module calls it wraps (none: an attention core)
     within: str = ""  # an attention core: the module whose forward runs it
+    # the recomputation stops once every saved tensor is back (non-reentrant's default); a
+    # reentrant checkpoint, or early_stop=False, re-runs the whole region
+    early_stop: bool = True
+    reentrant: bool = False  # use_reentrant=True: its backward holds the recomputed outputs
 
 
 @dataclass(frozen=True)
@@ -107,7 +118,7 @@ def parse_policy(spec: str | Policy | None) -> Policy:
     if isinstance(spec, Policy):
         return spec
     text = (spec or "none").strip()
-    if text in ("none", "full", "sqrt", "selective", "save-matmuls"):
+    if text in ("none", "full", "sqrt", "selective", "save-matmuls", "model"):
         return Policy(kind=text, spec=text)
     m = re.fullmatch(r"every-(\d+)", text)
     if m:
@@ -135,7 +146,7 @@ def parse_policy(spec: str | Policy | None) -> Policy:
         return Policy(kind="modules", patterns=patterns, save_ops=save_ops, spec=text)
     raise ConfigError(
         f"unknown checkpoint policy {text!r}; choose one of none, full, every-K (e.g. every-2), "
-        "sqrt, selective, save-matmuls, or modules:PATTERN[,PATTERN][+save:OP[,OP]] "
+        "sqrt, selective, save-matmuls, model, or modules:PATTERN[,PATTERN][+save:OP[,OP]] "
         "(e.g. modules:layers.*.feed_forward)")
 
 
@@ -154,6 +165,19 @@ def plan(g: CostedGraph, policy: str | Policy | None) -> Plan:
     """Resolve `policy` on a costed graph into the regions it checkpoints."""
     policy = parse_policy(policy)
     ops = g.op_order
+    own = model_regions(g, ops)
+    if own:
+        if policy.kind not in ("none", "model"):
+            raise ConfigError(
+                f"checkpoint policy {policy.spec!r}: the model already checkpoints "
+                f"{len(own)} region(s) in its own forward (torch.utils.checkpoint, e.g. "
+                f"{own[0].name}); graphcost costs those and does not put a second policy on "
+                "top. Use --checkpoint none (or model) for the model as written, or remove its "
+                "checkpoint calls to compare policies")
+        return Plan(Policy(kind="model", spec="model"), own)
+    if policy.kind == "model":
+        raise ConfigError("checkpoint policy 'model': the model calls no torch.utils.checkpoint "
+                          "in its forward; choose another policy")
     if policy.kind == "none":
         return Plan(policy, ())
     if policy.kind == "modules":
@@ -211,6 +235,33 @@ def plan(g: CostedGraph, policy: str | Policy | None) -> Plan:
     else:  # pragma: no cover - parse_policy admits nothing else
         raise ConfigError(f"unknown checkpoint policy {policy.spec!r}")
     return Plan(policy, tuple(regions), tuple(blocks))
+
+
+def model_regions(g: CostedGraph, ops: tuple[str, ...] | list[str]) -> list[Region]:
+    """The checkpoint regions of the model's own forward (graph attribute `checkpoint`, written
+    from trace/checkpoints.py), in order: each a contiguous run of ops with the same tag."""
+    regions: list[Region] = []
+    current = None
+    for i, n in enumerate(ops):
+        tag = g.nodes[n].get("checkpoint")
+        if tag is None:
+            current = None
+            continue
+        if current is not None and current[0].region == tag.region:
+            current[2] = i
+            continue
+        current = [tag, i, i]
+        regions.append(current)
+    out = []
+    for tag, start, stop in regions:
+        calls = [c for c in g.nodes[ops[start]].get("module_calls", ())
+                 if all(c in g.nodes[ops[k]].get("module_calls", ()) for k in (start, stop))]
+        where = calls[-1] if calls else g.nodes[ops[start]]["module_path"] or "<root>"
+        out.append(Region(name=f"{where} (the model's checkpoint)", start=start, stop=stop,
+                          modules=(calls[-1],) if calls else (),
+                          early_stop=tag.early_stop and not tag.reentrant,
+                          reentrant=tag.reentrant))
+    return out
 
 
 def segment_size(n_blocks: int) -> int:

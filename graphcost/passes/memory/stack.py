@@ -120,7 +120,8 @@ def _atoms(full: BlockStack, checkpoint_plan: Plan) -> list[tuple[int, int, tupl
             j = max(j, first_of.get(k, k))
         base = full.lo[i]
         sig = tuple((r.start - base, r.stop - base,
-                     tuple(sorted(index[n] - base for n in r.save)), tuple(sorted(r.save_ops)))
+                     tuple(sorted(index[n] - base for n in r.save)), tuple(sorted(r.save_ops)),
+                     r.early_stop, r.reentrant)
                     for b in range(i, j + 1) for r in regions_at.get(b, ()))
         atoms.append((i, j - i + 1, sig))
         i = j + 1

@@ -167,7 +167,9 @@ class Walk:
                 if sid not in f.persistent and sid not in inputs:
                     keep[sid] += 1
         recompute, partial = [], None
-        if packs and running:
+        if packs and running and not region.early_stop:  # the whole function runs again
+            recompute = list(ops)
+        elif packs and running:
             # The recomputation stops as soon as the last tensor is saved again. Autograd saves
             # an op's inputs (and the copies of them its kernel makes) before the kernel runs,
             # its outputs after: a last op that saves no output of its own is not run again,
@@ -177,6 +179,11 @@ class Walk:
             if not set(f.nd[last]["storages"]) & f.nd[last]["saved"]:
                 partial = last
         rerun = [n for n in recompute if n not in region.save and n != partial]
+        held = frozenset()
+        if region.reentrant:
+            after = f.ops[region.stop + 1:]
+            held = frozenset(sid for sid in made if sid not in f.persistent and
+                             (sid in f.outputs or any(sid in f.reads[m] for m in after)))
         return _Region(
             index=index, region=region, ops=ops, recompute=recompute, partial=partial,
             rerun=rerun,
@@ -186,7 +193,8 @@ class Walk:
             keep=dict(keep),
             recompute_flops=sum(f.nd[n]["forward_flops"] for n in rerun),
             recompute_bytes=sum(f.nd[n]["bytes_read"] + f.nd[n]["bytes_written"]
-                                for n in rerun))
+                                for n in rerun),
+            held=held)
 
     @property
     def optimizer_impl(self) -> str:
@@ -339,6 +347,12 @@ class Walk:
             self.remaining[sid] -= 1
             if self.remaining[sid] == 0 and sid not in self.f.persistent:
                 self.live.drop(sid)
+        for sid in sorted(region.held):  # a reentrant checkpoint's recomputed outputs
+            key = ("recomputed", region.index, sid)
+            if key in self.remaining:
+                self.remaining[key] -= 1
+                if self.remaining[key] == 0:
+                    self.live.drop(key)
 
     def _recompute(self, step: int, region: _Region) -> None:
         """The region's forward again, up to its last saving op: new outputs are allocated
@@ -368,7 +382,7 @@ class Walk:
                     self.consumed[region.index].add(sid)
                 else:
                     key = ("recomputed", region.index, sid)
-                    self.remaining[key] = region.keep.get(sid, 0)
+                    self.remaining[key] = region.keep.get(sid, 0) + (sid in region.held)
                     self.live.add(key, f.nbytes[sid],
                                   "activations" if sid in region.keep else "transient")
                 local[sid] = key
@@ -476,6 +490,9 @@ class _Region:
     keep: dict[int, int]  # recomputed storage -> how many backward ops save it
     recompute_flops: int
     recompute_bytes: int
+    # a reentrant checkpoint's backward holds the recomputed outputs until its nested backward
+    # is done: the storages its ops make that are read after it
+    held: frozenset[int] = frozenset()
 
 
 _PHASE_INDEX = {p: i for i, p in enumerate(PHASES)}
