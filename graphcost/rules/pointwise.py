@@ -153,3 +153,17 @@ def dropout_cost(ctx: RuleContext) -> OpCost:
     if ctx.op in FEATURE_DROPOUTS:
         shape = x.shape[:2] + (1,) * (len(x.shape) - 2)
     return OpCost(saved=(TensorSpec(shape, x.dtype),))
+
+
+@register(aten.native_dropout)
+def native_dropout_cost(ctx: RuleContext) -> OpCost:
+    """The fused dropout kernel (output, boolean mask). torch.export's run_decompositions always
+    decomposes `aten.dropout` (a random op cannot be preserved) into it, so a traced dropout
+    can arrive here: on the CPU eager dropout is input * noise (dropout_cost), on CUDA this
+    kernel, which keeps its mask."""
+    p, train = ctx.arg(1, "p"), ctx.arg(2, "train")
+    if not ctx.requires_grad or not train or p == 0:
+        return OpCost()
+    if ctx.device.kind == "cuda" and 0 < p < 1:
+        return OpCost(saved=(Out(1),))  # NB: not checked here (no GPU)
+    return dropout_cost(ctx)
