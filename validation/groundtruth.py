@@ -9,21 +9,36 @@ These run the model for real (or on meta): use small configs for the saved-bytes
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils import flop_counter
+from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
 
+def tensor_leaves(output: Any) -> list[torch.Tensor]:
+    """Every tensor in a model's output, in order: through any pytree container (tuples, lists,
+    dicts, NamedTuples, Hugging Face ModelOutputs) and the fields of a plain @dataclass. Other
+    objects (a Hugging Face cache) are not looked into."""
+    out = []
+    for leaf in tree_flatten(output)[0]:
+        if isinstance(leaf, torch.Tensor):
+            out.append(leaf)
+        elif dataclasses.is_dataclass(leaf) and not isinstance(leaf, type):
+            out.extend(tensor_leaves([getattr(leaf, f.name) for f in dataclasses.fields(leaf)]))
+    return out
+
+
 def scalar_loss(output: Any) -> torch.Tensor:
-    """The output itself when it is a scalar, otherwise the sum of every floating output."""
+    """The output itself when it is a scalar, otherwise the sum of every floating output that
+    needs a gradient (`tensor_leaves`: nested containers and dataclasses included), each summed
+    to a scalar first."""
     if isinstance(output, torch.Tensor) and output.dim() == 0:
         return output
-    leaves = output if isinstance(output, (list, tuple)) else [output]
-    floats = [t for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point()
-              and t.requires_grad]
+    floats = [t for t in tensor_leaves(output) if t.is_floating_point() and t.requires_grad]
     return sum(t.sum() for t in floats)
 
 
