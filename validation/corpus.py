@@ -8,7 +8,8 @@ raised (as text: a trace failure is a result, not an exception).
 
     parameters        analysis.params           vs the module's unique parameters
     forward FLOPs     analysis.forward_flops    vs FlopCounterMode (meta; measure_flops)
-    backward FLOPs    analysis.backward_flops   vs FlopCounterMode (meta; measure_flops)
+    backward FLOPs    analysis.backward_flops + timeline.recompute_flops (what checkpoints
+                      in the model's forward re-run) vs FlopCounterMode (meta; measure_flops)
     saved bytes       analysis.saved_activation_bytes vs autograd's saved tensors (CPU run)
     training peak     training_timeline(...).peak_bytes vs measure_training_peak(...).peak_bytes
     forward peaks     timeline.phase_peaks()[(step, "forward")] vs step_phase_peaks, each step
@@ -156,9 +157,7 @@ def _check(record, entry, seed, measure_peak, analyze, training_timeline, Traini
     if analysis is not None:
         record.params = (analysis.params, truth_params)
         record.unsupported_ops = dict(analysis.unsupported_ops)
-        if measure_peak:
-            timeline = _stage(record, "timeline",
-                              lambda: training_timeline(analysis, TrainingConfig()))
+        timeline = _stage(record, "timeline", lambda: training_timeline(analysis, TrainingConfig()))
 
     module, inputs = build(entry, "meta", seed=seed)
     flops = _stage(record, "flops", lambda: measure_flops(positional(entry, module), inputs))
@@ -174,7 +173,12 @@ def _check(record, entry, seed, measure_peak, analyze, training_timeline, Traini
         record.notes.append(f"FLOPs counted on the CPU (on meta: {error[:120]})")
     if analysis is not None and flops is not None:
         record.forward_flops = (analysis.forward_flops, flops[0])
-        record.backward_flops = (analysis.backward_flops, flops[1])
+        # the backward as it runs: with checkpoints in the model's own forward, FlopCounterMode
+        # counts their recomputation in it (graphcost: the timeline's recompute_flops)
+        recompute = timeline.recompute_flops if timeline is not None else 0
+        record.backward_flops = (analysis.backward_flops + recompute, flops[1])
+        if recompute:
+            record.notes.append(f"graphcost's backward FLOPs include {recompute:,} recomputed")
 
     module, inputs = build(entry, "cpu", seed=seed)
     saved = _stage(record, "saved", lambda: measure_saved_bytes(positional(entry, module), inputs))
