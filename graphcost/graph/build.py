@@ -3,8 +3,9 @@
 `build_graph` writes the structure and the attributes graphcost/graph/schema.py marks
 "build_graph" (kind, order, outputs, storages, requires_grad; names on parameters, buffers and
 inputs; target, op, args, kwargs, module_path, module_type, module_calls, module_call_types,
-source and checkpoint on ops; the graph's model_name, autocast, outputs, storage_bytes and storage_owner). The
-graph it returns is plain and mutable; `annotate` costs a copy of it (a frozen CostedGraph).
+source, checkpoint and held_until on ops; the graph's model_name, autocast, outputs,
+storage_bytes and storage_owner). The graph it returns is plain and mutable; `annotate` costs a
+copy of it (a frozen CostedGraph).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from graphcost.graph.costed import CostedGraph, op_order_of
 from graphcost.rules.registry import TensorSpec, Value, op_name, values_in
 from graphcost.trace.checkpoints import region_of
 from graphcost.trace.export import Trace
+from graphcost.trace.lifetimes import held_until_ids
 from graphcost.trace.node_meta import module_call_types_of, module_calls_of, module_of, source_of
 
 aten = torch.ops.aten
@@ -84,6 +86,11 @@ def build_graph(tr: Trace) -> nx.DiGraph:
             return type(x)(to_value(v) for v in x)
         return x
 
+    # trace/lifetimes.py: the last op node of each id, for what Python holds values until
+    last_of_id = {held_until_ids(node)[0]: node.name for node in program.graph.nodes
+                  if node.op == "call_function" and node.target is not operator.getitem
+                  and node.target is not torch._C._set_grad_enabled}
+    last_of_id.pop(None, None)
     for order, node in enumerate(program.graph.nodes):
         val = node.meta.get("val")
         if node.op == "placeholder":
@@ -131,7 +138,8 @@ def build_graph(tr: Trace) -> nx.DiGraph:
                        op=op_name(node.target), args=args, kwargs=kwargs, outputs=specs,
                        storages=sids, requires_grad=rg, module_path=path, module_type=mtype,
                        module_calls=module_calls_of(node), module_call_types=module_call_types_of(node),
-                       source=source_of(node), checkpoint=region_of(node))
+                       source=source_of(node), checkpoint=region_of(node),
+                       held_until=last_of_id.get(held_until_ids(node)[1]))
             for v in inputs:
                 g.add_edge(v.node, node.name)
             for i, (s, sid) in enumerate(zip(specs, sids)):

@@ -47,6 +47,7 @@ def expand_blocks(g: nx.DiGraph, blocks: RepeatedBlocks) -> nx.DiGraph | None:
             if sa is not None and g.graph["storage_owner"].get(sa) == a:
                 storage_prev[sa] = sb
 
+    held = _HeldPattern(g, b0, b1, blocks.path)
     out = g.copy()
     out.graph["storage_bytes"] = dict(g.graph["storage_bytes"])
     out.graph["storage_owner"] = dict(g.graph["storage_owner"])
@@ -92,11 +93,20 @@ def expand_blocks(g: nx.DiGraph, blocks: RepeatedBlocks) -> nx.DiGraph | None:
                 data["module_path"] = _rename(data["module_path"], blocks.path, 1, i)
                 data["module_calls"] = tuple(_rename(c, blocks.path, 1, i)
                                              for c in data["module_calls"])
+                data["held_until"] = held(i, b1.index(n), blocks.count)
                 copies.append(nodes[n])
             out.add_node(nodes[n], **data)
             for v in values_in((data.get("args", ()), list(data.get("kwargs", {}).values()))):
                 out.add_edge(v.node, nodes[n])
         prev_nodes, prev_storages = nodes, storages
+
+    for j, n in enumerate(b1):  # block 1 is no longer the last block
+        out.nodes[n]["held_until"] = held(1, j, blocks.count)
+    inside = set(b0) | set(b1)
+    for n in ops:  # a value from outside the stack held through its last block
+        if n not in inside and g.nodes[n].get("held_until") in b1 and blocks.count > 2:
+            out.nodes[n]["held_until"] = held.name(blocks.count - 1,
+                                                   b1.index(g.nodes[n]["held_until"]))
 
     # What came after the stack now reads the last copy.
     last_nodes, last_storages = prev_nodes, prev_storages
@@ -132,6 +142,46 @@ def expand_blocks(g: nx.DiGraph, blocks: RepeatedBlocks) -> nx.DiGraph | None:
     for k, n in enumerate(placeholders + before + copies + after):
         out.nodes[n]["order"] = k
     return out
+
+
+class _HeldPattern:
+    """How long Python holds each value of block k (trace/lifetimes.py, op attribute
+    `held_until`) in the full stack: a block followed by another one holds like block 0 of the
+    two-block trace (its output lives until the next block returns), the last block like
+    block 1; until an op of its own block, of the next one at the same offset, or outside."""
+
+    def __init__(self, g: nx.DiGraph, b0: list[str], b1: list[str], path: str) -> None:
+        self.b1, self.path = b1, path
+        self.patterns = [self._relative(g, block, b0, b1) for block in (b0, b1)]
+
+    @staticmethod
+    def _relative(g, block, b0, b1) -> list:
+        at = {n: ("b0", j) for j, n in enumerate(b0)} | {n: ("b1", j) for j, n in enumerate(b1)}
+        own = "b0" if block is b0 else "b1"
+        out = []
+        for n in block:
+            h = g.nodes[n].get("held_until")
+            if h is None:
+                out.append(None)
+            elif h in at:
+                where, j = at[h]
+                out.append(("same" if where == own else "next", j))
+            else:
+                out.append(("fixed", h))
+        return out
+
+    def name(self, k: int, j: int) -> str:
+        """Op j of block k in the full graph (block 1's ops keep their names)."""
+        return self.b1[j] if k == 1 else f"{self.b1[j]}_{self.path.replace('.', '_')}{k}"
+
+    def __call__(self, k: int, j: int, count: int) -> str | None:
+        entry = self.patterns[1 if k == count - 1 else 0][j]
+        if entry is None:
+            return None
+        kind, where = entry
+        if kind == "fixed":
+            return where
+        return self.name(k if kind == "same" else k + 1, where)
 
 
 def _block_params(g: nx.DiGraph, prefix: str, index: int) -> dict[str, str]:

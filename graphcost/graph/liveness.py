@@ -1,14 +1,19 @@
 """When eager PyTorch can free a forward value: after its last reader in the graph, or later if
-a Python frame still holds it. A module's forward binds its arguments to parameters, so a value
-passed into a module call stays alive until that call returns (`h = self.norm(h)` keeps the old
-`h` until norm is done). Module calls come from torch.export's nn_module_stack: a container that
-is iterated but never called (a ModuleList) is not one.
-NB: plain function calls and local variables that outlive their last use inside one module's
-forward are not visible in the graph and are not modelled.
+a Python frame still holds it.
+
+- A local variable (of the model's code or of a library function it calls) lives until it is
+  rebound or its function returns: observed while exporting (trace/lifetimes.py), the op
+  attribute `held_until`.
+- A module's forward binds its arguments to parameters, so a value passed into a module call
+  stays alive until that call returns (`h = self.norm(h)` keeps the old `h` until norm is done).
+  Module calls come from torch.export's nn_module_stack: a container that is iterated but never
+  called (a ModuleList) is not one. (The observation covers this too; it is kept for graphs
+  without it.)
 """
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable
 
 import networkx as nx
@@ -16,11 +21,12 @@ import networkx as nx
 from graphcost.rules.registry import values_in
 
 # the graph attributes it reads (graphcost/graph/schema.py)
-READS = ("args", "kwargs", "module_calls", "storages")
+READS = ("args", "held_until", "kwargs", "module_calls", "order", "storages")
 
 
 def last_reads(g: nx.DiGraph, ops: list[str], find: Callable[[int], int]) -> dict[int, int]:
-    """{storage: index in `ops` of the op after which it can be freed} for every storage read."""
+    """{storage: index in `ops` of the op after which it can be freed} for every storage read or
+    held by Python past its op."""
     runs_of: list[list[list[int]]] = []  # per op: its enclosing module calls [start, end], outer first
     open_runs: dict[str, list[int]] = {}
     for i, n in enumerate(ops):
@@ -50,4 +56,16 @@ def last_reads(g: nx.DiGraph, ops: list[str], find: Callable[[int], int]) -> dic
                     end = max(end, run_end)
                     break
             last[sid] = max(last.get(sid, -1), end)
+    orders = [g.nodes[n]["order"] for n in ops]
+    for i, n in enumerate(ops):
+        held = g.nodes[n].get("held_until")
+        if held is None or held not in g:
+            continue
+        # a recomputation (ops: its region) returns at its last op, and its locals with it
+        j = bisect.bisect_right(orders, g.nodes[held]["order"]) - 1
+        if j > i:
+            for s in g.nodes[n]["storages"]:
+                if s is not None:
+                    sid = find(s)
+                    last[sid] = max(last.get(sid, -1), j)
     return last

@@ -25,6 +25,7 @@ from graphcost.rules import REGISTRY
 from graphcost.rules.registry import RuleRegistry, TensorSpec
 from graphcost.trace.blocks import RepeatedBlocks, find_repeated_blocks, first_two_blocks
 from graphcost.trace.checkpoints import has_regions, recording_checkpoints, tag_regions
+from graphcost.trace.lifetimes import mark_lifetimes, observing_lifetimes
 from graphcost.trace.opaque import CannotStandIn, StandIn, add_stand_in, first_line, standing_in
 
 WHAT_TO_DO = ("\n  what to do: graphcost traces with torch.export (non-strict) on meta tensors, "
@@ -244,12 +245,15 @@ def _data_dependent_shape(name: str, module: nn.Module,
 def _export_quietly(module: nn.Module, args: tuple, kwargs: dict) -> torch.export.ExportedProgram:
     """torch.export.export, whose stderr is passed on only when it succeeds (on failure it
     prints its partial graph: graphcost's own message or stand-in replaces that), with the
-    checkpoint regions of the model's own forward tagged on their ops (trace/checkpoints.py)."""
+    checkpoint regions of the model's own forward tagged on their ops (trace/checkpoints.py)
+    and how long eager Python keeps each value (trace/lifetimes.py)."""
     held = io.StringIO()
-    with contextlib.redirect_stderr(held), recording_checkpoints() as checkpoints:
+    with contextlib.redirect_stderr(held), recording_checkpoints() as checkpoints, \
+            observing_lifetimes(module) as deaths:
         program = torch.export.export(module, args, kwargs, strict=False)
     sys.stderr.write(held.getvalue())
     tag_regions(program.graph, checkpoints)
+    mark_lifetimes(program.graph, deaths)
     return program
 
 

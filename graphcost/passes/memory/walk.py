@@ -230,7 +230,7 @@ class Walk:
         # An output nobody reads is dead right after its op; one that is read is freed by
         # `frees_after` at its last reader.
         return {sid} if any(sid in f.reads[m] for m in self.g.successors(n)) or \
-            sid in f.read_anywhere else set()
+            sid in f.read_anywhere or sid in self.g.last_reads else set()
 
     def backward(self, step: int) -> None:
         """Autograd's engine, node by node in reverse forward order (see module docstring)."""

@@ -1,0 +1,112 @@
+"""How long eager Python keeps each forward value: observed while the model is exported.
+
+The graph says when a value is read last; eager PyTorch frees it only when its last Python
+reference dies. A local variable lives until it is rebound or its function returns
+(`q = self.q(x)` inside an attention forward is alive until that forward returns, whether or
+not it is read again), and so do the locals of library functions such as
+`F.multi_head_attention_forward`. torch.export (non-strict) runs the model's own Python on fake
+tensors, so those deaths happen during the export, in the same order as in eager execution.
+
+`observing_lifetimes` puts a weakref finalizer on every tensor the tracer hands to the model's
+code (each op output, as torch.fx's proxy tracer registers it) and notes which node was the last
+one traced when it died. `mark_lifetimes` writes that on the exported graph as
+`node.meta["custom"]["graphcost_held_until"]`, an id that survives run_decompositions like the
+node's other custom metadata. While it watches, autograd saves nothing (a saved-tensor hook that
+keeps no reference), so what keeps a tensor alive is Python alone. Only deaths during the
+forward count: a tensor whose Python object outlives the forward (the model returned or stored
+it) keeps the graph's lifetime, its last read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+ID_KEY = "graphcost_id"
+HELD_KEY = "graphcost_held_until"
+
+
+def _last_node() -> str | None:
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode
+
+    mode = get_proxy_mode()
+    if mode is None:
+        return None
+    return next(iter(reversed(mode.tracer.graph.nodes)), None).name
+
+
+@contextlib.contextmanager
+def observing_lifetimes(module: nn.Module) -> Iterator[dict[str, list[str]]]:
+    """{node name: [the last node traced when one of its tensors' Python objects died]} of the
+    forward of `module` exported inside the block (see the module docstring)."""
+    from torch.fx.experimental import proxy_tensor
+
+    deaths: dict[str, list[str]] = {}
+    watching: dict[int, weakref.ref] = {}
+    running = [True]
+    original = proxy_tensor.set_proxy_slot
+
+    def died(name: str) -> None:
+        if running[0]:
+            last = _last_node()
+            if last is not None:
+                deaths.setdefault(name, []).append(last)
+
+    def set_proxy_slot(obj, tracer, proxy) -> None:
+        original(obj, tracer, proxy)
+        if not isinstance(obj, torch.Tensor) or isinstance(obj, nn.Parameter):
+            return
+        node = getattr(getattr(proxy, "proxy", None), "node", None)
+        if node is None or node.op != "call_function":
+            return
+        ref = watching.get(id(obj))
+        if ref is not None and ref() is obj:
+            return  # already watched (an in-place op re-registers its tensor)
+        watching[id(obj)] = weakref.ref(obj)
+        weakref.finalize(obj, died, node.name)
+
+    def forward_returned(*_args) -> None:
+        running[0] = False
+
+    hook = module.register_forward_hook(forward_returned, always_call=True)
+    proxy_tensor.set_proxy_slot = set_proxy_slot
+    try:
+        # Autograd keeps nothing while tracing (nothing runs the backward): a tensor it would
+        # save for backward dies when Python lets go of it, as a tensor it does not save does.
+        with torch.autograd.graph.saved_tensors_hooks(_keep_nothing, _keep_nothing):
+            yield deaths
+    finally:
+        proxy_tensor.set_proxy_slot = original
+        running[0] = False
+        hook.remove()
+
+
+def _keep_nothing(_tensor) -> None:
+    return None
+
+
+def mark_lifetimes(graph: torch.fx.Graph, deaths: dict[str, list[str]]) -> None:
+    """Write on each op node an id, and on each whose Python objects died after its last
+    reader the id of the last node traced before they did (see the module docstring)."""
+    ops = [n for n in graph.nodes if n.op == "call_function"]
+    position = {n.name: i for i, n in enumerate(graph.nodes)}
+    for i, node in enumerate(ops):
+        node.meta.setdefault("custom", {})[ID_KEY] = i
+    ids = {n.name: i for i, n in enumerate(ops)}
+    for node in ops:
+        known = [d for d in deaths.get(node.name, ()) if d in position]
+        if not known:
+            continue
+        last = max(known, key=position.__getitem__)
+        if last in ids and position[last] > position[node.name]:
+            node.meta["custom"][HELD_KEY] = ids[last]
+
+
+def held_until_ids(node: torch.fx.Node) -> tuple[int | None, int | None]:
+    """(this node's id, the id of the node its value is held until) from `mark_lifetimes`."""
+    custom = node.meta.get("custom") or {}
+    return custom.get(ID_KEY), custom.get(HELD_KEY)
