@@ -145,7 +145,15 @@ def linear_cost(ctx: RuleContext) -> OpCost:
     # x is kept (for w's gradient) as the matrix the fold makes. With a frozen weight, an
     # unfoldable input takes matmul's batched path instead: the same FLOPs, and x is not kept.
     kept_x = reshaped(x, (m, k)) if len(x.shape) > 2 else x
-    return _cost(ctx, MatmulPlan(flops, kept_x, w, x.requires_grad, w.requires_grad))
+    cost = _cost(ctx, MatmulPlan(flops, kept_x, w, x.requires_grad, w.requires_grad))
+    bias = ctx.arg(2, "bias")
+    if isinstance(bias, Value) and len(x.shape) > 2 and not x.contiguous:
+        # matmul, then the bias added out of place (at::linear adds in place unless a tensor
+        # is subclass-like, which it is under any dispatch mode: FSDP2's DTensors, the live
+        # tracker): the product and the sum exist together
+        out = ctx.outputs[0]
+        cost = replace(cost, forward_workspace_bytes=out.nbytes if out else 0)
+    return cost
 
 
 @register(aten.mm)
