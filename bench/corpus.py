@@ -27,7 +27,9 @@ def exact(pair) -> str:
 
 
 def percent(pair) -> str:
-    return "error" if pair is None else f"{100 * relative(pair):+.2f}"
+    if pair is None:
+        return "error"
+    return "exact" if pair[0] == pair[1] else f"{100 * relative(pair):+.2f}"
 
 
 def worst_forward(record: Record):
