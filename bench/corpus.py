@@ -4,8 +4,8 @@
 
 One row per model (all of them, or those whose name contains one of NAME): parameters, forward
 and backward FLOPs and saved activation bytes, each "exact" or graphcost's relative error; the
-training peak and the worst forward-phase peak, graphcost's error in % against the live-tensor
-tracker's real CPU steps (AdamW, two steps); the unsupported ops; the time the row took. A stage
+training peak and the worst forward-phase peak, graphcost's error in % (or "exact") against the
+live-tensor tracker's real CPU steps (AdamW, two steps); the unsupported ops; the time the row took. A stage
 that raised shows as "error" and is listed under the table. See validation/corpus.py.
 """
 
