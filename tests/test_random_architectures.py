@@ -1,0 +1,324 @@
+"""Property-based check: random small architectures against PyTorch's own measurements.
+
+validation/random_arch.py draws a model from a grammar of layers for each seed (sequential and
+branching structures, convolutions, norms, activations, dropout, pooling, attention, embeddings,
+reshapes, shared and frozen layers; see its docstring). For each one, independently of
+graphcost's own output (../shared/DESIGN.md, "Ground truth"):
+
+- parameters: the module's unique parameters (and the trainable ones);
+- forward and backward FLOPs: FlopCounterMode on meta (validation.groundtruth.measure_flops,
+  grouped-convolution backward counted per group);
+- saved activation bytes: autograd's saved tensors on a real CPU run (measure_saved_bytes);
+- no op without a rule;
+- the training peak and each forward-phase peak of graphcost's training timeline (two steps;
+  AdamW for even seeds, SGD for odd ones) within 0.5% of the live-storage tracker over real CPU
+  steps (measure_training_peak).
+
+A failing seed names its architecture in the assertion message; `generate(seed)` rebuilds it.
+Known failures are marked xfail(strict=True) per (check, architecture) with their diagnosis
+(KNOWN below): the suite is green now and turns red the moment one is fixed. Each failure class
+also has a minimal hand-written reproducer (REPRODUCERS), checked the same way.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from graphcost import analyze
+from graphcost.passes.memory.timeline import training_timeline
+from graphcost.passes.memory.training import TrainingConfig
+from validation.groundtruth import measure_flops, measure_saved_bytes
+from validation.memtrack import measure_training_peak
+from validation.random_arch import (
+    MHA,
+    Arch,
+    ChannelsLastLayerNorm,
+    Parallel,
+    Residual,
+    Scale,
+    Shared,
+    State,
+    Transform,
+    generate,
+)
+
+torch.set_num_threads(1)
+
+SEEDS = range(60)
+PEAK_TOLERANCE = 0.005
+
+# --- minimal reproducers, one per failure class ---------------------------------------------------
+
+
+def _frozen(module: nn.Module, *indices: int) -> nn.Module:
+    for i in indices:
+        module[i].requires_grad_(False)
+    return module
+
+
+def _sequential_stack() -> nn.Module:
+    return nn.Sequential(nn.Linear(16, 16), nn.Sequential(*(Residual(nn.Linear(16, 16))
+                                                            for _ in range(4))))
+
+
+REPRODUCERS = {
+    "sequential-stack": Arch.custom("sequential-stack", State("seq", (6, 16)), _sequential_stack),
+    "input-grad": Arch.custom("input-grad", State("flat", (64,)), lambda: nn.Linear(64, 8),
+                              input_requires_grad=True),
+    "inplace-silu": Arch.custom("inplace-silu", State("seq", (8, 16)), lambda: nn.Sequential(
+        nn.Linear(16, 16), nn.SiLU(inplace=True), nn.Linear(16, 16))),
+    "mha-one-head": Arch.custom("mha-one-head", State("seq", (64, 16)), lambda: nn.Sequential(
+        nn.Linear(16, 16), MHA(16, 1, bias=True, need_weights=False))),
+    "maxpool-no-grad": Arch.custom("maxpool-no-grad", State("c2d", (4, 12, 12)), lambda: nn.Sequential(
+        nn.MaxPool2d(3, stride=1, padding=1), nn.Conv2d(4, 4, 1))),
+    "groupnorm-strided-input": Arch.custom(
+        "groupnorm-strided-input", State("seq", (16, 32)), lambda: nn.Sequential(
+            nn.Linear(32, 32), Residual(nn.Sequential(
+                Transform("transpose(1,2)"), nn.GroupNorm(4, 32), Transform("transpose(1,2)"))))),
+    "groupnorm-channels-last-backward": Arch.custom(
+        "groupnorm-channels-last-backward", State("c2d", (8, 8, 8)), lambda: nn.Sequential(
+            nn.Conv2d(8, 8, 1), ChannelsLastLayerNorm(8), nn.GroupNorm(4, 8), Scale(0.5))),
+    "maximum-backward": Arch.custom("maximum-backward", State("seq", (16, 32)), lambda: Parallel(
+        [nn.Linear(32, 32), nn.Linear(32, 32)], "maximum", -1)),
+    "rmsnorm-residual-backward": Arch.custom(
+        "rmsnorm-residual-backward", State("seq", (9, 32)), lambda: nn.Sequential(
+            nn.Linear(32, 32), Residual(nn.Sequential(nn.RMSNorm(32), nn.Linear(32, 32))),
+            nn.Linear(32, 6))),
+    "rmsnorm-frozen-weight": Arch.custom(
+        "rmsnorm-frozen-weight", State("seq", (9, 32)), lambda: _frozen(nn.Sequential(
+            nn.Linear(32, 32), nn.RMSNorm(32), nn.Linear(32, 16, bias=False)), 1)),
+    "dropout-no-grad": Arch.custom("dropout-no-grad", State("seq", (9, 32)), lambda: nn.Sequential(
+        nn.Dropout(0.1), nn.Linear(32, 24))),
+    "shared-bias-grad": Arch.custom("shared-bias-grad", State("flat", (16,)), lambda: nn.Sequential(
+        nn.Linear(16, 16, bias=False), Shared(nn.Linear(16, 16), 2))),
+    "loss-grad-lifetime": Arch.custom("loss-grad-lifetime", State("flat", (8,)), lambda: nn.Sequential(
+        nn.Linear(8, 8, bias=False), nn.ReLU())),
+}
+
+# The optimizer of the measured (and predicted) steps: AdamW for even seeds, plain SGD for odd ones
+# (no optimizer state or temporaries: the backward holds the peak of most small models, so its
+# modelling shows in the overall peak); the reproducers of backward-peak classes use SGD.
+SGD_REPRODUCERS = {"groupnorm-channels-last-backward", "maximum-backward",
+                   "rmsnorm-residual-backward", "shared-bias-grad", "loss-grad-lifetime"}
+
+
+def _optimizer(name: str) -> str:
+    if name in REPRODUCERS:
+        return "sgd" if name in SGD_REPRODUCERS else "adamw"
+    return "sgd" if int(name.removeprefix("seed")) % 2 else "adamw"
+
+
+# --- known failures ------------------------------------------------------------------------------
+
+KNOWN = {
+    "sequential-stack": (
+        "graphcost bug (trace/blocks.py first_two_blocks): a stack of >= 4 identical blocks held in "
+        "an nn.Sequential is cut to two with `type(stack)(list(stack)[:2])`, i.e. nn.Sequential(list) "
+        "-> TypeError 'list is not a Module subclass'; analyze() crashes (nn.ModuleList stacks work)"),
+    "input-grad": (
+        "graphcost: an input with requires_grad=True is a leaf: backward() leaves its .grad "
+        "(input-sized) alive after backward and through the next step (accumulated in step 2); the "
+        "timeline drops it, so step 1's forward/backward and every optimizer peak are low by the "
+        "input's bytes"),
+    "inplace-activation": (
+        "graphcost rules: in-place activations aten.silu_, aten.hardswish_, aten.mish_, aten.elu_, "
+        "aten.leaky_relu_ (nn.SiLU/Hardswish/Mish/ELU/LeakyReLU(inplace=True)) have no rule; "
+        "unsupported and counted as saving nothing, while autograd saves a clone of the original input "
+        "(original_self, input-sized) for silu_/hardswish_/mish_ (the result for elu_/leaky_relu_): "
+        "saved bytes and peaks low by that clone"),
+    "mha-one-head": (
+        "graphcost layout tracking (analysis/annotate.py _Layouts.follow) ignores that size-1 dims "
+        "have no layout: nn.MultiheadAttention(num_heads=1, need_weights=False) runs the CPU flash "
+        "kernel, whose output is empty_like(q), (B,1,T,D) with strides (D,T*B*D,B*D,1); after "
+        "permute(2,0,1,3) the dim order is (2,0,1,3) != identity, so `.contiguous()` is counted as a "
+        "copy (B*T*E bytes, saved by out_proj) where eager's is_contiguous() skips the size-1 head "
+        "dim and returns a view: saved bytes and peaks high by B*T*E*itemsize per such MHA"),
+    "maxpool-no-grad": (
+        "graphcost rules: aten.max_pool2d/max_pool1d on an input that needs no grad is traced "
+        "without indices, but eager CPU still runs max_pool2d_with_indices and frees the int64 "
+        "indices (2x the fp32 output bytes) after the op: the forward peak at the pool is low by them"),
+    "groupnorm-strided-input": (
+        "graphcost rule group_norm (rules/norm.py) saves x itself; eager group_norm calls "
+        "native_group_norm(input.contiguous()) so on a non-contiguous x (a transpose(1,2) of a "
+        "(B,T,C) activation) it keeps a new contiguous copy: while x itself stays alive (a residual "
+        "input, a module-call argument) the forward is low by x's bytes from the group_norm on"),
+    "groupnorm-channels-last-backward": (
+        "graphcost: GroupNorm on a channels-last-strided input (the permute back of a channels-last "
+        "LayerNorm): native_group_norm's backward is called with "
+        "grad.contiguous(input.suggest_memory_format()), a channels-last copy of the incoming "
+        "gradient (input-sized) that graphcost does not count: the backward (overall) peak is low"),
+    "maximum-backward": (
+        "graphcost rule maximum/minimum has no backward workspace: eager computes each input's "
+        "gradient as where(a == b, grad / 2, grad).masked_fill_(a < b, 0): grad/2 (u) and two bool "
+        "masks (u/4 each) are alive beside the gradients, so the backward peak is low by 1.5u "
+        "(u = output bytes)"),
+    "rmsnorm-residual-backward": (
+        "graphcost rule rms_norm (rules/norm.py) is one lumped op, eager runs the composite: the "
+        "gradient of x arrives in two parts and is accumulated with x's other gradients (a residual "
+        "skip) midway, freeing them before the pow-backward peak; graphcost keeps the other "
+        "gradient (u) and the saved rstd (B*T*4) alive through its whole backward: backward peak "
+        "high by u + rstd"),
+    "rmsnorm-frozen-weight": (
+        "graphcost rule rms_norm: with an affine weight that needs no grad, the composite's "
+        "x * rstd (input-sized, acc dtype) is alive beside the output at the weight multiply but not "
+        "kept; graphcost counts no forward workspace for it: forward peak low by u"),
+    "dropout-no-grad": (
+        "graphcost rule dropout on an input that needs no grad: eager (CompositeImplicit "
+        "x * bernoulli_(empty_like(x)).div_(1-p)) still makes the float mask (input-sized) alive "
+        "beside the output at the mul; graphcost counts the mask only when it is kept for backward: "
+        "forward peak low by u"),
+    "shared-bias-grad": (
+        "graphcost: a Linear applied twice (shared parameters): eager's AccumulateGrad adds the "
+        "second bias gradient into .grad (freeing both addends) before the weight's accumulation; "
+        "graphcost accumulates an op's parameter gradients at one event, so the bias gradient and "
+        "its sum are still counted at the weight's accumulation peak: backward peak high by |bias|"),
+    "loss-grad-lifetime": (
+        "graphcost: backward()'s root gradient (ones_like(loss), 4 bytes) stays alive until "
+        "backward() returns in eager (held by torch.autograd.backward); graphcost frees it after its "
+        "last consumer: backward peak 4 bytes low (only visible on a tiny model)"),
+}
+
+ALL = ("parameters", "flops", "saved_activations", "supported_ops", "training_peak",
+       "forward_peaks")
+PEAKS = ("training_peak", "forward_peaks")
+# architecture -> check -> its failure class (or classes, when two add up)
+FAILURES: dict[str, dict[str, str | tuple[str, ...]]] = {
+    "sequential-stack": dict.fromkeys(ALL, "sequential-stack"),
+    "input-grad": dict.fromkeys(PEAKS, "input-grad"),
+    "inplace-silu": dict.fromkeys(("saved_activations", "supported_ops", *PEAKS),
+                                  "inplace-activation"),
+    "mha-one-head": dict.fromkeys(("saved_activations", "forward_peaks"), "mha-one-head"),
+    "maxpool-no-grad": dict.fromkeys(PEAKS, "maxpool-no-grad"),
+    "groupnorm-strided-input": dict.fromkeys(PEAKS, "groupnorm-strided-input"),
+    "groupnorm-channels-last-backward": {"training_peak": "groupnorm-channels-last-backward"},
+    "maximum-backward": {"training_peak": "maximum-backward"},
+    "rmsnorm-residual-backward": {"training_peak": "rmsnorm-residual-backward"},
+    "rmsnorm-frozen-weight": {"forward_peaks": "rmsnorm-frozen-weight"},
+    "dropout-no-grad": {"forward_peaks": "dropout-no-grad"},
+    "shared-bias-grad": {"training_peak": "shared-bias-grad"},
+    "loss-grad-lifetime": {"training_peak": "loss-grad-lifetime"},
+    # generated architectures
+    "seed1": dict.fromkeys(("saved_activations", *PEAKS), "mha-one-head"),
+    "seed6": dict.fromkeys(PEAKS, "input-grad"),
+    "seed9": dict.fromkeys(PEAKS, "input-grad"),
+    "seed11": dict.fromkeys(ALL, "sequential-stack"),
+    "seed17": dict.fromkeys(("saved_activations", "supported_ops", *PEAKS), "inplace-activation"),
+    "seed21": dict.fromkeys(PEAKS, "groupnorm-strided-input"),
+    "seed22": dict.fromkeys(("saved_activations", *PEAKS), "mha-one-head"),
+    "seed37": dict.fromkeys(PEAKS, "maxpool-no-grad"),
+    "seed38": {"training_peak": "groupnorm-channels-last-backward"},
+    "seed41": {"training_peak": "loss-grad-lifetime"},
+    "seed42": dict.fromkeys(ALL, "sequential-stack"),
+    "seed46": dict.fromkeys(("saved_activations", *PEAKS), "mha-one-head"),
+    "seed52": dict.fromkeys(PEAKS, "input-grad"),
+    # rms_norm's overcount (+2.4 KB) outweighs maximum's undercount at the backward peak
+    "seed57": {"training_peak": ("rmsnorm-residual-backward", "maximum-backward")},
+}
+
+
+def _params(check: str) -> list:
+    """Every architecture for `check`: its known failure, if any, as a strict xfail."""
+    out = []
+    for name in [f"seed{s}" for s in SEEDS] + list(REPRODUCERS):
+        classes = FAILURES.get(name, {}).get(check, ())
+        classes = (classes,) if isinstance(classes, str) else classes
+        reason = " + ".join(f"[{cls}] {KNOWN[cls]}" for cls in classes)
+        marks = [pytest.mark.xfail(strict=True, reason=reason)] if classes else []
+        out.append(pytest.param(name, id=name, marks=marks))
+    return out
+
+
+# --- measurements, once per architecture ---------------------------------------------------------
+
+
+@functools.cache
+def _arch(name: str) -> Arch:
+    return REPRODUCERS[name] if name in REPRODUCERS else generate(int(name.removeprefix("seed")))
+
+
+def _build(arch: Arch, device: str) -> tuple[nn.Module, tuple]:
+    torch.manual_seed(arch.seed)
+    with torch.device(device):
+        module = arch.make_module()
+    return module, arch.make_inputs(torch.device(device), torch.float32)
+
+
+@functools.cache
+def _graphcost(name: str):
+    module, inputs = _build(_arch(name), "meta")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return analyze(module, inputs, device="cpu")
+
+
+@functools.cache
+def _meta_truth(name: str) -> dict:
+    module, inputs = _build(_arch(name), "meta")
+    forward, backward = measure_flops(module, inputs)
+    return {"params": sum(p.numel() for p in module.parameters()),
+            "trainable_params": sum(p.numel() for p in module.parameters() if p.requires_grad),
+            "forward_flops": forward, "backward_flops": backward}
+
+
+@functools.cache
+def _memory(name: str):
+    optimizer = _optimizer(name)
+    predicted = training_timeline(_graphcost(name), TrainingConfig(optimizer=optimizer))
+    module, inputs = _build(_arch(name), "cpu")
+    measured = measure_training_peak(module, inputs, optimizer=optimizer)
+    return predicted, measured
+
+
+def _where(name: str) -> str:
+    return f"\narchitecture {name} ({_optimizer(name)}):\n{_arch(name)}"
+
+
+# --- the checks ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", _params("parameters"))
+def test_parameters(name):
+    analysis, truth = _graphcost(name), _meta_truth(name)
+    assert (analysis.params, analysis.trainable_params) == (
+        truth["params"], truth["trainable_params"]), _where(name)
+
+
+@pytest.mark.parametrize("name", _params("flops"))
+def test_flops(name):
+    analysis, truth = _graphcost(name), _meta_truth(name)
+    assert (analysis.forward_flops, analysis.backward_flops) == (
+        truth["forward_flops"], truth["backward_flops"]), _where(name)
+
+
+@pytest.mark.parametrize("name", _params("saved_activations"))
+def test_saved_activations(name):
+    module, inputs = _build(_arch(name), "cpu")
+    assert _graphcost(name).saved_activation_bytes == measure_saved_bytes(module, inputs), \
+        _where(name)
+
+
+@pytest.mark.parametrize("name", _params("supported_ops"))
+def test_supported_ops(name):
+    assert not _graphcost(name).unsupported_ops, _where(name)
+
+
+@pytest.mark.parametrize("name", _params("training_peak"))
+def test_training_peak(name):
+    predicted, measured = _memory(name)
+    assert predicted.peak_bytes == pytest.approx(measured.peak_bytes, rel=PEAK_TOLERANCE), \
+        f"predicted at {predicted.peak.step}/{predicted.peak.phase}, measured at " \
+        f"{measured.peak_step}/{measured.peak_phase}" + _where(name)
+
+
+@pytest.mark.parametrize("name", _params("forward_peaks"))
+def test_forward_peaks(name):
+    predicted, measured = _memory(name)
+    phases = {key: value for key, value in predicted.phase_peaks().items() if key[1] == "forward"}
+    assert len(phases) == 2, phases
+    measured_phases = {key: measured.step_phase_peaks[key] for key in phases}
+    assert phases == pytest.approx(measured_phases, rel=PEAK_TOLERANCE), _where(name)
