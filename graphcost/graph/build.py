@@ -21,7 +21,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from graphcost.graph.costed import CostedGraph, op_order_of
 from graphcost.rules.registry import TensorSpec, Value, op_name, values_in
 from graphcost.trace.checkpoints import region_of
-from graphcost.trace.export import Trace
+from graphcost.trace.export import INPUT_GRAD_KEY, Trace
 from graphcost.trace.lifetimes import held_until_ids
 from graphcost.trace.node_meta import module_call_types_of, module_calls_of, module_of, source_of
 
@@ -91,6 +91,13 @@ def build_graph(tr: Trace) -> nx.DiGraph:
                   if node.op == "call_function" and node.target is not operator.getitem
                   and node.target is not torch._C._set_grad_enabled}
     last_of_id.pop(None, None)
+
+    def held_until_of(node: torch.fx.Node) -> dict[int, str]:
+        own, held = held_until_ids(node)
+        if last_of_id.get(own) != node.name:  # one of the ops a decomposition made of it: the
+            return {}  # last one returns what the model held
+        return {i: last_of_id[h] for i, h in held.items() if h in last_of_id}
+
     for order, node in enumerate(program.graph.nodes):
         val = node.meta.get("val")
         if node.op == "placeholder":
@@ -102,7 +109,8 @@ def build_graph(tr: Trace) -> nx.DiGraph:
             name = storage_node.get(sid) if kind == "param" else None
             if name is None:
                 name = node.name
-                rg = bool(params[target].requires_grad) if kind == "param" else bool(t.requires_grad)
+                rg = bool(params[target].requires_grad) if kind == "param" else \
+                    bool(node.meta.get(INPUT_GRAD_KEY, t.requires_grad))
                 g.add_node(name, kind=kind, order=order, outputs=(TensorSpec.of(t),),
                            storages=(sid,), requires_grad=rg and kind in ("param", "input"),
                            names=[target] if target else [])
@@ -139,7 +147,7 @@ def build_graph(tr: Trace) -> nx.DiGraph:
                        storages=sids, requires_grad=rg, module_path=path, module_type=mtype,
                        module_calls=module_calls_of(node), module_call_types=module_call_types_of(node),
                        source=source_of(node), checkpoint=region_of(node),
-                       held_until=last_of_id.get(held_until_ids(node)[1]))
+                       held_until=held_until_of(node))
             for v in inputs:
                 g.add_edge(v.node, node.name)
             for i, (s, sid) in enumerate(zip(specs, sids)):

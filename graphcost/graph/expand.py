@@ -31,6 +31,8 @@ def expand_blocks(g: nx.DiGraph, blocks: RepeatedBlocks) -> nx.DiGraph | None:
     span = ops[ops.index(b0[0]): ops.index(b1[-1]) + 1]
     if len(span) != len(b0) + len(b1):
         return None  # the parent runs ops between blocks: copying blocks would miss them
+    if not _chained(g, b0, b1):
+        return None  # parallel blocks (experts, heads) are not a stack: copies would chain them
     p0 = _block_params(g, blocks.path, 0)
     p1 = _block_params(g, blocks.path, 1)
     if sorted(_local(n, blocks.path) for n in p0.values()) != \
@@ -102,11 +104,13 @@ def expand_blocks(g: nx.DiGraph, blocks: RepeatedBlocks) -> nx.DiGraph | None:
 
     for j, n in enumerate(b1):  # block 1 is no longer the last block
         out.nodes[n]["held_until"] = held(1, j, blocks.count)
-    inside = set(b0) | set(b1)
+    inside, last_block = set(b0) | set(b1), {n: j for j, n in enumerate(b1)}
     for n in ops:  # a value from outside the stack held through its last block
-        if n not in inside and g.nodes[n].get("held_until") in b1 and blocks.count > 2:
-            out.nodes[n]["held_until"] = held.name(blocks.count - 1,
-                                                   b1.index(g.nodes[n]["held_until"]))
+        until = g.nodes[n].get("held_until") or {}
+        if n not in inside and blocks.count > 2 and any(h in last_block for h in until.values()):
+            out.nodes[n]["held_until"] = {
+                i: held.name(blocks.count - 1, last_block[h]) if h in last_block else h
+                for i, h in until.items()}
 
     # What came after the stack now reads the last copy.
     last_nodes, last_storages = prev_nodes, prev_storages
@@ -152,36 +156,37 @@ class _HeldPattern:
 
     def __init__(self, g: nx.DiGraph, b0: list[str], b1: list[str], path: str) -> None:
         self.b1, self.path = b1, path
-        self.patterns = [self._relative(g, block, b0, b1) for block in (b0, b1)]
-
-    @staticmethod
-    def _relative(g, block, b0, b1) -> list:
         at = {n: ("b0", j) for j, n in enumerate(b0)} | {n: ("b1", j) for j, n in enumerate(b1)}
-        own = "b0" if block is b0 else "b1"
-        out = []
-        for n in block:
-            h = g.nodes[n].get("held_until")
-            if h is None:
-                out.append(None)
-            elif h in at:
-                where, j = at[h]
-                out.append(("same" if where == own else "next", j))
-            else:
-                out.append(("fixed", h))
-        return out
+        self.patterns = []
+        for own, block in (("b0", b0), ("b1", b1)):
+            pattern = []
+            for n in block:
+                entries = {}
+                for i, h in (g.nodes[n].get("held_until") or {}).items():
+                    if h in at:
+                        where, j = at[h]
+                        entries[i] = ("same" if where == own else "next", j)
+                    else:
+                        entries[i] = ("fixed", h)
+                pattern.append(entries)
+            self.patterns.append(pattern)
 
     def name(self, k: int, j: int) -> str:
         """Op j of block k in the full graph (block 1's ops keep their names)."""
         return self.b1[j] if k == 1 else f"{self.b1[j]}_{self.path.replace('.', '_')}{k}"
 
-    def __call__(self, k: int, j: int, count: int) -> str | None:
-        entry = self.patterns[1 if k == count - 1 else 0][j]
-        if entry is None:
-            return None
-        kind, where = entry
-        if kind == "fixed":
-            return where
-        return self.name(k if kind == "same" else k + 1, where)
+    def __call__(self, k: int, j: int, count: int) -> dict[int, str]:
+        entries = self.patterns[1 if k == count - 1 else 0][j]
+        return {i: where if kind == "fixed" else self.name(k if kind == "same" else k + 1, where)
+                for i, (kind, where) in entries.items()}
+
+
+def _chained(g: nx.DiGraph, b0: list[str], b1: list[str]) -> bool:
+    """Does block 1 read an activation block 0 made (x = block(x)), as the blocks of a stack
+    do? A ModuleList run in parallel (experts on the same input, stacked) does not."""
+    made = set(b0)
+    return any(v.node in made for n in b1
+               for v in values_in((g.nodes[n]["args"], list(g.nodes[n]["kwargs"].values()))))
 
 
 def _block_params(g: nx.DiGraph, prefix: str, index: int) -> dict[str, str]:

@@ -58,14 +58,13 @@ def last_reads(g: nx.DiGraph, ops: list[str], find: Callable[[int], int]) -> dic
             last[sid] = max(last.get(sid, -1), end)
     orders = [g.nodes[n]["order"] for n in ops]
     for i, n in enumerate(ops):
-        held = g.nodes[n].get("held_until")
-        if held is None or held not in g:
-            continue
-        # a recomputation (ops: its region) returns at its last op, and its locals with it
-        j = bisect.bisect_right(orders, g.nodes[held]["order"]) - 1
-        if j > i:
-            for s in g.nodes[n]["storages"]:
-                if s is not None:
-                    sid = find(s)
-                    last[sid] = max(last.get(sid, -1), j)
+        storages = g.nodes[n]["storages"]
+        for index, held in (g.nodes[n].get("held_until") or {}).items():
+            if held not in g or index >= len(storages) or storages[index] is None:
+                continue
+            # a recomputation (ops: its region) returns at its last op, and its locals with it
+            j = bisect.bisect_right(orders, g.nodes[held]["order"]) - 1
+            if j > i:
+                sid = find(storages[index])
+                last[sid] = max(last.get(sid, -1), j)
     return last

@@ -66,7 +66,8 @@ class OpNode(Retraced):
     module_call_types: tuple[str, ...]  # the class name of each of module_calls
     source: str  # the model's source line that produced it
     checkpoint: Any  # trace.checkpoints.CheckpointTag: the model's own checkpoint region, or None
-    held_until: str | None  # the op until which eager Python keeps its value (trace/lifetimes.py)
+    # {output index: the op until which eager Python keeps that output} (trace/lifetimes.py)
+    held_until: dict[int, str]
     # -- annotate
     cost: OpCost | None  # the rule's OpCost; None when the op has no rule
     runs_backward: bool  # autograd runs its backward (it needs a gradient and feeds the loss)

@@ -8,8 +8,9 @@ not it is read again), and so do the locals of library functions such as
 tensors, so those deaths happen during the export, in the same order as in eager execution.
 
 `observing_lifetimes` puts a weakref finalizer on every tensor the tracer hands to the model's
-code (each op output, as torch.fx's proxy tracer registers it) and notes which node was the last
-one traced when it died. `mark_lifetimes` writes that on the exported graph as
+code (each op output, as torch.fx's proxy tracer registers it; not those made inside torch's
+Python decompositions, which stand in for a kernel) and notes which node was the last one
+traced when it died. `mark_lifetimes` writes that on the exported graph as
 `node.meta["custom"]["graphcost_held_until"]`, an id that survives run_decompositions like the
 node's other custom metadata. While it watches, autograd saves nothing (a saved-tensor hook that
 keeps no reference), so what keeps a tensor alive is Python alone. Only deaths during the
@@ -20,6 +21,9 @@ it) keeps the graph's lifetime, its last read.
 from __future__ import annotations
 
 import contextlib
+import operator
+import os
+import sys
 import weakref
 from collections.abc import Iterator
 
@@ -61,7 +65,7 @@ def observing_lifetimes(module: nn.Module) -> Iterator[dict[str, list[str]]]:
         if not isinstance(obj, torch.Tensor) or isinstance(obj, nn.Parameter):
             return
         node = getattr(getattr(proxy, "proxy", None), "node", None)
-        if node is None or node.op != "call_function":
+        if node is None or node.op != "call_function" or _in_decomposition():
             return
         ref = watching.get(id(obj))
         if ref is not None and ref() is obj:
@@ -85,28 +89,59 @@ def observing_lifetimes(module: nn.Module) -> Iterator[dict[str, list[str]]]:
         hook.remove()
 
 
+# torch's Python decompositions: the tracer runs them where eager PyTorch runs a kernel, so
+# their locals are not Python objects in a real run
+_DECOMPOSITIONS = tuple(f"{os.sep}torch{os.sep}{d}{os.sep}" for d in ("_decomp", "_refs", "_prims"))
+
+
+def _in_decomposition() -> bool:
+    frame = sys._getframe(2)
+    while frame is not None:
+        if any(d in frame.f_code.co_filename for d in _DECOMPOSITIONS):
+            return True
+        frame = frame.f_back
+    return False
+
+
 def _keep_nothing(_tensor) -> None:
     return None
 
 
 def mark_lifetimes(graph: torch.fx.Graph, deaths: dict[str, list[str]]) -> None:
-    """Write on each op node an id, and on each whose Python objects died after its last
-    reader the id of the last node traced before they did (see the module docstring)."""
-    ops = [n for n in graph.nodes if n.op == "call_function"]
+    """Write on each op node an id, and for each of its outputs whose Python objects died after
+    their last reader the id of the last op traced before they did (see the module docstring).
+    An output of a multi-output op is the `getitem` node that unpacks it."""
+    ops = [n for n in graph.nodes if n.op == "call_function"
+           and n.target is not operator.getitem]
     position = {n.name: i for i, n in enumerate(graph.nodes)}
+    nodes = {n.name: n for n in graph.nodes}
     for i, node in enumerate(ops):
         node.meta.setdefault("custom", {})[ID_KEY] = i
     ids = {n.name: i for i, n in enumerate(ops)}
-    for node in ops:
-        known = [d for d in deaths.get(node.name, ()) if d in position]
-        if not known:
+
+    def output(name: str) -> tuple[str, int]:
+        node = nodes[name]
+        if node.target is operator.getitem and isinstance(node.args[0], torch.fx.Node):
+            return node.args[0].name, int(node.args[1])
+        return name, 0
+
+    held: dict[str, dict[int, str]] = {}
+    for name, lasts in deaths.items():
+        known = [output(d)[0] for d in lasts if d in position]
+        if name not in position or not known:
             continue
         last = max(known, key=position.__getitem__)
-        if last in ids and position[last] > position[node.name]:
-            node.meta["custom"][HELD_KEY] = ids[last]
+        op, index = output(name)
+        if op in ids and last in ids and position[last] > position[op]:
+            before = held.setdefault(op, {}).get(index)
+            if before is None or position[last] > position[before]:
+                held[op][index] = last
+    for op, by_index in held.items():
+        nodes[op].meta["custom"][HELD_KEY] = {i: ids[last] for i, last in by_index.items()}
 
 
-def held_until_ids(node: torch.fx.Node) -> tuple[int | None, int | None]:
-    """(this node's id, the id of the node its value is held until) from `mark_lifetimes`."""
+def held_until_ids(node: torch.fx.Node) -> tuple[int | None, dict[int, int]]:
+    """(this node's id, {output index: the id of the node Python holds that output until})
+    from `mark_lifetimes`."""
     custom = node.meta.get("custom") or {}
-    return custom.get(ID_KEY), custom.get(HELD_KEY)
+    return custom.get(ID_KEY), custom.get(HELD_KEY) or {}
