@@ -102,6 +102,7 @@ def trace(module: nn.Module, example_inputs: Any, *, kwargs: dict | None = None,
                      opaque_submodules=opaque_submodules, rules=rules)
     program = decompose_composites(program, rules or REGISTRY)
     inline_grad_mode_regions(program.graph_module)
+    mark_input_grads(program, args, kwargs)
     if autocast is not None:
         from graphcost.trace.autocast import rerun
 
@@ -136,7 +137,50 @@ def decompose_composites(program: torch.export.ExportedProgram,
     with warnings.catch_warnings():  # torch's own deprecations inside it: nothing a user can do
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
-        return program.run_decompositions(chosen)
+        program = program.run_decompositions(chosen)
+    _restore_dropouts(program.graph)
+    return program
+
+
+def _restore_dropouts(graph: torch.fx.Graph) -> None:
+    """run_decompositions decomposes every random op, asked or not (it cannot preserve one):
+    each `aten.dropout` became `native_dropout`, whose boolean mask eager CPU dropout never
+    makes. Put the dropout back where its mask is unused."""
+    aten = torch.ops.aten
+    for node in list(graph.nodes):
+        origin = (node.meta.get("from_node") or [None])[-1]
+        if node.target is not aten.native_dropout.default or origin is None or \
+                str(getattr(origin, "target", "")) != "aten.dropout.default":
+            continue
+        items = {user.args[1]: user for user in node.users if user.target is operator.getitem}
+        if len(items) != len(node.users) or (1 in items and items[1].users) or 0 not in items:
+            continue
+        with graph.inserting_before(node):
+            x, p, train = (list(node.args) + [None, None])[:3]
+            dropout = graph.call_function(aten.dropout.default, (x, p, bool(train)))
+        dropout.meta = dict(items[0].meta)
+        items[0].replace_all_uses_with(dropout)
+        for user in items.values():
+            graph.erase_node(user)
+        graph.erase_node(node)
+    graph.lint()
+
+
+INPUT_GRAD_KEY = "graphcost_requires_grad"
+
+
+def mark_input_grads(program: torch.export.ExportedProgram, args: tuple, kwargs: dict) -> None:
+    """Note on each user-input placeholder whether the example input it stands for requires a
+    gradient. The placeholder's fake value can say otherwise: tracing some ops (mse_loss's
+    target) sets requires_grad on it."""
+    leaves = [x for x in torch.utils._pytree.tree_leaves((args, kwargs))]
+    names = list(program.graph_signature.user_inputs)
+    if len(leaves) != len(names):
+        return  # cannot pair them: the fake values are all there is
+    grads = {name: bool(getattr(x, "requires_grad", False)) for name, x in zip(names, leaves)}
+    for node in program.graph.nodes:
+        if node.op == "placeholder" and node.name in grads:
+            node.meta[INPUT_GRAD_KEY] = grads[node.name]
 
 
 def inline_grad_mode_regions(gm: torch.fx.GraphModule) -> None:
