@@ -30,6 +30,11 @@ GRAD_IS_VIEW = {aten.view.default, aten.reshape.default, aten._unsafe_view.defau
 GRAD_IS_EXPANDED = {aten.sum.default, aten.sum.dim_IntList}
 
 
+# joins whose backward hands each input a slice of the incoming gradient (cat: narrow, stack:
+# unbind), a view while the dtypes agree: the whole incoming gradient lives while any is held
+GRAD_IS_SLICE = {aten.cat.default, aten.stack.default}
+
+
 # tensor inputs (by position among the op's tensor inputs) that get no gradient: they only
 # give a shape or a dtype
 NOT_DIFFERENTIABLE = {aten.type_as.default: (1,), aten.view_as.default: (1,),
@@ -49,6 +54,8 @@ def grad_passes_through(d: dict, v, find) -> bool:
         return v.spec.shape == out.shape and v.spec.dtype == out.dtype
     if target in GRAD_IS_EXPANDED:
         return True
+    if target in GRAD_IS_SLICE:
+        return v.spec.dtype == out.dtype
     if target in GRAD_IS_VIEW:
         return v.spec.numel == out.numel
     # an op that returns its input itself (dropout that does nothing, a same-dtype `to`)
@@ -57,5 +64,5 @@ def grad_passes_through(d: dict, v, find) -> bool:
             and v.spec.numel == out.numel and v.spec.dtype == out.dtype)
 
 
-__all__ = ["GRAD_IS_EXPANDED", "GRAD_IS_INCOMING", "GRAD_IS_VIEW", "NOT_DIFFERENTIABLE",
+__all__ = ["GRAD_IS_EXPANDED", "GRAD_IS_INCOMING", "GRAD_IS_SLICE", "GRAD_IS_VIEW", "NOT_DIFFERENTIABLE",
            "grad_passes_through"]
