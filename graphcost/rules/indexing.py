@@ -25,8 +25,12 @@ def sort_cost(ctx: RuleContext) -> OpCost:
 @register(aten.gather)
 def gather_cost(ctx: RuleContext) -> OpCost:
     """gather(x, dim, index): the backward keeps x (for its shape and a sparse gradient) and the
-    index it scatters the gradient through."""
-    return OpCost(saved=ctx.saved_if_grad(ctx.arg(0, "self"), ctx.arg(2, "index")))
+    index it scatters the gradient through. Its gradient is zeros of x's shape with the
+    incoming gradient scatter-added: in place, except under a dispatch mode (the live tracker,
+    FSDP2's DTensors), where the zeros and the sum exist together."""
+    x = ctx.arg(0, "self")
+    return OpCost(saved=ctx.saved_if_grad(x, ctx.arg(2, "index")),
+                  backward_workspace_bytes=x.spec.nbytes if ctx.requires_grad else 0)
 
 
 @register(aten.index)

@@ -57,11 +57,16 @@ def regression_loss_cost(ctx: RuleContext) -> OpCost:
 
 @register(aten.l1_loss)
 def l1_loss_cost(ctx: RuleContext) -> OpCost:
-    """(input - target).abs(), reduced: abs keeps the difference, a new tensor."""
+    """(input - target).abs(), reduced: abs keeps the difference, a new tensor; the absolute
+    values exist beside it until the reduction is done (reduction "none": they are the
+    output)."""
     x, target = ctx.inputs[0], ctx.inputs[1]
     diff = TensorSpec(tuple(torch.broadcast_shapes(x.shape, target.shape)),
                       torch.promote_types(x.dtype, target.dtype))
-    return OpCost(saved=ctx.saved_if_grad(diff))
+    saved = ctx.saved_if_grad(diff)
+    reduced = ctx.arg(2, "reduction", 1) != 0
+    workspace = diff.nbytes * reduced + (0 if saved else diff.nbytes)
+    return OpCost(saved=saved, forward_workspace_bytes=workspace)
 
 
 @register(aten.binary_cross_entropy_with_logits, aten.binary_cross_entropy)
