@@ -113,8 +113,7 @@ KNOWN_FAILURES: dict[str, str] = {
         "one expression) run 7,680 B above the measurement."),
     "lstmcell_lm": (
         "op without a rule: aten.unsafe_split.Tensor (x8, nn.LSTMCell's gate chunks; 0 FLOPs, "
-        "so the totals agree). Also forward peak -0.86% (44,304 vs 44,688 B: -384 = the last "
-        "step's h and c, 192 B each, which the Python locals h, c hold until forward returns)."),
+        "so the totals agree). Peaks exact."),
     # -- ops without rules ----------------------------------------------------------------
     "dlrm": (
         "op without a rule: aten._embedding_bag (x3), whose offset2bag/bag_size outputs "
@@ -145,33 +144,23 @@ KNOWN_FAILURES: dict[str, str] = {
         "the non-contiguous int64 target contiguous (a clone, B x 63 x 8 = 1,008 B) and keeps "
         "it; graphcost's cross_entropy rule assumes the target is kept as given: saved 190,084 vs "
         "191,092 B (-1,008). Peaks within 0.5%."),
-    "unet1d": (
-        "memory: forward peak -0.75% (67,940 vs 68,452 B) at the loss: F.l1_loss on the CPU is "
-        "sub, abs, mean with the sub and abs results (512 B each) alive together, graphcost "
-        "holds one; backward peak -1.83% (123,756 vs 126,064 B): from up.0's ConvTranspose1d "
-        "backward on, the measured live bytes run 1,540-3,588 B above the prediction (the "
-        "gradients of the skip tensors, summed from the cat and the next down conv), not "
-        "diagnosed further."),
     "elman_rnn": (
-        "memory, Python-local lifetimes: `h, _ = self.rnn(x)` keeps the final hidden state "
-        "(2 layers x B x H = 320 B) alive until forward returns; graphcost frees it after its "
-        "last use: forward peaks -2.3% / -1.2% (13,780 vs 14,100 B). The backward peak is "
-        "also low by 400 B (-1.33%: 29,692 vs 30,092, the training peak), not diagnosed."),
-    # -- product mechanisms ----------------------------------------------------------------
+        "memory: `h, _ = self.rnn(x)` keeps the final hidden state (2 layers x B x H = 320 B) "
+        "until forward returns; graphcost observes that (trace/lifetimes.py), but torch.export "
+        "decomposes nn.RNN's aten.rnn_tanh into per-step ops, and the observed lifetime lands on "
+        "the last of them only: forward peaks -2.3% / -1.2% (13,780 vs 14,100 B), training peak "
+        "-1.33% (29,692 vs 30,092 B). A rule for rnn_tanh (the op kept whole) fixes both."),
     "moe_topk_dense": (
-        "block reuse (graphcost.trace.blocks) bug: the ModuleList of 4 parallel experts (each "
-        "reads the same x; their outputs are stacked) is taken for a stack of repeated blocks, "
-        "exported as 2 and copied; the copies are wired as a chain, so experts 1 and 2 get no "
-        "backward. backward FLOPs 144,384 vs 275,456 (-131,072 = 2 experts' backward), saved "
-        "25,364 vs 27,412 B, training peak -17.4%. analyze(reuse_blocks=False) is exact "
-        "(275,456 and 27,412)."),
+        "memory: forward peak +1.08% / +0.61% (47,856 vs 47,344 B) from the root's `h + moe_out` on: "
+        "the measured live bytes drop 772 B more when the MoE forward returns than the "
+        "predicted ones (FLOPs, saved bytes and the training peak are exact since the block-reuse "
+        "fix; not diagnosed further)."),
     "diffusion_unet": (
-        "requires_grad of an input: torch.export marks a placeholder used as F.mse_loss's target "
-        "requires_grad=True (seen with any Linear + mse_loss(out, target) export), and "
-        "graphcost.graph.build takes inputs' requires_grad from that fake value, so `noise` "
-        "(an input without grad) makes x = sqrt(a) x0 + sqrt(1-a) noise need a gradient and "
-        "conv_in gets an input gradient: backward FLOPs 13,003,776 vs 12,782,592 (+221,184 = "
-        "conv_in's forward FLOPs), saved +8 B. Should come from the example inputs."),
+        "memory: training peak -0.65% (934,636 vs 940,780 B) at conv_out's backward: the CPU "
+        "convolution backward holds 6,144 B more than its gradients (a copy of the 2 x 3 x 16 x 16 "
+        "output gradient, a oneDNN workspace graphcost's conv rule does not model). FLOPs and "
+        "saved bytes exact."),
+    # -- product mechanisms ----------------------------------------------------------------
     "nn_transformer_encoder": (
         "trace failure -> opaque module: nn.TransformerEncoder.forward(src, mask) calls "
         "_detect_is_causal_mask, which compares the mask with a generated causal one "
@@ -188,12 +177,6 @@ KNOWN_FAILURES: dict[str, str] = {
     "hf_t5_seq2seq": (
         "trace failure, Hugging Face outputs: the EncoderDecoderCache in the output is not a "
         "pytree type (see hf_gpt2_lm)."),
-    "hf_bert_cls": (
-        "memory, dropout: forward peak +0.74% (280,220 vs 278,172 B). Traced dropout arrives as "
-        "aten.native_dropout, whose second output (a bool mask, B x T x D = 1,024 B here) "
-        "graphcost allocates; on the CPU F.dropout is empty_like + bernoulli_ + div_ (a float "
-        "noise tensor, the one kept) and mul, with no bool mask: +1,024 B per dropout alive. "
-        "Everything else exact."),
     "dataclass_output": (
         "trace failure, structured outputs: a plain @dataclass returned from forward is not a "
         "pytree type, so torch.export refuses it (Found DetectionOutput in output ...); "
