@@ -116,10 +116,6 @@ def _optimizer(name: str) -> str:
 # --- known failures ------------------------------------------------------------------------------
 
 KNOWN = {
-    "sequential-stack": (
-        "graphcost bug (trace/blocks.py first_two_blocks): a stack of >= 4 identical blocks held in "
-        "an nn.Sequential is cut to two with `type(stack)(list(stack)[:2])`, i.e. nn.Sequential(list) "
-        "-> TypeError 'list is not a Module subclass'; analyze() crashes (nn.ModuleList stacks work)"),
     "input-grad": (
         "graphcost: an input with requires_grad=True is a leaf: backward() leaves its .grad "
         "(input-sized) alive after backward and through the next step (accumulated in step 2); the "
@@ -131,13 +127,6 @@ KNOWN = {
         "unsupported and counted as saving nothing, while autograd saves a clone of the original input "
         "(original_self, input-sized) for silu_/hardswish_/mish_ (the result for elu_/leaky_relu_): "
         "saved bytes and peaks low by that clone"),
-    "mha-one-head": (
-        "graphcost layout tracking (analysis/annotate.py _Layouts.follow) ignores that size-1 dims "
-        "have no layout: nn.MultiheadAttention(num_heads=1, need_weights=False) runs the CPU flash "
-        "kernel, whose output is empty_like(q), (B,1,T,D) with strides (D,T*B*D,B*D,1); after "
-        "permute(2,0,1,3) the dim order is (2,0,1,3) != identity, so `.contiguous()` is counted as a "
-        "copy (B*T*E bytes, saved by out_proj) where eager's is_contiguous() skips the size-1 head "
-        "dim and returns a view: saved bytes and peaks high by B*T*E*itemsize per such MHA"),
     "maxpool-no-grad": (
         "graphcost rules: aten.max_pool2d/max_pool1d on an input that needs no grad is traced "
         "without indices, but eager CPU still runs max_pool2d_with_indices and frees the int64 "
@@ -188,11 +177,9 @@ ALL = ("parameters", "flops", "saved_activations", "supported_ops", "training_pe
 PEAKS = ("training_peak", "forward_peaks")
 # architecture -> check -> its failure class (or classes, when two add up)
 FAILURES: dict[str, dict[str, str | tuple[str, ...]]] = {
-    "sequential-stack": dict.fromkeys(ALL, "sequential-stack"),
     "input-grad": dict.fromkeys(PEAKS, "input-grad"),
     "inplace-silu": dict.fromkeys(("saved_activations", "supported_ops", *PEAKS),
                                   "inplace-activation"),
-    "mha-one-head": dict.fromkeys(("saved_activations", "forward_peaks"), "mha-one-head"),
     "maxpool-no-grad": dict.fromkeys(PEAKS, "maxpool-no-grad"),
     "groupnorm-strided-input": dict.fromkeys(PEAKS, "groupnorm-strided-input"),
     "groupnorm-channels-last-backward": {"training_peak": "groupnorm-channels-last-backward"},
@@ -203,18 +190,13 @@ FAILURES: dict[str, dict[str, str | tuple[str, ...]]] = {
     "shared-bias-grad": {"training_peak": "shared-bias-grad"},
     "loss-grad-lifetime": {"training_peak": "loss-grad-lifetime"},
     # generated architectures
-    "seed1": dict.fromkeys(("saved_activations", *PEAKS), "mha-one-head"),
     "seed6": dict.fromkeys(PEAKS, "input-grad"),
     "seed9": dict.fromkeys(PEAKS, "input-grad"),
-    "seed11": dict.fromkeys(ALL, "sequential-stack"),
     "seed17": dict.fromkeys(("saved_activations", "supported_ops", *PEAKS), "inplace-activation"),
     "seed21": dict.fromkeys(PEAKS, "groupnorm-strided-input"),
-    "seed22": dict.fromkeys(("saved_activations", *PEAKS), "mha-one-head"),
     "seed37": dict.fromkeys(PEAKS, "maxpool-no-grad"),
     "seed38": {"training_peak": "groupnorm-channels-last-backward"},
     "seed41": {"training_peak": "loss-grad-lifetime"},
-    "seed42": dict.fromkeys(ALL, "sequential-stack"),
-    "seed46": dict.fromkeys(("saved_activations", *PEAKS), "mha-one-head"),
     "seed52": dict.fromkeys(PEAKS, "input-grad"),
     # rms_norm's overcount (+2.4 KB) outweighs maximum's undercount at the backward peak
     "seed57": {"training_peak": ("rmsnorm-residual-backward", "maximum-backward")},

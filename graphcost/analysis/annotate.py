@@ -207,6 +207,13 @@ def _replace_values(x, mapping: dict):
     return x
 
 
+def _row_major(order: tuple[int, ...], shape: tuple[int, ...]) -> bool:
+    """Is a tensor of `shape` whose dims lie in memory in `order` contiguous? Dims of size 1
+    have no stride that matters (is_contiguous() skips them)."""
+    dims = [d for d in order if shape[d] != 1]
+    return dims == sorted(dims)
+
+
 class _Layouts:
     """Tracks outputs whose kernel writes them in a non-contiguous memory order (see
     OpCost.output_dim_order) through transposes and permutes. A traced copy (`contiguous`,
@@ -243,7 +250,7 @@ class _Layouts:
         elif target is aten.permute.default:
             where = {old: new for new, old in enumerate(data["args"][1])}
             self.order[name] = tuple(where[d % rank] for d in order)
-        elif target in COPY_IF_NEEDED and order == tuple(range(rank)):
+        elif target in COPY_IF_NEEDED and _row_major(order, x.spec.shape):
             own = data["storages"][0]
             if own is not None and own != x.storage:
                 self.alias[own] = self.find(x.storage)

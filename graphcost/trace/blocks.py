@@ -39,7 +39,8 @@ def find_repeated_blocks(module: nn.Module) -> RepeatedBlocks | None:
     """The longest ModuleList/Sequential of identical blocks with no parameter shared outside."""
     best = None
     for path, child in module.named_modules():
-        if not isinstance(child, (nn.ModuleList, nn.Sequential)) or len(child) < MIN_BLOCKS:
+        # exactly these containers: a subclass may run its blocks its own way
+        if type(child) not in (nn.ModuleList, nn.Sequential) or len(child) < MIN_BLOCKS:
             continue
         blocks = list(child)
         first = _signature(blocks[0])
@@ -65,7 +66,7 @@ def first_two_blocks(module: nn.Module, blocks: RepeatedBlocks) -> Iterator[None
     parent_path, _, attr = blocks.path.rpartition(".")
     parent = module.get_submodule(parent_path)
     stack = getattr(parent, attr)
-    short = type(stack)(list(stack)[:2]) if isinstance(stack, nn.Sequential) \
+    short = nn.Sequential(*list(stack)[:2]) if isinstance(stack, nn.Sequential) \
         else nn.ModuleList(list(stack)[:2])
     parent._modules[attr] = short
     try:
