@@ -116,11 +116,6 @@ def _optimizer(name: str) -> str:
 # --- known failures ------------------------------------------------------------------------------
 
 KNOWN = {
-    "input-grad": (
-        "graphcost: an input with requires_grad=True is a leaf: backward() leaves its .grad "
-        "(input-sized) alive after backward and through the next step (accumulated in step 2); the "
-        "timeline drops it, so step 1's forward/backward and every optimizer peak are low by the "
-        "input's bytes"),
     "inplace-activation": (
         "graphcost rules: in-place activations aten.silu_, aten.hardswish_, aten.mish_, aten.elu_, "
         "aten.leaky_relu_ (nn.SiLU/Hardswish/Mish/ELU/LeakyReLU(inplace=True)) have no rule; "
@@ -161,15 +156,6 @@ KNOWN = {
         "x * bernoulli_(empty_like(x)).div_(1-p)) still makes the float mask (input-sized) alive "
         "beside the output at the mul; graphcost counts the mask only when it is kept for backward: "
         "forward peak low by u"),
-    "shared-bias-grad": (
-        "graphcost: a Linear applied twice (shared parameters): eager's AccumulateGrad adds the "
-        "second bias gradient into .grad (freeing both addends) before the weight's accumulation; "
-        "graphcost accumulates an op's parameter gradients at one event, so the bias gradient and "
-        "its sum are still counted at the weight's accumulation peak: backward peak high by |bias|"),
-    "loss-grad-lifetime": (
-        "graphcost: backward()'s root gradient (ones_like(loss), 4 bytes) stays alive until "
-        "backward() returns in eager (held by torch.autograd.backward); graphcost frees it after its "
-        "last consumer: backward peak 4 bytes low (only visible on a tiny model)"),
 }
 
 ALL = ("parameters", "flops", "saved_activations", "supported_ops", "training_peak",
@@ -177,7 +163,6 @@ ALL = ("parameters", "flops", "saved_activations", "supported_ops", "training_pe
 PEAKS = ("training_peak", "forward_peaks")
 # architecture -> check -> its failure class (or classes, when two add up)
 FAILURES: dict[str, dict[str, str | tuple[str, ...]]] = {
-    "input-grad": dict.fromkeys(PEAKS, "input-grad"),
     "inplace-silu": dict.fromkeys(("saved_activations", "supported_ops", *PEAKS),
                                   "inplace-activation"),
     "maxpool-no-grad": dict.fromkeys(PEAKS, "maxpool-no-grad"),
@@ -187,17 +172,11 @@ FAILURES: dict[str, dict[str, str | tuple[str, ...]]] = {
     "rmsnorm-residual-backward": {"training_peak": "rmsnorm-residual-backward"},
     "rmsnorm-frozen-weight": {"forward_peaks": "rmsnorm-frozen-weight"},
     "dropout-no-grad": {"forward_peaks": "dropout-no-grad"},
-    "shared-bias-grad": {"training_peak": "shared-bias-grad"},
-    "loss-grad-lifetime": {"training_peak": "loss-grad-lifetime"},
     # generated architectures
-    "seed6": dict.fromkeys(PEAKS, "input-grad"),
-    "seed9": dict.fromkeys(PEAKS, "input-grad"),
     "seed17": dict.fromkeys(("saved_activations", "supported_ops", *PEAKS), "inplace-activation"),
     "seed21": dict.fromkeys(PEAKS, "groupnorm-strided-input"),
     "seed37": dict.fromkeys(PEAKS, "maxpool-no-grad"),
     "seed38": {"training_peak": "groupnorm-channels-last-backward"},
-    "seed41": {"training_peak": "loss-grad-lifetime"},
-    "seed52": dict.fromkeys(PEAKS, "input-grad"),
     # rms_norm's overcount (+2.4 KB) outweighs maximum's undercount at the backward peak
     "seed57": {"training_peak": ("rmsnorm-residual-backward", "maximum-backward")},
 }

@@ -62,7 +62,9 @@ class WalkFacts:
             keys = set()
             for v in self.inputs_of[n]:
                 self.value_bytes[(v.node, v.index)] = v.spec.nbytes
-                if v.requires_grad and v.kind == "param":
+                # a parameter, or an input that requires grad: both leaves keep a .grad (an
+                # input's is never cleared by zero_grad, and accumulates across steps)
+                if v.requires_grad and v.kind in ("param", "input"):
                     keys.add(v.node)
             for node in keys:
                 self.param_consumers[node] += 1

@@ -37,6 +37,8 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
+import torch
+
 from graphcost.graph.costed import CostedGraph
 from graphcost.graph.liveness import last_reads
 from graphcost.passes.checkpoint.policy import Plan, Region, plan
@@ -54,6 +56,9 @@ from graphcost.trace.autocast import cast_dtype, cast_inputs
 # the graph attributes it reads (graphcost/graph/schema.py)
 READS = ("autocast", "bytes_read", "bytes_written", "device", "forward_flops", "names", "outputs",
          "requires_grad", "runs_backward", "saved", "storages", "target")
+
+
+LINEAR = torch.ops.aten.linear.default
 
 
 class _Live:
@@ -240,11 +245,18 @@ class Walk:
         self.buffer: dict[tuple[str, int], object] = {}  # value -> the gradient buffer it has
         self.refs: dict[object, int] = defaultdict(int)  # buffer -> values holding it
         self.pending = dict(f.param_consumers)  # param node -> contributions still to come
+        roots = []
         for v in f.graph_outputs:
             if v.requires_grad:  # d loss / d loss = 1 (ones_like), expanded for a sum's input
-                self._hold((v.node, v.index), self._new_buffer(v.spec.dtype.itemsize))
+                roots.append(self._new_buffer(v.spec.dtype.itemsize))
+                self._hold((v.node, v.index), roots[-1])
+                self.refs[roots[-1]] += 1  # torch.autograd.backward holds it until it returns
         for n in f.backward_ops:
             self._backward_node(step, n)
+        for bid in roots:
+            self.refs[bid] -= 1
+            if self.refs[bid] == 0:
+                self.live.drop(bid)
         for key in list(self.buffer):
             self._release(key)  # gradients of inputs that never reached a producer
         for sid in self.scalar_roots:
@@ -314,6 +326,10 @@ class Walk:
             self._release_saved(region, sid)
         if region is not None and n == region.frame_end:
             self._end_region(region)
+        if target is LINEAR:  # at::linear is addmm(bias, input, weight.t()): the bias's
+            # gradient is delivered first, the weight's last (it comes through t())
+            position = {(v.node, v.index): p for p, v in enumerate(f.inputs_of[n])}
+            made.sort(key=lambda kb: (2, 0, 1).index(min(position.get(kb[0], 0), 2)))
         for key, bid in made:
             self._deliver(step, n, key, bid)
 
