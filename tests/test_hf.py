@@ -237,3 +237,21 @@ def test_missing_transformers_says_what_to_install(capsys, configs, monkeypatch)
     monkeypatch.setitem(sys.modules, "transformers", None)  # import fails
     code, _, err = run(capsys, "analyze", f"hf:{configs / 'gpt2'}")
     assert code == 2 and "pip install 'graphcost[hf]'" in err
+
+
+def test_mixtral_from_config_reports_active_params(configs):
+    """transformers' Mixtral stacks its experts in one tensor per projection (E x 2I x D): the
+    active parameters per token are the non-expert ones plus k/E of the expert ones, counted
+    here from the module's own named parameters."""
+    from graphcost.passes.experts import moe_summary
+
+    built = load_hf(str(configs / "mixtral"), batch=B, seq=T)
+    summary = moe_summary(analyze(built.module, built.inputs))
+    config = tiny_configs()["mixtral"]
+    named = dict(built.module.named_parameters())
+    experts = sum(p.numel() for n, p in named.items() if ".experts." in n)
+    total = sum(p.numel() for p in named.values())
+    k, e = config.num_experts_per_tok, config.num_local_experts
+    assert summary is not None and summary.total_params == total
+    assert (summary.layers[0].n_experts, summary.layers[0].top_k) == (e, k)
+    assert summary.active_params == total - experts + experts * k // e
