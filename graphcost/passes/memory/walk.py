@@ -26,10 +26,8 @@ The reported peak is the maximum over the first `steps` steps (the optimizer sta
 the first one), as a real run's would be. Memory a kernel allocates and frees inside one op is
 the rule's `forward_workspace_bytes` / `backward_workspace_bytes` (pow's backward, rms_norm's
 composite); where a rule leaves them 0 it is not modelled, nor is the allocator's rounding or
-caching. Known gap: a tensor is freed after its last use in the
-graph, while eager Python frees it when its last reference dies (a function's argument when
-the call returns; `h = f(h)`'s old h when f returns), so forward-phase peaks can be low by a
-few activations (up to 2.3% on the zoo's small configs; the overall peak is not in the forward).
+caching. A forward value is freed when eager Python lets go of it: after its last reader, or
+later while a Python local or argument still holds it (graph/liveness.py, trace/lifetimes.py).
 """
 
 from __future__ import annotations
