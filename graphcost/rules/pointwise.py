@@ -120,6 +120,40 @@ def saves_output(ctx: RuleContext) -> OpCost:
     return OpCost(saved=ctx.saved_if_grad(Out(0)))
 
 
+# In-place activations (nn.SiLU(inplace=True) and the like). The result lives in the input's
+# storage. Where the gradient needs the input the kernel overwrites, autograd's generated code
+# (VariableType) clones it before the kernel runs (`original_self = self.clone()`, only when the
+# op is recorded) and keeps the clone: a new input-sized tensor, alive until the backward.
+
+
+@register(aten.silu_, aten.hardswish_, aten.mish_, aten.hardsigmoid_, aten.hardtanh_,
+          aten.relu6_, aten.threshold_)
+def inplace_saves_a_copy_of_its_input(ctx: RuleContext) -> OpCost:
+    """silu_, hardswish_, mish_, hardsigmoid_, hardtanh_ (nn.ReLU6), relu6_ (hardtanh_ in
+    eager), threshold_: the gradient is a function of the original input, so autograd keeps
+    its clone."""
+    x = ctx.inputs[0]
+    return OpCost(saved=ctx.saved_if_grad(TensorSpec(x.shape, x.dtype)))
+
+
+@register(aten.elu_, aten.leaky_relu_, aten.celu_, aten.selu_)
+def inplace_saves_its_result(ctx: RuleContext) -> OpCost:
+    """elu_, leaky_relu_, celu_, selu_ (elu_ in eager): the gradient is computed from the
+    result (`is_result=true` in derivatives.yaml), which is the overwritten input: no copy."""
+    return OpCost(saved=ctx.saved_if_grad(Out(0)))
+
+
+@register(aten.rrelu_)
+def inplace_rrelu_cost(ctx: RuleContext) -> OpCost:
+    """rrelu_ runs rrelu_with_noise_(x, empty_like(x)), train or eval: autograd keeps the noise
+    (a new input-sized tensor) and the result."""
+    x = ctx.inputs[0]
+    noise = TensorSpec(x.shape, x.dtype)
+    if not ctx.requires_grad:
+        return OpCost(forward_workspace_bytes=noise.nbytes)  # made, filled, freed after the op
+    return OpCost(saved=(noise, Out(0)))
+
+
 @register(aten.masked_fill, aten.masked_fill_)
 def masked_fill_cost(ctx: RuleContext) -> OpCost:
     return OpCost(saved=ctx.saved_if_grad(ctx.arg(1, "mask")))
@@ -130,29 +164,41 @@ def where_cost(ctx: RuleContext) -> OpCost:
     return OpCost(saved=ctx.saved_if_grad(ctx.arg(0, "condition")))
 
 
-FEATURE_DROPOUTS = (aten.feature_dropout.default, aten.feature_alpha_dropout.default)
+FEATURE_DROPOUTS = (aten.feature_dropout.default, aten.feature_alpha_dropout.default,
+                    aten.feature_dropout_.default, aten.feature_alpha_dropout_.default)
+ALPHA_DROPOUTS = (aten.alpha_dropout.default, aten.feature_alpha_dropout.default,
+                  aten.alpha_dropout_.default, aten.feature_alpha_dropout_.default)
 
 
-@register(aten.dropout, aten.feature_dropout, aten.alpha_dropout, aten.feature_alpha_dropout)
+@register(aten.dropout, aten.feature_dropout, aten.alpha_dropout, aten.feature_alpha_dropout,
+          aten.dropout_, aten.feature_dropout_, aten.alpha_dropout_, aten.feature_alpha_dropout_)
 def dropout_cost(ctx: RuleContext) -> OpCost:
+    """Eager dropout on the CPU (ATen's _dropout_impl, the in-place forms `dropout_` etc. of
+    nn.Dropout(inplace=True) alike): `noise = empty_like(x).bernoulli_(1 - p).div_(1 - p)`, then
+    `x * noise` (`x.mul_(noise)` in place); feature dropout draws one value per (sample,
+    channel). Autograd keeps the noise. It is made whether or not a gradient is needed: when
+    nothing is recorded it lives beside the output at the multiply and is freed after it.
+    Alpha dropout also makes `b = (noise - 1) * alpha_a + alpha_a * p` (noise-sized), added
+    to the product after it and then freed."""
     p, train = ctx.arg(1, "p"), ctx.arg(2, "train")
     x = ctx.inputs[0]
     if not train or p == 0:
         return OpCost(output_is_input=0)  # eager returns the input itself (traced: a copy)
-    if not ctx.requires_grad:
-        return OpCost()
     if p == 1:
-        return OpCost(saved=(TensorSpec((), x.dtype),))  # input * zeros(()): a 0-dim zero
-    if ctx.op == aten.dropout.default and ctx.device.kind == "cuda":
+        noise = TensorSpec((), x.dtype)  # input * zeros(()): a 0-dim zero
+    elif ctx.op == aten.dropout.default and ctx.device.kind == "cuda":
         # CUDA dropout is the fused native_dropout kernel: it keeps a boolean mask.
-        # NB: not checked here (no GPU); the CPU branches below are.
-        return OpCost(saved=(TensorSpec(x.shape, torch.bool),))
-    # Otherwise input * noise, the noise (bernoulli(1 - p) / (1 - p), alpha-scaled for alpha
-    # dropout) in the input's dtype; feature dropout draws one value per (sample, channel).
-    shape = x.shape
-    if ctx.op in FEATURE_DROPOUTS:
-        shape = x.shape[:2] + (1,) * (len(x.shape) - 2)
-    return OpCost(saved=(TensorSpec(shape, x.dtype),))
+        # NB: not checked here (no GPU); the CPU branches are.
+        noise = TensorSpec(x.shape, torch.bool)
+    else:
+        shape = x.shape
+        if ctx.op in FEATURE_DROPOUTS:
+            shape = x.shape[:2] + (1,) * (len(x.shape) - 2)
+        noise = TensorSpec(shape, x.dtype)
+    alpha_b = noise.nbytes if ctx.op in ALPHA_DROPOUTS and p != 1 else 0
+    if not ctx.requires_grad:
+        return OpCost(forward_workspace_bytes=noise.nbytes + alpha_b)
+    return OpCost(saved=(noise,), forward_workspace_bytes=alpha_b)
 
 
 @register(aten.native_dropout)

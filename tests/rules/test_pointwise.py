@@ -103,6 +103,40 @@ def test_activation_modules_on_an_input_that_needs_grad(module, dtype):
     assert_matches_pytorch(module, randn_inputs(SHAPE), dtype)
 
 
+# In-place activations: the result is the input's storage; autograd keeps a clone of the input
+# (silu_, hardswish_, mish_, hardsigmoid_, hardtanh_, threshold_), the result (relu_, elu_,
+# leaky_relu_, celu_, selu_) or the noise and the result (rrelu_).
+INPLACE = {
+    "relu_": lambda x: F.relu(x, inplace=True), "silu_": lambda x: F.silu(x, inplace=True),
+    "hardswish_": lambda x: F.hardswish(x, inplace=True), "mish_": lambda x: F.mish(x, inplace=True),
+    "hardsigmoid_": lambda x: F.hardsigmoid(x, inplace=True),
+    "relu6_": lambda x: F.relu6(x, inplace=True), "hardtanh_": lambda x: F.hardtanh(x, inplace=True),
+    "threshold_": lambda x: F.threshold(x, 0.1, 0.0, inplace=True),
+    "elu_": lambda x: F.elu(x, inplace=True), "leaky_relu_": lambda x: F.leaky_relu(x, 0.2, True),
+    "celu_": lambda x: F.celu(x, inplace=True), "selu_": lambda x: F.selu(x, inplace=True),
+    "rrelu_": lambda x: F.rrelu(x, training=True, inplace=True),
+    "rrelu_eval_": lambda x: F.rrelu(x, training=False, inplace=True),
+}
+
+
+@pytest.mark.parametrize("fn", INPLACE.values(), ids=INPLACE.keys())
+def test_inplace_activation_on_activation(fn, dtype):
+    assert_matches_pytorch(*on_activations(fn, (2, 4, 4)), dtype)
+
+
+@pytest.mark.parametrize("module", [
+    lambda: nn.SiLU(inplace=True), lambda: nn.Hardswish(inplace=True),
+    lambda: nn.Mish(inplace=True), lambda: nn.ELU(inplace=True),
+    lambda: nn.LeakyReLU(0.1, inplace=True), lambda: nn.ReLU6(inplace=True),
+    lambda: nn.Dropout(0.5, inplace=True)],
+    ids=["SiLU", "Hardswish", "Mish", "ELU", "LeakyReLU", "ReLU6", "Dropout"])
+def test_inplace_modules_between_linears(module, dtype):
+    def make():
+        return nn.Sequential(nn.Linear(6, 6), module(), nn.Linear(6, 4))
+
+    assert_matches_pytorch(make, randn_inputs((3, 6), requires_grad=False), dtype)
+
+
 BINARY = {
     "mul": torch.mul, "div": torch.div, "add": torch.add, "sub": torch.sub,
     "where": lambda x, y: torch.where(x > 0, x, y),
@@ -158,6 +192,11 @@ DROPOUTS = {
     "feature_2d_eval": lambda x: F.dropout2d(x.unsqueeze(-1), 0.5, training=False) * 2,
     "p1": lambda x: F.dropout(x, 1.0),
     "feature_p1": lambda x: F.dropout1d(x, 1.0),
+    "inplace": lambda x: F.dropout(x, 0.5, inplace=True),
+    "inplace_p1": lambda x: F.dropout(x, 1.0, inplace=True),
+    "inplace_feature_2d": lambda x: F.dropout2d(x.unsqueeze(-1), 0.5, inplace=True),
+    "inplace_alpha": lambda x: F.alpha_dropout(x, 0.5, training=True, inplace=True),
+    "inplace_feature_alpha": lambda x: F.feature_alpha_dropout(x, 0.5, True, inplace=True),
 }
 
 
