@@ -134,10 +134,6 @@ KNOWN = {
         "which is right for dropout(p=0) but not for an in-place op (relu_, silu_, elu_, ...): "
         "its backward (threshold_backward, ...) returns a new input-sized gradient while the "
         "incoming one is alive: the backward peak at the op is low by the input's bytes"),
-    "maxpool-no-grad": (
-        "graphcost rules: aten.max_pool2d/max_pool1d on an input that needs no grad is traced "
-        "without indices, but eager CPU still runs max_pool2d_with_indices and frees the int64 "
-        "indices (2x the fp32 output bytes) after the op: the forward peak at the pool is low by them"),
     "groupnorm-strided-input": (
         "graphcost rule group_norm (rules/norm.py) saves x itself; eager group_norm calls "
         "native_group_norm(input.contiguous()) so on a non-contiguous x (a transpose(1,2) of a "
@@ -172,7 +168,6 @@ PEAKS = ("training_peak", "forward_peaks")
 FAILURES: dict[str, dict[str, str | tuple[str, ...]]] = {
     "inplace-silu": {"training_peak": "inplace-on-view"},
     "inplace-relu-backward": {"training_peak": "inplace-gradient-passthrough"},
-    "maxpool-no-grad": dict.fromkeys(PEAKS, "maxpool-no-grad"),
     "groupnorm-strided-input": dict.fromkeys(PEAKS, "groupnorm-strided-input"),
     "groupnorm-channels-last-backward": {"training_peak": "groupnorm-channels-last-backward"},
     "maximum-backward": {"training_peak": "maximum-backward"},
@@ -180,7 +175,6 @@ FAILURES: dict[str, dict[str, str | tuple[str, ...]]] = {
     "rmsnorm-frozen-weight": {"forward_peaks": "rmsnorm-frozen-weight"},
     # generated architectures
     "seed21": dict.fromkeys(PEAKS, "groupnorm-strided-input"),
-    "seed37": dict.fromkeys(PEAKS, "maxpool-no-grad"),
     "seed38": {"training_peak": "groupnorm-channels-last-backward"},
     # rms_norm's overcount (+2.4 KB) outweighs maximum's undercount at the backward peak
     "seed57": {"training_peak": ("rmsnorm-residual-backward", "maximum-backward")},

@@ -48,8 +48,15 @@ def conv_transpose_cost(ctx: RuleContext) -> OpCost:
 
 @register(aten.max_pool1d, aten.max_pool2d, aten.max_pool3d)
 def max_pool_cost(ctx: RuleContext) -> OpCost:
-    # With a gradient needed, max_pool runs max_pool*_with_indices: input and int64 indices kept.
-    return OpCost(saved=ctx.saved_if_grad(ctx.inputs[0], TensorSpec(ctx.out.shape, torch.int64)))
+    """Eager max_pool runs max_pool*_with_indices: with a gradient needed, the input and the
+    int64 indices are kept; without one the indices still exist beside the output until the op
+    returns (forward workspace). max_pool2d and max_pool3d always take that path; max_pool1d
+    without a gradient takes an index-free CPU kernel on a plain run, but not under a dispatch
+    mode (isTensorSubclassLike: the live tracker, FSDP2's DTensors), which graphcost models."""
+    indices = TensorSpec(ctx.out.shape, torch.int64)
+    if not ctx.requires_grad:
+        return OpCost(forward_workspace_bytes=indices.nbytes)
+    return OpCost(saved=(ctx.inputs[0], indices))
 
 
 @register(aten.avg_pool1d, aten.avg_pool2d, aten.avg_pool3d)
