@@ -9,6 +9,9 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import torch
+from torch._prims_common import suggest_memory_format
+
 from graphcost.rules.registry import Value
 
 
@@ -26,6 +29,24 @@ def strides_of(x: Value) -> tuple[int, ...] | None:
     if x.strides is not None:
         return tuple(x.strides)
     return contiguous_strides(x.shape) if x.contiguous else None
+
+
+def suggested_memory_format(x: Value) -> torch.memory_format | None:
+    """ATen's `x.suggest_memory_format()`: channels_last (channels_last_3d) for a 4-D (5-D)
+    tensor with NHWC-like strides, else contiguous_format; None when the strides are unknown."""
+    strides = strides_of(x)
+    if strides is None:
+        return None
+    return suggest_memory_format(torch.empty_strided(x.shape, strides, device="meta"))
+
+
+def is_dense_in(x: Value, memory_format: torch.memory_format) -> bool | None:
+    """Is `x.contiguous(memory_format)` x itself (True) or a copy (False)? None: unknown."""
+    strides = strides_of(x)
+    if strides is None:
+        return None
+    t = torch.empty_strided(x.shape, strides, device="meta")
+    return t.is_contiguous(memory_format=memory_format)
 
 
 def view_strides(shape: Sequence[int], strides: Sequence[int],

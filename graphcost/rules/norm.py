@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from graphcost.rules.layout import is_dense_in, suggested_memory_format
 from graphcost.rules.registry import OpCost, RuleContext, TensorSpec, Value, register
 
 aten = torch.ops.aten
@@ -108,9 +109,32 @@ def instance_norm_cost(ctx: RuleContext) -> OpCost:
 
 @register(aten.group_norm)
 def group_norm_cost(ctx: RuleContext) -> OpCost:
+    """Eager group_norm (CompositeImplicit, aten/src/ATen/native/group_norm.cpp) runs
+    native_group_norm on `X = input.contiguous(input.suggest_memory_format())` on the CPU
+    (`input.contiguous()` on CUDA): an input that is not dense in that format (a transpose of a
+    (B, T, C) activation) is copied, and autograd keeps the copy, with the per-group mean and
+    rstd (with nothing recorded, the copy and the statistics are freed after the op). Its
+    backward calls native_group_norm_backward with `grad.contiguous(X.suggest_memory_format())`:
+    a copy of the incoming gradient when it is laid out otherwise, alive beside the gradients
+    the backward returns."""
     x = ctx.inputs[0]
     groups = ctx.arg(1, "num_groups")
     weight = ctx.arg(2, "weight")
     # NB: mean and rstd in the input dtype, as the CPU kernel keeps them (CUDA not checked).
     stats = TensorSpec((x.shape[0], groups), x.dtype)
-    return OpCost(saved=ctx.saved_if_grad(x, weight, stats, TensorSpec(stats.shape, stats.dtype)))
+    suggested = suggested_memory_format(x)  # None: strides unknown
+    channels_last = suggested not in (None, torch.contiguous_format)
+    layout = suggested if channels_last and ctx.device.kind == "cpu" else torch.contiguous_format
+    copied = is_dense_in(x, layout) is False
+    if not ctx.requires_grad:
+        return OpCost(forward_workspace_bytes=(x.spec.nbytes if copied else 0) + 2 * stats.nbytes)
+    # NB: the incoming gradient's layout is not known to a rule; it is taken to be contiguous,
+    # as most ops make it (those after a permute back from channels-last too), so it is copied
+    # for a channels-last X. Not counted: a gradient that reaches the norm strided (a transpose
+    # back after the norm hands its gradient on transposed: copied to contiguous) or
+    # channels-last (a model that stays channels-last after the norm: not copied).
+    kept_x = TensorSpec(x.shape, x.dtype) if copied else x
+    return OpCost(saved=ctx.saved_if_grad(kept_x, weight, stats,
+                                          TensorSpec(stats.shape, stats.dtype)),
+                  backward_workspace_bytes=x.spec.nbytes if layout != torch.contiguous_format
+                  else 0)

@@ -98,6 +98,22 @@ def test_group_norm(make, dtype):
     assert_matches_pytorch(make, randn_inputs((B, 4, 3, 3)), dtype)
 
 
+# group_norm runs on input.contiguous(input.suggest_memory_format()): a transposed input is
+# copied (the copy is kept, beside h, which sin keeps), a channels-last one is kept itself.
+GROUP_NORM_LAYOUTS = {
+    "transposed_3d": (lambda h: h.transpose(1, 2), (B, 5, 4)),
+    "channels_last": (lambda h: h.permute(0, 3, 1, 2), (B, 3, 5, 4)),
+    "transposed_4d": (lambda h: h.transpose(2, 3), (B, 4, 3, 5)),
+}
+
+
+@pytest.mark.parametrize("case", GROUP_NORM_LAYOUTS.values(), ids=GROUP_NORM_LAYOUTS.keys())
+def test_group_norm_on_a_strided_activation(case, dtype):
+    layout, shape = case
+    fn = lambda h: (F.group_norm(layout(h), 2), h.sin())  # noqa: E731
+    assert_matches_pytorch(*on_activations(fn, shape), dtype)
+
+
 INSTANCE_NORMS = {
     "plain": (lambda: nn.InstanceNorm2d(3), (B, 3, 4, 4)),
     "affine": (lambda: nn.InstanceNorm2d(3, affine=True), (B, 3, 4, 4)),
