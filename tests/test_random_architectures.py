@@ -143,11 +143,6 @@ KNOWN = {
         "takes it to be contiguous; after a transpose back (x.transpose(1,2) -> GroupNorm -> "
         "transpose back) it is transposed, and native_group_norm_backward copies it "
         "(grad.contiguous(X.suggest_memory_format())): the backward peak is low by its bytes"),
-    "maximum-backward": (
-        "graphcost rule maximum/minimum has no backward workspace: eager computes each input's "
-        "gradient as where(a == b, grad / 2, grad).masked_fill_(a < b, 0): grad/2 (u) and two bool "
-        "masks (u/4 each) are alive beside the gradients, so the backward peak is low by 1.5u "
-        "(u = output bytes)"),
     "rmsnorm-residual-backward": (
         "graphcost rule rms_norm (rules/norm.py) is one lumped op, eager runs the composite: the "
         "gradient of x arrives in two parts and is accumulated with x's other gradients (a residual "
@@ -168,12 +163,10 @@ FAILURES: dict[str, dict[str, str | tuple[str, ...]]] = {
     "inplace-silu": {"training_peak": "inplace-on-view"},
     "inplace-relu-backward": {"training_peak": "inplace-gradient-passthrough"},
     "groupnorm-transposed-gradient": {"training_peak": "groupnorm-transposed-gradient"},
-    "maximum-backward": {"training_peak": "maximum-backward"},
     "rmsnorm-residual-backward": {"training_peak": "rmsnorm-residual-backward"},
     "rmsnorm-frozen-weight": {"forward_peaks": "rmsnorm-frozen-weight"},
     # generated architectures
-    # rms_norm's overcount (+2.4 KB) outweighs maximum's undercount at the backward peak
-    "seed57": {"training_peak": ("rmsnorm-residual-backward", "maximum-backward")},
+    "seed57": {"training_peak": "rmsnorm-residual-backward"},
 }
 
 

@@ -108,8 +108,16 @@ def log_sigmoid_cost(ctx: RuleContext) -> OpCost:
 
 @register(aten.minimum, aten.maximum, aten.min.other, aten.max.other)
 def elementwise_min_max_cost(ctx: RuleContext) -> OpCost:
-    """minimum(a, b): the gradient goes to the smaller (split on ties): both are kept."""
-    return OpCost(saved=ctx.saved_if_grad(*ctx.inputs))
+    """minimum(a, b): the gradient goes to the smaller (split on ties): both are kept. Each
+    input's gradient is `where(a == b, grad / 2, grad).masked_fill_(a < b, 0)`
+    (derivatives.yaml), one expression after the other: at the second, grad / 2 (the gradient's
+    size) and two bool masks are alive beside the first gradient, and freed with the
+    expression (the same with one gradient to make)."""
+    # NB: a broadcast operand's gradient is made at the output's size and reduced (sum_to)
+    # only after both are made; that unreduced gradient is not counted here.
+    out = ctx.out
+    workspace = out.nbytes + 2 * out.numel * torch.bool.itemsize if ctx.requires_grad else 0
+    return OpCost(saved=ctx.saved_if_grad(*ctx.inputs), backward_workspace_bytes=workspace)
 
 
 @register(aten.rsqrt, aten.sqrt, aten.exp, aten.tanh, aten.sigmoid, aten.relu, aten.relu_,

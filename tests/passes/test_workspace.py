@@ -64,3 +64,32 @@ def test_rms_norm_backward_workspace(dtype, x_grad):
     # as in a model; here the test holds it. Within the (B, T, 1) statistics' gradients.
     held = x.nbytes if x_grad else 0
     assert predicted + held == pytest.approx(measured, abs=2 * B * T * 4)
+
+
+class MinMax(nn.Module):
+    def __init__(self, fn) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):  # x: (2, B, T, D), the two operands
+        return self.fn(x[0], x[1])
+
+
+@pytest.mark.parametrize("fn", [torch.maximum, torch.minimum], ids=["maximum", "minimum"])
+@pytest.mark.parametrize("grads", [(True, True), (True, False)], ids=["both", "one"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_maximum_backward_holds_half_the_gradient_and_two_masks(fn, grads, dtype):
+    a, b = (torch.randn(B, T, D, dtype=dtype) * torch.ones(1, dtype=dtype, requires_grad=g)
+            for g in grads)
+    tracker = LiveTensorTracker(a, b)
+    with tracker:
+        y = fn(a, b)
+        grad_out = torch.ones_like(y)
+        base = tracker.live_bytes
+        with tracker.phase("backward"):
+            returned = torch.autograd.grad(y, [t for t in (a, b) if t.requires_grad], grad_out)
+    peak = max(e.live_bytes for e in tracker.timeline if e.phase == "backward")
+    measured = peak - base - sum(g.nbytes for g in returned)
+    assert measured == B * T * D * (dtype.itemsize + 2)  # grad / 2 and two bool masks
+    x = torch.randn(2, B, T, D, dtype=dtype, requires_grad=True)
+    assert _predicted_workspace(MinMax(fn), x, f"aten.{fn.__name__}.default") == measured
