@@ -26,7 +26,9 @@ from graphcost.rules.registry import RuleRegistry, TensorSpec
 from graphcost.trace.blocks import RepeatedBlocks, find_repeated_blocks, first_two_blocks
 from graphcost.trace.checkpoints import has_regions, recording_checkpoints, tag_regions
 from graphcost.trace.lifetimes import mark_lifetimes, observing_lifetimes
+from graphcost.trace.masks import eager_mask_branches
 from graphcost.trace.opaque import CannotStandIn, StandIn, add_stand_in, first_line, standing_in
+from graphcost.trace.outputs import OutputTypeError, returning_tensors
 
 WHAT_TO_DO = ("\n  what to do: graphcost traces with torch.export (non-strict) on meta tensors, "
               "so the forward must not read tensor values (no .item(), no Python branches on "
@@ -244,6 +246,8 @@ def _export(module: nn.Module, args: tuple, kwargs: dict, name: str,
             with standing_in(stand_ins):
                 program = _export_quietly(module, args, kwargs)
         except Exception as exc:  # stood in for, or re-raised with what to do
+            if isinstance(exc, OutputTypeError):  # about the output, not tensor values
+                raise TraceError(f"cannot trace model {name!r}: {exc}") from exc
             cause = exc
             failure = _Failure(_failing_submodule(module, exc), first_line(exc),
                                _explain_trace_failure(name, module, exc))
@@ -290,10 +294,13 @@ def _export_quietly(module: nn.Module, args: tuple, kwargs: dict) -> torch.expor
     """torch.export.export, whose stderr is passed on only when it succeeds (on failure it
     prints its partial graph: graphcost's own message or stand-in replaces that), with the
     checkpoint regions of the model's own forward tagged on their ops (trace/checkpoints.py)
-    and how long eager Python keeps each value (trace/lifetimes.py)."""
+    and how long eager Python keeps each value (trace/lifetimes.py); its output is returned as
+    its tensors (trace/outputs.py) and transformers' mask code takes eager's branches
+    (trace/masks.py)."""
     held = io.StringIO()
     with contextlib.redirect_stderr(held), recording_checkpoints() as checkpoints, \
-            observing_lifetimes(module) as deaths:
+            observing_lifetimes(module) as deaths, returning_tensors(module), \
+            eager_mask_branches():
         program = torch.export.export(module, args, kwargs, strict=False)
     sys.stderr.write(held.getvalue())
     tag_regions(program.graph, checkpoints)
