@@ -222,27 +222,19 @@ def example_inputs(task: str, config, *, batch: int, seq: int, targets: bool,
 SDPA = "graphcost_sdpa"  # transformers' SDPA attention, its masks decided as in an eager run
 
 
-def unpadded_sdpa_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0,
-                       kv_offset: int = 0, *, local_size: int | None = None,
-                       allow_is_causal_skip: bool = True, allow_is_bidirectional_skip: bool = False,
+def unpadded_sdpa_mask(*args: Any, attention_mask: torch.Tensor | None = None,
                        **kwargs: Any) -> torch.Tensor | None:
-    """transformers' `sdpa_mask` for inputs without padding (graphcost's: attention_mask all
-    ones, one sequence per row). On such inputs an eager run builds no mask and SDPA runs with
-    `is_causal`; under torch.export transformers cannot read the mask's values and always builds
-    the (B, 1, T, T) mask, a different kernel with other saved tensors. This skips the mask where
-    the eager run does: no local window reaching back past the first key, no extra mask pattern
-    (the `allow_*` flags), a causal query block that starts at the first key."""
+    """transformers' `sdpa_mask` on graphcost's inputs, which have no padding (attention_mask
+    all ones, one sequence per row): called without the attention_mask, which masks nothing.
+    Whether a mask is built at all is then transformers' own decision on no padding, taken as
+    in an eager run (under torch.export too: graphcost.trace.masks): none where only causality
+    limits attention, and SDPA runs with `is_causal`. (With the attention_mask, the decision
+    would read its values, which an export cannot: it would always build the (B, 1, T, T)
+    mask, a different kernel with other saved tensors, and an eager run on meta tensors would
+    fail.)"""
     from transformers.masking_utils import sdpa_mask
 
-    window_ok = local_size is None or kv_length < local_size
-    no_offset = isinstance(q_offset, int) and q_offset == 0
-    if window_ok and allow_is_causal_skip and (q_length == 1 or q_length == kv_length or no_offset):
-        return None
-    if window_ok and allow_is_bidirectional_skip:
-        return None
-    return sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset, local_size=local_size,
-                     allow_is_causal_skip=allow_is_causal_skip,
-                     allow_is_bidirectional_skip=allow_is_bidirectional_skip, **kwargs)
+    return sdpa_mask(*args, attention_mask=None, **kwargs)
 
 
 def _register_sdpa(transformers) -> None:
