@@ -9,6 +9,7 @@ from graphcost.rules import (  # noqa: F401 - importing registers the rules
     matmul,
     norm,
     pointwise,
+    recurrent,
     shape,
 )
 from graphcost.rules.registry import (
