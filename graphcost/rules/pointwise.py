@@ -16,14 +16,25 @@ aten = torch.ops.aten
           aten.bitwise_and, aten.bitwise_or, aten.bitwise_xor, aten.argmax, aten.argmin,
           aten.upsample_nearest2d, aten.upsample_bilinear2d, aten.upsample_nearest1d,
           aten.upsample_linear1d, aten.upsample_bicubic2d, aten.zero_, aten.fill_, aten.copy_,
-          aten.cumsum, aten.sign, aten.floor, aten.ceil, aten.round, aten.trunc,
+          aten.sign, aten.floor, aten.ceil, aten.round, aten.trunc,
           aten.randn_like, aten.rand_like, aten.one_hot)
 def nothing_saved(ctx: RuleContext) -> OpCost:
     """No FLOPs and nothing kept for backward. Listed, down to the ops that cost nothing at all,
-    so that "unsupported" means unknown: a gradient that needs no tensor (add, cumsum's reversed
-    cumsum), a zero gradient (sign, the roundings) or none (comparisons, random tensors,
+    so that "unsupported" means unknown: a gradient that needs no tensor (add, sum), a zero
+    gradient (sign, the roundings) or none (comparisons, random tensors,
     one_hot's int64 output)."""
     return OpCost()
+
+
+@register(aten.cumsum)
+def cumsum_cost(ctx: RuleContext) -> OpCost:
+    """Keeps nothing. Its backward is the reversed cumsum of the gradient,
+    grad.flip(dim).cumsum(dim).flip(dim): the first flip and the cumsum (one gradient each)
+    exist beside the result until the expression ends."""
+    out, dim = ctx.out, ctx.arg(1, "dim")
+    if not ctx.requires_grad or out is None or out.numel <= 1 or out.shape[dim] == 1:
+        return OpCost()
+    return OpCost(backward_workspace_bytes=2 * out.nbytes)
 
 
 # NB: a Python number operand (x * 0.5) becomes a 0-dim "wrapped number" tensor that autograd

@@ -133,23 +133,11 @@ KNOWN_FAILURES: dict[str, str] = {
         "ops without rules: aten._cdist_forward (keeps its output, 800 B) and aten.max.dim (keeps "
         "its int64 indices, 2,560 B): saved 8,076 vs 11,436 B (-3,360 = 800 + 2,560), training "
         "peak -9.9% (in backward), forward peaks -0.62% / -0.53%."),
-    "linear_attention": (
-        "rule gap in backward memory: cumsum's backward is grad.flip().cumsum().flip(), which "
-        "holds up to three gradient-sized tensors at once (16,384 B each for the kv prefix sum "
-        "of shape (B, T, H, D, E)); the cumsum rule has no backward_workspace_bytes. Training "
-        "peak 502,800 vs 530,964 B (-5.3%, measured at aten.flip in backward); everything else "
-        "exact."),
     "wavenet": (
         "rule gap: F.cross_entropy(logits[:, :, :-1], audio[:, 1:]) runs nll_loss2d, which makes "
         "the non-contiguous int64 target contiguous (a clone, B x 63 x 8 = 1,008 B) and keeps "
         "it; graphcost's cross_entropy rule assumes the target is kept as given: saved 190,084 vs "
         "191,092 B (-1,008). Peaks within 0.5%."),
-    "elman_rnn": (
-        "memory: `h, _ = self.rnn(x)` keeps the final hidden state (2 layers x B x H = 320 B) "
-        "until forward returns; graphcost observes that (trace/lifetimes.py), but torch.export "
-        "decomposes nn.RNN's aten.rnn_tanh into per-step ops, and the observed lifetime lands on "
-        "the last of them only: forward peaks -2.3% / -1.2% (13,780 vs 14,100 B), training peak "
-        "-1.33% (29,692 vs 30,092 B). A rule for rnn_tanh (the op kept whole) fixes both."),
     "moe_topk_dense": (
         "memory: forward peak +1.08% / +0.61% (47,856 vs 47,344 B) from the root's `h + moe_out` on: "
         "the measured live bytes drop 772 B more when the MoE forward returns than the "
@@ -168,15 +156,6 @@ KNOWN_FAILURES: dict[str, str] = {
         "op with no cost: forward FLOPs 40,960 vs 598,016, backward 81,920 vs 1,196,032, saved "
         "6,660 vs 93,188 B, forward peaks -46% / -25%. (With is_causal=True, or batch_first "
         "encoder+decoder as in nn_transformer_seq2seq, it traces and is exact.)"),
-    "hf_gpt2_lm": (
-        "trace failure, Hugging Face outputs: with use_cache at its default the output holds a "
-        "transformers DynamicCache, not a pytree type, so torch.export refuses the output "
-        "(RuntimeError: Found DynamicCache in output ...). NB the ground truth's loss is "
-        "loss + logits.sum() (the cache is not part of it)."),
-    "hf_llama_lm": "trace failure, Hugging Face outputs: the DynamicCache in the output (see hf_gpt2_lm).",
-    "hf_t5_seq2seq": (
-        "trace failure, Hugging Face outputs: the EncoderDecoderCache in the output is not a "
-        "pytree type (see hf_gpt2_lm)."),
     "dataclass_output": (
         "trace failure, structured outputs: a plain @dataclass returned from forward is not a "
         "pytree type, so torch.export refuses it (Found DetectionOutput in output ...); "
