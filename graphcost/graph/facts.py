@@ -68,6 +68,10 @@ class WalkFacts:
                     keys.add(v.node)
             for node in keys:
                 self.param_consumers[node] += 1
+        # the trainable parameters the backward reaches: the optimizer skips one whose .grad
+        # stays None (a layer whose output the loss does not use): no state, no update
+        self.updated: list[tuple[int, int]] = [(sid, nbytes) for sid, nbytes in self.params
+                                               if self.owner[sid] in self.param_consumers]
 
 
 class BlockStack:

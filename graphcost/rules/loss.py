@@ -32,6 +32,10 @@ def cross_entropy_cost(ctx: RuleContext) -> OpCost:
             target = TensorSpec(target.shape, target.dtype)
         return OpCost(saved=(log_probs, target) + ((weight,) if weight is not None else ()),
                       backward_workspace_bytes=workspace)
+    if len(logits.shape) == 3 and not target.contiguous:
+        # nll_loss_nd reshapes (N, C, d) to 4-d for nll_loss2d: a non-contiguous target is
+        # copied, and the copy is what it keeps (checked against autograd)
+        target = TensorSpec(target.shape, target.dtype)
     saved = [log_probs, target, TensorSpec((), logits.dtype)]  # nll_loss: total_weight
     if weight is not None:
         saved.append(weight)

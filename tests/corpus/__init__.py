@@ -133,11 +133,6 @@ KNOWN_FAILURES: dict[str, str] = {
         "ops without rules: aten._cdist_forward (keeps its output, 800 B) and aten.max.dim (keeps "
         "its int64 indices, 2,560 B): saved 8,076 vs 11,436 B (-3,360 = 800 + 2,560), training "
         "peak -9.9% (in backward), forward peaks -0.62% / -0.53%."),
-    "wavenet": (
-        "rule gap: F.cross_entropy(logits[:, :, :-1], audio[:, 1:]) runs nll_loss2d, which makes "
-        "the non-contiguous int64 target contiguous (a clone, B x 63 x 8 = 1,008 B) and keeps "
-        "it; graphcost's cross_entropy rule assumes the target is kept as given: saved 190,084 vs "
-        "191,092 B (-1,008). Peaks within 0.5%."),
     "moe_topk_dense": (
         "memory: forward peak +1.08% / +0.61% (47,856 vs 47,344 B) from the root's `h + moe_out` on: "
         "the measured live bytes drop 772 B more when the MoE forward returns than the "

@@ -457,7 +457,7 @@ class Walk:
         f = self.f
         name = self.config.optimizer
         if create_state and name in ("adam", "adamw"):
-            for sid, nbytes in f.params:
+            for sid, nbytes in f.updated:
                 self.live.add(("exp_avg", sid), nbytes, "optimizer_state")
                 self.live.add(("exp_avg_sq", sid), nbytes, "optimizer_state")
                 self.live.add(("step", sid), STEP_TENSOR_BYTES, "optimizer_state")
@@ -466,14 +466,14 @@ class Walk:
             # foreach: `_foreach_sqrt(exp_avg_sqs)` holds one temporary per parameter at once;
             # fused: one kernel, no temporaries
             if impl == "foreach":
-                self.live.add("temp", sum(n for _, n in f.params), "transient")
-            if f.params:
-                self.sample(step, "optimizer", f.owner[f.params[-1][0]],
+                self.live.add("temp", sum(n for _, n in f.updated), "transient")
+            if f.updated:
+                self.sample(step, "optimizer", f.owner[f.updated[-1][0]],
                             where=f"all parameters ({impl})")
             self.live.drop("temp")
             return
         previous_denom = 0
-        for sid, nbytes in f.params:
+        for sid, nbytes in f.updated:
             node = f.owner[sid]
             if name in ("adam", "adamw"):
                 # sqrt and its quotient live together; the last parameter's denom is still held
