@@ -144,15 +144,13 @@ KNOWN = {
         "transpose back) it is transposed, and native_group_norm_backward copies it "
         "(grad.contiguous(X.suggest_memory_format())): the backward peak is low by its bytes"),
     "rmsnorm-residual-backward": (
-        "graphcost rule rms_norm (rules/norm.py) is one lumped op, eager runs the composite: the "
-        "gradient of x arrives in two parts and is accumulated with x's other gradients (a residual "
-        "skip) midway, freeing them before the pow-backward peak; graphcost keeps the other "
-        "gradient (u) and the saved rstd (B*T*4) alive through its whole backward: backward peak "
-        "high by u + rstd"),
-    "rmsnorm-frozen-weight": (
-        "graphcost rule rms_norm: with an affine weight that needs no grad, the composite's "
-        "x * rstd (input-sized, acc dtype) is alive beside the output at the weight multiply but not "
-        "kept; graphcost counts no forward workspace for it: forward peak low by u"),
+        "graphcost walk: rms_norm is one op (rules/norm.py simulates its composite's memory); in "
+        "eager x's gradient is made in two parts, and in fp32 (no upcast) the first part is added "
+        "midway to a gradient x already has waiting (a residual skip connection), before the peak "
+        "at pow's backward; graphcost holds the waiting gradient beside the whole of x's new one "
+        "through its one backward event: backward peak high by u - rstd (u with no trained "
+        "weight; exact without a waiting gradient, and in bf16). The walk would need the rule to "
+        "say that part of x's gradient is delivered before the peak"),
 }
 
 ALL = ("parameters", "flops", "saved_activations", "supported_ops", "training_peak",
@@ -164,7 +162,6 @@ FAILURES: dict[str, dict[str, str | tuple[str, ...]]] = {
     "inplace-relu-backward": {"training_peak": "inplace-gradient-passthrough"},
     "groupnorm-transposed-gradient": {"training_peak": "groupnorm-transposed-gradient"},
     "rmsnorm-residual-backward": {"training_peak": "rmsnorm-residual-backward"},
-    "rmsnorm-frozen-weight": {"forward_peaks": "rmsnorm-frozen-weight"},
     # generated architectures
     "seed57": {"training_peak": "rmsnorm-residual-backward"},
 }

@@ -39,9 +39,12 @@ def layer_norm_cost(ctx: RuleContext) -> OpCost:
 
 @register(aten.rms_norm)
 def rms_norm_cost(ctx: RuleContext) -> OpCost:
-    """rms_norm runs as its composite: upcast, pow, mean, add, rsqrt, mul, mul weight, cast back.
-
-    Each step is recorded by autograd only if what it reads needs a gradient."""
+    """Eager rms_norm on the CPU runs its composite (rms_norm_composite in layer_norm.cpp):
+    `up = x.to(acc); rstd = rsqrt(pow(up, 2).mean(-1, keepdim).add_(eps)); y = up * rstd`,
+    then `y * weight` and `.type_as(x)`. Each step is recorded by autograd only if what it reads
+    needs a gradient; its memory inside the op and inside its backward is simulated below."""
+    # NB: on CUDA (same dtypes, not channels-last) rms_norm is the fused _fused_rms_norm kernel,
+    # with its own backward; this rule costs the composite there too (not checked: no GPU).
     x = ctx.inputs[0]
     normalized = ctx.arg(1, "normalized_shape")
     weight = ctx.arg(2, "weight")
@@ -58,22 +61,139 @@ def rms_norm_cost(ctx: RuleContext) -> OpCost:
             saved.append(weight)
     # Keep each extra tensor once: the same Python object stands for the same storage.
     unique = list({id(s): s for s in saved}.values())
+    composite = _RmsNorm(x, weight, acc, rstd.nbytes, ctx.out.nbytes)
     return OpCost(saved=tuple(unique) if ctx.requires_grad else (),
-                  backward_workspace_bytes=_rms_norm_backward_workspace(x, weight, acc))
+                  forward_workspace_bytes=composite.forward_workspace(ctx.requires_grad),
+                  backward_workspace_bytes=composite.backward_workspace()
+                  if ctx.requires_grad else 0)
 
 
-def _rms_norm_backward_workspace(x: Value, weight, acc: torch.dtype) -> int:
-    """The composite's backward, node by node, beyond the gradients it returns. With u = x's
-    size in the accumulation dtype: the incoming gradient upcast (u, when x is not already in
-    it), the weight's product and its gradient before the sum (2u; the saved x * rstd, u, is
-    released after it), then the gradient of x * rstd (u), the mean's gradient (u) and pow's
-    backward (its gradient and two temporaries, 3u) all alive together: 5u at the peak, less
-    the incoming gradient and x * rstd already counted, and x's gradient counted apart."""
-    u = x.spec.numel * acc.itemsize
-    weight_grad = isinstance(weight, Value) and weight.requires_grad
-    if not x.requires_grad:
-        return (u if weight_grad else 0) + (u if acc != x.dtype else 0)
-    return 5 * u - x.spec.nbytes - (u if weight_grad else 0) - x.spec.nbytes
+class _Live:
+    """Bytes alive through a composite's ops, freed as eager frees them; `peak` is the most
+    alive after any op."""
+
+    def __init__(self, **alive: int) -> None:
+        self.alive = dict(alive)
+        self.peak = sum(self.alive.values())
+
+    def make(self, name: str, nbytes: int) -> None:
+        self.alive[name] = nbytes
+        self.peak = max(self.peak, self.total)
+
+    def free(self, *names: str) -> None:
+        for name in names:
+            self.alive.pop(name, None)
+
+    @property
+    def total(self) -> int:
+        return sum(self.alive.values())
+
+
+class _RmsNorm:
+    """rms_norm's composite, op by op, for the memory it holds inside the forward and inside
+    its backward beyond what graphcost counts at the node (output, saved tensors, incoming
+    gradient, returned gradients). With n = x's elements: ua = n in the accumulation dtype,
+    s = the (..., 1) statistics."""
+
+    def __init__(self, x: Value, weight, acc: torch.dtype, stats_bytes: int,
+                 out_bytes: int) -> None:
+        n = x.spec.numel
+        self.x_grad = x.requires_grad
+        self.affine = isinstance(weight, Value)
+        self.w_grad = self.affine and weight.requires_grad
+        self.upcast = acc != x.dtype
+        product = torch.promote_types(acc, weight.dtype) if self.affine else acc
+        self.cast = product != x.dtype  # .type_as(x) makes the output
+        self.ua, self.s, self.out, self.ux = n * acc.itemsize, stats_bytes, out_bytes, x.spec.nbytes
+        self.uprod = n * product.itemsize
+        self.w_bytes = weight.spec.nbytes if self.affine else 0
+        self.w_sum = weight.spec.numel * product.itemsize if self.affine else 0
+
+    def forward_workspace(self, recorded: bool) -> int:
+        """The peak inside the forward less what outlives it (the output and the saved
+        tensors): pow(up, 2) and the mean beside rstd; y * weight beside a y not kept (a frozen
+        weight); the product beside the cast that makes the output."""
+        keep_up = recorded and self.x_grad and self.upcast
+        keep_rstd = recorded and self.x_grad
+        keep_y = recorded and self.w_grad
+        live = _Live()
+        if self.upcast:
+            live.make("up", self.ua)
+        live.make("pow", self.ua)
+        live.make("mean", self.s)  # eps is added in place
+        live.make("rstd", self.s)
+        live.free("pow", "mean")
+        live.make("y", self.ua)
+        result = "y"
+        if self.affine:
+            live.make("product", self.uprod)
+            if not keep_y:
+                live.free("y")
+            result = "product"
+        if not keep_up:
+            live.free("up")  # before the cast (rstd only after it)
+        if self.cast:
+            live.make("out", self.out)
+            live.free(result)
+        if not keep_rstd:
+            live.free("rstd")
+        return max(0, live.peak - live.total)
+
+    def backward_workspace(self) -> int:
+        """The peak of the composite's backward, node by node, less the incoming gradient, the
+        saved tensors and the gradients it returns (all held at graphcost's one backward
+        event): the cast's gradient upcast; y * weight's gradients (the weight's before its
+        sum); up * rstd's (rstd's before its sum); rsqrt's and the mean's; pow's (its gradient,
+        two temporaries and the result) beside the part of x's gradient made by up * rstd; their
+        sum; the cast of x's gradient back to its dtype."""
+        ua, s = self.ua, self.s
+        saved = {"up": ua if self.x_grad and self.upcast else 0,
+                 "rstd": s if self.x_grad else 0, "y": ua if self.w_grad else 0}
+        live = _Live(grad=self.out, **saved)
+        counted = live.total + (self.ux if self.x_grad else 0) + (
+            self.w_bytes if self.w_grad else 0)
+        grad = "grad"
+        if self.cast:  # ToCopyBackward
+            live.make("grad_product", self.uprod)
+            live.free("grad")
+            grad = "grad_product"
+        grad_y = grad
+        if self.affine:  # MulBackward of y * weight
+            if self.x_grad:
+                live.make("grad_y", ua)
+                grad_y = "grad_y"
+            if self.w_grad:
+                live.make("grad_w_full", self.uprod)
+                live.make("grad_w", self.w_sum)  # sum_to the weight's shape
+                live.free("grad_w_full")
+                if self.w_sum != self.w_bytes:
+                    live.make("grad_w_cast", self.w_bytes)
+                    live.free("grad_w")
+            live.free(grad, "y")
+        if self.x_grad:
+            live.make("grad_up_a", ua)  # MulBackward of up * rstd: grad_y * rstd
+            live.make("grad_rstd_full", ua)  # grad_y * up, summed to rstd's shape
+            live.make("grad_rstd", s)
+            live.free("grad_rstd_full", grad_y)
+            for temporary in ("rstd_cubed", "scaled", "grad_mean"):  # rsqrt's backward
+                live.make(temporary, s)
+            live.free("rstd_cubed", "scaled", "grad_rstd", "rstd")
+            live.make("grad_pow", ua)  # the mean's backward: expand / n
+            live.free("grad_mean")
+            for temporary in ("up_pow_1", "scaled_up", "grad_up_b"):  # pow's backward
+                live.make(temporary, ua)
+            live.free("up_pow_1", "scaled_up", "grad_pow", "up")
+            live.make("grad_up", ua)  # the two parts summed
+            live.free("grad_up_a", "grad_up_b")
+            if self.upcast:
+                live.make("grad_x", self.ux)  # ToCopyBackward to x's dtype
+        # NB: x's gradient is made in two parts (from up * rstd, then from pow), summed at the
+        # end; graphcost's one event holds the whole of it from the start. Where x already has
+        # a gradient waiting (a residual stream's skip connection) and is not upcast, eager adds
+        # the first part to it midway (no second input-sized buffer at pow's backward), so the
+        # backward peak here is high by up to x's bytes; the walk would need the partial
+        # delivery.
+        return max(0, live.peak - counted)
 
 
 @register(aten.batch_norm)
