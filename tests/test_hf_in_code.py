@@ -94,11 +94,6 @@ def test_matches_flop_counter_and_autograd(name, use_cache):
     assert_matches_pytorch(*called(name, use_cache=use_cache))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "not the mask decision (test_traced_attention_calls_are_eagers[padded] passes): the padding "
-    "mask is combined with `&` (aten.__and__.Tensor), which has no rule, so decompose_composites "
-    "runs run_decompositions, which also turns each `.contiguous()` into a clone that annotate "
-    "costs as a copy: +8,192 B saved per layer (GPT-2 and Llama at B 2 x T 16)"))
 @pytest.mark.parametrize("name", ["llama", "gpt2-no-dropout"])
 def test_padded_attention_mask_matches_autograd(name):
     assert_matches_pytorch(*called(name, use_cache=False, padded=True))

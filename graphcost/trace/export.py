@@ -12,7 +12,6 @@ import linecache
 import operator
 import sys
 import traceback
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +24,7 @@ from graphcost.rules import REGISTRY
 from graphcost.rules.registry import RuleRegistry, TensorSpec
 from graphcost.trace.blocks import RepeatedBlocks, find_repeated_blocks, first_two_blocks
 from graphcost.trace.checkpoints import has_regions, recording_checkpoints, tag_regions
+from graphcost.trace.decompose import decompose_composites
 from graphcost.trace.lifetimes import mark_lifetimes, observing_lifetimes
 from graphcost.trace.masks import eager_mask_branches
 from graphcost.trace.opaque import CannotStandIn, StandIn, add_stand_in, first_line, standing_in
@@ -102,8 +102,8 @@ def trace(module: nn.Module, example_inputs: Any, *, kwargs: dict | None = None,
         return trace(module, example_inputs, kwargs=kwargs, model_name=model_name,
                      reuse_blocks=False, autocast=autocast,
                      opaque_submodules=opaque_submodules, rules=rules)
-    program = decompose_composites(program, rules or REGISTRY)
     inline_grad_mode_regions(program.graph_module)
+    program = decompose_composites(program, rules or REGISTRY)
     mark_input_grads(program, args, kwargs)
     if autocast is not None:
         from graphcost.trace.autocast import rerun
@@ -115,57 +115,6 @@ def trace(module: nn.Module, example_inputs: Any, *, kwargs: dict | None = None,
                              f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}; "
                              "analyze it without mixed precision") from exc
     return Trace(program, module, name, blocks, autocast)
-
-
-def decompose_composites(program: torch.export.ExportedProgram,
-                         rules: RuleRegistry) -> torch.export.ExportedProgram:
-    """The program with every op that has no rule in `rules` and a CompositeImplicitAutograd
-    kernel (einsum, diff, cosine_similarity, ...) replaced by the ops that kernel runs: eager
-    PyTorch runs those ops and autograd differentiates through them, so their rules give the
-    op's FLOPs and saved tensors. torch.export keeps such ops whole; its own decomposition
-    table (`torch.export.default_decompositions`) says how each one decomposes. An op with its
-    own kernel and no rule stays as it is, unsupported."""
-    composite = {op for op in {n.target for n in program.graph.nodes
-                               if isinstance(n.target, torch._ops.OpOverload)}
-                 if rules.lookup(op) is None
-                 and torch._C._dispatch_has_kernel_for_dispatch_key(op.name(),
-                                                                     "CompositeImplicitAutograd")}
-    if not composite:
-        return program
-    table = torch.export.default_decompositions()
-    chosen = {op: table[op] for op in composite if op in table}
-    if not chosen:
-        return program
-    with warnings.catch_warnings():  # torch's own deprecations inside it: nothing a user can do
-        warnings.simplefilter("ignore", FutureWarning)
-        warnings.simplefilter("ignore", DeprecationWarning)
-        program = program.run_decompositions(chosen)
-    _restore_dropouts(program.graph)
-    return program
-
-
-def _restore_dropouts(graph: torch.fx.Graph) -> None:
-    """run_decompositions decomposes every random op, asked or not (it cannot preserve one):
-    each `aten.dropout` became `native_dropout`, whose boolean mask eager CPU dropout never
-    makes. Put the dropout back where its mask is unused."""
-    aten = torch.ops.aten
-    for node in list(graph.nodes):
-        origin = (node.meta.get("from_node") or [None])[-1]
-        if node.target is not aten.native_dropout.default or origin is None or \
-                str(getattr(origin, "target", "")) != "aten.dropout.default":
-            continue
-        items = {user.args[1]: user for user in node.users if user.target is operator.getitem}
-        if len(items) != len(node.users) or (1 in items and items[1].users) or 0 not in items:
-            continue
-        with graph.inserting_before(node):
-            x, p, train = (list(node.args) + [None, None])[:3]
-            dropout = graph.call_function(aten.dropout.default, (x, p, bool(train)))
-        dropout.meta = dict(items[0].meta)
-        items[0].replace_all_uses_with(dropout)
-        for user in items.values():
-            graph.erase_node(user)
-        graph.erase_node(node)
-    graph.lint()
 
 
 INPUT_GRAD_KEY = "graphcost_requires_grad"

@@ -120,15 +120,6 @@ KNOWN_FAILURES: dict[str, str] = {
         "autograd keeps (192 B); and the index lists built in forward with torch.tensor (li, lj, "
         "48 B each, kept by the advanced index Z[:, li, lj]) are constants to torch.export, so "
         "graphcost counts neither: saved 1,392 vs 1,680 B (-288), forward peaks -6.5% / -2.8%."),
-    "prelu_bilinear": (
-        "op without a rule: aten._trilinear (nn.Bilinear), which keeps both tower outputs "
-        "(2 x 4 x 16 x 4 B): saved 1,168 vs 1,680 B (-512). FLOPs agree (neither counts "
-        "_trilinear: FlopCounterMode has no formula for it either; a gap in both)."),
-    "weightnorm_tcn": (
-        "op without a rule: aten._weight_norm_interface (x5, parametrizations.weight_norm); "
-        "its second output, the per-output-channel norms it keeps for backward, is unknown: "
-        "saved 22,948 vs 23,220 B (-272 = 4 convs x 16 x 4 B + the Linear's 4 x 4 B), forward "
-        "peak -0.69% (-256)."),
     "knn_cdist": (
         "ops without rules: aten._cdist_forward (keeps its output, 800 B) and aten.max.dim (keeps "
         "its int64 indices, 2,560 B): saved 8,076 vs 11,436 B (-3,360 = 800 + 2,560), training "
