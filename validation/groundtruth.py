@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils import flop_counter
-from torch.utils._pytree import tree_flatten
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_map_only
 from torch.utils.flop_counter import FlopCounterMode
 
 
@@ -65,17 +66,60 @@ def per_group_conv_backward_flop(grad_out_shape, x_shape, w_shape, bias, stride,
         output_padding, 1, output_mask, out_shape=out)
 
 
+class _IntoKernel(TorchDispatchMode):
+    """Runs `op` through its composite kernel with this mode on, so that the modes below it see
+    the ATen ops that kernel calls (they would otherwise see `op` alone)."""
+
+    def __init__(self, op: torch._ops.OpOverload, key: torch._C.DispatchKey) -> None:
+        super().__init__()
+        self.op, self.key = op, key
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is self.op:
+            with self:
+                return func._op_dk(self.key, *args, **(kwargs or {}))
+        return func(*args, **(kwargs or {}))
+
+
+def kernel_flops(op: torch._ops.OpOverload):
+    """A FlopCounterMode formula for an op with a composite kernel of its own (its own autograd
+    formula, computed by calling other ATen ops): what FlopCounterMode counts for the ops that
+    kernel calls, run on meta tensors of the same shapes. `_trilinear` (nn.Bilinear) calls bmm
+    per output feature and `_euclidean_dist` (torch.cdist's matmul path) a matmul, but
+    FlopCounterMode sees only the op itself, has no formula for it and counts 0."""
+    key = next(torch._C.DispatchKey.__members__[k] for k in (
+        "CompositeExplicitAutograd", "CompositeExplicitAutogradNonFunctional")
+        if torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), k))
+
+    def formula(*args, out_val=None, **kwargs) -> int:
+        def meta(t: torch.Tensor) -> torch.Tensor:
+            return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+
+        args, kwargs = tree_map_only(torch.Tensor, meta, (args, kwargs))
+        counter = FlopCounterMode(display=False)
+        with counter, _IntoKernel(op, key):
+            op(*args, **kwargs)
+        return counter.get_total_flops()
+
+    formula._get_raw = True  # FlopCounterMode passes the tensors, not their shapes
+    return formula
+
+
 def cpu_flop_counter() -> FlopCounterMode:
     """FlopCounterMode that also counts the CPU's fused attention kernel with torch's own flash
     attention formulas (FlopCounterMode has none for `_scaled_dot_product_flash_attention_for_cpu`
-    and would count it as 0), and a grouped convolution's backward per group
-    (`per_group_conv_backward_flop`: its own formula overcounts the weight gradient)."""
+    and would count it as 0), a grouped convolution's backward per group
+    (`per_group_conv_backward_flop`: its own formula overcounts the weight gradient), and the
+    composite kernels of `_trilinear` and `_euclidean_dist` by the ops they call
+    (`kernel_flops`)."""
     aten = torch.ops.aten
     return FlopCounterMode(display=False, custom_mapping={
         aten._scaled_dot_product_flash_attention_for_cpu: flop_counter.sdpa_flop.__wrapped__,
         aten._scaled_dot_product_flash_attention_for_cpu_backward:
             flop_counter.sdpa_backward_flop.__wrapped__,
-        aten.convolution_backward: per_group_conv_backward_flop})
+        aten.convolution_backward: per_group_conv_backward_flop,
+        aten._trilinear: kernel_flops(aten._trilinear.default),
+        aten._euclidean_dist: kernel_flops(aten._euclidean_dist.default)})
 
 
 def measure_flops(module: nn.Module, inputs: tuple) -> tuple[int, int]:

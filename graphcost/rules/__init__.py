@@ -11,6 +11,7 @@ from graphcost.rules import (  # noqa: F401 - importing registers the rules
     pointwise,
     recurrent,
     shape,
+    weight_norm,
 )
 from graphcost.rules.registry import (
     FLOPS_PER_FMA,

@@ -49,6 +49,19 @@ def is_dense_in(x: Value, memory_format: torch.memory_format) -> bool | None:
     return t.is_contiguous(memory_format=memory_format)
 
 
+def is_contiguous(shape: Sequence[int], strides: Sequence[int] | None) -> bool:
+    """ATen's is_contiguous: row-major, sizes of 1 ignored (unknown strides: taken not to be,
+    so that a `.contiguous()` on it is taken to copy)."""
+    if strides is None:
+        return False
+    expected = 1
+    for size, stride in zip(reversed(tuple(shape)), reversed(tuple(strides))):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return True
+
+
 def view_strides(shape: Sequence[int], strides: Sequence[int],
                  new_shape: Sequence[int]) -> tuple[int, ...] | None:
     """Strides of `tensor.view(new_shape)`, or None when no view exists (reshape then copies).

@@ -16,7 +16,7 @@ import torch
 from torch.utils.flop_counter import bmm_flop, mm_flop
 
 from graphcost.rules.layout import expand_strides, strides_of, view_strides
-from graphcost.rules.registry import OpCost, RuleContext, TensorSpec, Value, register
+from graphcost.rules.registry import OpCost, Out, RuleContext, TensorSpec, Value, register
 
 aten = torch.ops.aten
 
@@ -183,3 +183,108 @@ def baddbmm_cost(ctx: RuleContext) -> OpCost:
 @register(aten.matmul)
 def matmul_cost(ctx: RuleContext) -> OpCost:
     return _cost(ctx, matmul_plan(ctx.arg(0, "self"), ctx.arg(1, "other")))
+
+
+# ---- _trilinear (nn.Bilinear) ------------------------------------------------------------------
+
+def _sumproduct_pair(left: list[int], right: list[int],
+                     sum_dims: list[int]) -> tuple[int, list[int]]:
+    """FLOPs and (keepdim) result shape of ATen's sumproduct_pair: (left * right).sum(sum_dims)
+    as one bmm of (lro, lo, sum) x (lro, sum, ro); a dim only one side has is summed first."""
+    if not sum_dims:  # a plain mul
+        return 0, [max(a, b) for a, b in zip(left, right)]
+    lro = lo = ro = summed = 1
+    shape = []
+    for i, (a, b) in enumerate(zip(left, right)):
+        if i in sum_dims:
+            if a != 1 and b != 1:
+                summed *= a
+            shape.append(1)
+        elif a != 1 and b != 1:
+            lro *= a
+            shape.append(a)
+        elif a != 1:
+            lo *= a
+            shape.append(a)
+        else:
+            ro *= b
+            shape.append(b)
+    return bmm_flop((lro, lo, summed), (lro, summed, ro)), shape
+
+
+def trilinear_flops(s1: tuple[int, ...], s2: tuple[int, ...], s3: tuple[int, ...],
+                    expand1: list[int], expand2: list[int], expand3: list[int],
+                    sumdim: list[int], unroll_dim: int = 1) -> int:
+    """The bmm FLOPs ATen's _trilinear kernel runs (Linear.cpp): (i1 * i2 * i3).sum(sumdim),
+    the operands unsqueezed at their expand dims, unrolled along `unroll_dim`: per slice one
+    sumproduct_pair of i1 and i2, then one of that and i3."""
+    total = len(s1) + len(expand1)
+
+    def unsqueezed(shape: tuple[int, ...], expand: list[int]) -> list[int]:
+        sizes = iter(shape)
+        return [1 if i in expand else next(sizes) for i in range(total)]
+
+    e1, e2, e3 = unsqueezed(s1, expand1), unsqueezed(s2, expand2), unsqueezed(s3, expand3)
+    if 0 in e1 + e2 + e3:
+        return 0
+    # the unrolled dim's size: the last operand that has it (i3, else i2, else i1)
+    unroll_size = next(e[unroll_dim] for e, expand in ((e3, expand3), (e2, expand2),
+                                                        (e1, expand1)) if unroll_dim not in expand)
+    sums_12 = [i for i in sumdim if i != unroll_dim and i in expand3]
+    sums_23 = [i for i in sumdim if i != unroll_dim and i not in expand3]
+    for e in (e1, e2, e3):
+        e[unroll_dim] = 1  # each slice narrows the unrolled dim to 1
+    first, buf = _sumproduct_pair(e1, e2, sums_12)
+    second, _ = _sumproduct_pair(buf, e3, sums_23)
+    return unroll_size * (first + second)
+
+
+@register(aten._trilinear)
+def trilinear_cost(ctx: RuleContext) -> OpCost:
+    """nn.Bilinear's kernel (F.bilinear runs it on the flattened inputs). FlopCounterMode has no
+    formula for it (counts 0); its kernel's bmm calls are counted here instead. The gradient of
+    each operand is a _trilinear of the gradient and the other two, which are kept."""
+    i1, i2, i3 = ctx.inputs[:3]
+    expand1, expand2, expand3, sumdim = (list(ctx.arg(k, name)) for k, name in (
+        (3, "expand1"), (4, "expand2"), (5, "expand3"), (6, "sumdim")))
+    unroll_dim = ctx.arg(7, "unroll_dim", 1)
+    grad = ctx.out.shape
+    forward = trilinear_flops(i1.shape, i2.shape, i3.shape, expand1, expand2, expand3, sumdim,
+                              unroll_dim)
+    g1, g2, g3 = i1.requires_grad, i2.requires_grad, i3.requires_grad
+    backward = (
+        (trilinear_flops(grad, i2.shape, i3.shape, sumdim, expand2, expand3, expand1) if g1 else 0)
+        + (trilinear_flops(i1.shape, grad, i3.shape, expand1, sumdim, expand3, expand2)
+           if g2 else 0)
+        + (trilinear_flops(i1.shape, i2.shape, grad, expand1, expand2, sumdim, expand3)
+           if g3 else 0))
+    kept = [v for v, other_grads in ((i1, g2 or g3), (i2, g1 or g3), (i3, g1 or g2)) if other_grads]
+    return OpCost(forward_flops=forward, backward_flops=backward, saved=ctx.saved_if_grad(*kept))
+
+
+# ---- torch.cdist ---------------------------------------------------------------------------------
+
+@register(aten._euclidean_dist)
+def euclidean_dist_cost(ctx: RuleContext) -> OpCost:
+    """torch.cdist's matmul path (p = 2, compute_mode use_mm_for_euclid_dist, or rows > 25 by
+    default): one matmul of x1 and x2 each padded with their squared norms and ones, (.., R1,
+    M + 2) @ (.., M + 2, R2). FlopCounterMode has no formula for the op (counts 0); the matmul
+    its kernel runs is counted here. Its backward, two matmuls of the gradient with x2 and x1
+    (both, whichever gradient is asked for), keeps x1, x2 and the distances."""
+    x1, x2 = ctx.inputs[0], ctx.inputs[1]
+    *batch, rows1, m = x1.shape
+    rows2 = x2.shape[-2]
+    size = math.prod(batch)
+    forward = bmm_flop((size, rows1, m + 2), (size, m + 2, rows2))
+    backward = 2 * bmm_flop((size, rows1, rows2), (size, rows2, m))
+    return OpCost(forward_flops=forward, backward_flops=backward,
+                  saved=ctx.saved_if_grad(x1, x2, Out(0)))
+
+
+@register(aten._cdist_forward)
+def cdist_cost(ctx: RuleContext) -> OpCost:
+    """torch.cdist's direct kernel (p != 2, or few rows): no FLOPs, by FlopCounterMode's
+    convention (no formula: a pairwise difference reduced over the features, pointwise work,
+    no matmul). Its backward keeps x1, x2 and the distances."""
+    x1, x2 = ctx.inputs[0], ctx.inputs[1]
+    return OpCost(saved=ctx.saved_if_grad(x1, x2, Out(0)))

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from graphcost.rules.layout import strides_of, view_strides
+from graphcost.rules.layout import is_contiguous, strides_of, view_strides
 from graphcost.rules.registry import (
     FLOPS_PER_FMA,
     OpCost,
@@ -179,18 +179,6 @@ class _Kept:
                 self.items.append(item)
 
 
-def _is_contiguous(shape: tuple[int, ...], strides: tuple[int, ...] | None) -> bool:
-    """ATen's is_contiguous (sizes of 1 are ignored); unknown strides: taken not to be."""
-    if strides is None:
-        return False
-    expected = 1
-    for size, stride in zip(reversed(shape), reversed(strides)):
-        if size != 1 and stride != expected:
-            return False
-        expected *= size
-    return True
-
-
 def _time_major(x: Value, batch_first: bool) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
     """Shape and strides of the (T, B, I) view the kernels work on (x.transpose(0, 1) when
     batch_first)."""
@@ -302,7 +290,7 @@ def _mkldnn_saved(r: Recurrent) -> tuple[Saved, ...]:
     kept = _Kept()
     t, b, h, dtype = r.seq, r.batch, r.hidden, r.dtype
     shape, strides = _time_major(r.x, r.batch_first)
-    x: Value | TensorSpec = r.x if _is_contiguous(shape, strides) else TensorSpec(shape, dtype)
+    x: Value | TensorSpec = r.x if is_contiguous(shape, strides) else TensorSpec(shape, dtype)
     h0 = r.h0 if r.h0.contiguous else TensorSpec(r.h0.shape, r.h0.dtype)
     c0 = r.c0 if r.c0.contiguous else TensorSpec(r.c0.shape, r.c0.dtype)
     recorded = r.recorded()
