@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from validation.groundtruth import measure_flops, measure_saved_bytes
 from validation.memtrack import measure_training_peak
@@ -165,9 +166,12 @@ def _check(record, entry, seed, measure_peak, analyze, training_timeline, Traini
         # An op without a meta kernel (ctc_loss's backward): count on the CPU (cpu_flop_counter),
         # with oneDNN off so that nn.LSTM runs the same decomposed cell as on meta (its oneDNN
         # kernel, mkldnn_rnn_layer, has no FLOP formula and would count as 0).
+        # SDPA's math backend, as on meta: CPU flash attention's backward recomputes the scores
+        # (FlopCounterMode counts 2.5 forwards), while model FLOPs count the math backward (2).
         error = record.errors.pop("flops")
         module, inputs = build(entry, "cpu", seed=seed)
-        with torch.backends.mkldnn.flags(enabled=False):
+        with torch.backends.mkldnn.flags(enabled=False), \
+                sdpa_kernel(SDPBackend.MATH):
             flops = _stage(record, "flops",
                            lambda: measure_flops(positional(entry, module), inputs))
         record.notes.append(f"FLOPs counted on the CPU (on meta: {error[:120]})")

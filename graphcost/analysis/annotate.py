@@ -188,10 +188,15 @@ def _checkpoint_inputs(g: nx.DiGraph, ops: list[str], find) -> dict[int, int]:
         tag = data.get("checkpoint")
         region = tag.region if tag is not None else None
         if region is not None and data["runs_backward"]:
+            # autograd saves the checkpoint's positional tensor arguments; what else the region
+            # reads (a closure's, a keyword argument's) is held by its frame, not saved
+            args = None if tag.inputs is None or any(n not in g for n in tag.inputs) else \
+                {find(s) for n in tag.inputs for s in g.nodes[n]["storages"] if s is not None}
             for v in values_in((data["args"], list(data["kwargs"].values()))):
                 sid = find(v.storage)
                 owner = g.graph["storage_owner"][sid]
-                if g.nodes[owner]["kind"] not in NOT_ACTIVATIONS and made.get(sid) != region:
+                if g.nodes[owner]["kind"] not in NOT_ACTIVATIONS and made.get(sid) != region \
+                        and (args is None or sid in args):
                     kept[sid] = g.graph["storage_bytes"][sid]
         for sid in data["storages"]:
             if sid is not None:

@@ -43,6 +43,9 @@ class CheckpointTag:
     early_stop: bool
     reentrant: bool
     selective: bool
+    # the nodes of the tensors passed to checkpoint as positional arguments: what its frame
+    # saves through autograd (keyword arguments and closures are held, not saved); None: unknown
+    inputs: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,7 @@ class CheckpointCall:
     reentrant: bool
     selective: bool  # a context_fn (selective checkpoint policy) was given
     depth: int  # 0 for an outermost region
+    inputs: tuple[str, ...] | None = None  # nodes of its positional tensor arguments
 
 
 def _last_node() -> str | None:
@@ -68,6 +72,24 @@ def _last_node() -> str | None:
     last = next(iter(reversed(graph.nodes)), None)
     # placeholders are renamed in the exported program; one last means no op came before
     return None if last is None or last.op == "placeholder" else last.name
+
+
+def _nodes_of(values) -> tuple[str, ...] | None:
+    """The traced nodes of the tensors among `values` (None: one cannot be found)."""
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode, get_proxy_slot
+
+    mode = get_proxy_mode()
+    if mode is None:
+        return None
+    names = []
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            proxy = get_proxy_slot(v, mode.tracer, None)
+            node = getattr(getattr(proxy, "proxy", None), "node", None)
+            if node is None:
+                return None
+            names.append(node.name)
+    return tuple(names)
 
 
 @contextlib.contextmanager
@@ -87,6 +109,7 @@ def recording_checkpoints() -> Iterator[list[CheckpointCall]]:
         if early_stop is None:
             early_stop = args[2] if len(args) > 2 and isinstance(args[2], bool) else True
         selective = context_fn is not torch_checkpoint.noop_context_fn
+        inputs = _nodes_of(args[3:])  # after determinism_check, debug, early_stop
         after = _last_node()
         depth[0] += 1
         try:
@@ -94,16 +117,18 @@ def recording_checkpoints() -> Iterator[list[CheckpointCall]]:
         finally:
             depth[0] -= 1
             calls.append(CheckpointCall(after, _last_node(), early_stop, False, selective,
-                                        depth[0]))
+                                        depth[0], inputs))
 
     def apply(run_function, preserve_rng_state, *args):
+        inputs = _nodes_of(args)
         after = _last_node()
         depth[0] += 1
         try:
             return run_function(*args)
         finally:
             depth[0] -= 1
-            calls.append(CheckpointCall(after, _last_node(), False, True, False, depth[0]))
+            calls.append(CheckpointCall(after, _last_node(), False, True, False, depth[0],
+                                        inputs))
 
     torch_checkpoint._checkpoint_without_reentrant_generator = without_reentrant
     function.apply = staticmethod(apply)
@@ -136,7 +161,7 @@ def tag_regions(graph: torch.fx.Graph, calls: list[CheckpointCall]) -> dict[int,
         number = len(regions)
         tagged = False
         info = {"region": number, "early_stop": call.early_stop, "reentrant": call.reentrant,
-                "selective": call.selective}
+                "selective": call.selective, "inputs": call.inputs}
         for node in nodes[start:position[call.last] + 1]:
             if node.op == "call_function":
                 node.meta.setdefault("custom", {})[META_KEY] = dict(info)
@@ -158,8 +183,9 @@ def region_of(node: torch.fx.Node) -> CheckpointTag | None:
     info = (node.meta.get("custom") or {}).get(META_KEY)
     if info is None:
         return None
+    inputs = info.get("inputs")
     return CheckpointTag(str(info["region"]), bool(info["early_stop"]), bool(info["reentrant"]),
-                         bool(info["selective"]))
+                         bool(info["selective"]), tuple(inputs) if inputs is not None else None)
 
 
 def has_regions(graph: torch.fx.Graph) -> bool:

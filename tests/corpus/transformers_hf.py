@@ -42,6 +42,29 @@ def t5() -> nn.Module:
                                                decoder_start_token_id=0, pad_token_id=0))
 
 
+def gpt2_checkpointed() -> nn.Module:
+    """GPT-2 trained with transformers' own activation checkpointing (non-reentrant, per
+    layer), as `Trainer(gradient_checkpointing=True)` sets it up."""
+    model = gpt2()
+    model.config.use_cache = False  # transformers turns the cache off under checkpointing
+    model.gradient_checkpointing_enable()
+    return model
+
+
+def llama_checkpointed() -> nn.Module:
+    model = llama()
+    model.config.use_cache = False
+    model.gradient_checkpointing_enable()
+    return model
+
+
+def llama_checkpointed_reentrant() -> nn.Module:
+    model = llama()
+    model.config.use_cache = False
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    return model
+
+
 def with_mask(device, dtype):
     ids = torch.randint(0, V, (B, T), device=device)
     mask = torch.ones(B, T, dtype=torch.long, device=device)
@@ -55,6 +78,16 @@ ENTRIES = [
           kwarg_names=("labels",)),
     Entry("hf_llama_lm", "hf", llama, inputs(ints(V, B, T), ints(V, B, T)),
           "LlamaForCausalLM(input_ids, labels=...), GQA, returns loss, logits and the cache",
+          kwarg_names=("labels",)),
+    Entry("hf_gpt2_grad_ckpt", "hf", gpt2_checkpointed, inputs(ints(V, B, T), ints(V, B, T)),
+          "GPT2LMHeadModel after gradient_checkpointing_enable() (dropout 0.1)",
+          kwarg_names=("labels",)),
+    Entry("hf_llama_grad_ckpt", "hf", llama_checkpointed, inputs(ints(V, B, T), ints(V, B, T)),
+          "LlamaForCausalLM after gradient_checkpointing_enable() (rotary tables passed by "
+          "keyword)", kwarg_names=("labels",)),
+    Entry("hf_llama_grad_ckpt_reentrant", "hf", llama_checkpointed_reentrant,
+          inputs(ints(V, B, T), ints(V, B, T)),
+          "LlamaForCausalLM, gradient_checkpointing_enable(use_reentrant=True)",
           kwarg_names=("labels",)),
     Entry("hf_bert_cls", "hf", bert, with_mask,
           "BertForSequenceClassification with a padding attention_mask and labels (dropout 0.1)",
