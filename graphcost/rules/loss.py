@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from graphcost.rules.registry import OpCost, RuleContext, TensorSpec, register
+from graphcost.rules.registry import OpCost, Out, RuleContext, TensorSpec, Value, register
 
 aten = torch.ops.aten
 
@@ -77,3 +77,49 @@ def l1_loss_cost(ctx: RuleContext) -> OpCost:
 def binary_cross_entropy_cost(ctx: RuleContext) -> OpCost:
     """Both keep the input, the target and the optional (pos_)weight."""
     return OpCost(saved=ctx.saved_if_grad(*ctx.inputs))
+
+
+SUM = 2  # at::Reduction::Sum
+
+
+def _ctc_alpha_width(ctx: RuleContext, targets) -> int:
+    """The longest target: known from the int lengths; from tensor lengths (values), the padded
+    targets' width, or for concatenated targets their total.
+    NB: with tensor lengths that is exact when the longest target fills the padding (or for a
+    batch of one); otherwise log_alpha is counted wider than it is."""
+    lengths = ctx.arg(3, "target_lengths")
+    if isinstance(lengths, (list, tuple)) and lengths and not isinstance(lengths[0], Value):
+        return max(int(n) for n in lengths)
+    return targets.shape[-1] if len(targets.shape) == 2 else targets.shape[0]
+
+
+@register(aten.ctc_loss)
+def ctc_loss_cost(ctx: RuleContext) -> OpCost:
+    """F.ctc_loss (kept whole: it is composite, and eager turns the lengths into int lists, not
+    the tensors export's fake run would keep). It runs _ctc_loss on the targets as int64, which
+    keeps the log-probabilities, the targets, the per-sample negative log-likelihood (N,) and
+    log_alpha (N, T, 2 * longest target + 1); zero_infinity's where keeps its (N,) mask; a mean
+    divides by the target lengths as a tensor of the loss's dtype, which it keeps. No FLOPs (no
+    formula in FlopCounterMode: a recursion of pointwise log-sum-exps)."""
+    log_probs, targets = ctx.arg(0, "log_probs"), ctx.arg(1, "targets")
+    reduction, zero_infinity = ctx.arg(5, "reduction", MEAN), ctx.arg(6, "zero_infinity", False)
+    if not ctx.requires_grad:
+        return OpCost()
+    t, n = log_probs.shape[0], (log_probs.shape[1] if len(log_probs.shape) == 3 else 1)
+    dtype = log_probs.dtype
+    kept = [log_probs,
+            targets if targets.dtype == torch.int64 else TensorSpec(targets.shape, torch.int64),
+            TensorSpec((n,), dtype),
+            TensorSpec((n, t, 2 * _ctc_alpha_width(ctx, targets) + 1), dtype)]
+    if zero_infinity:
+        kept.append(TensorSpec((n,), torch.bool))
+    if reduction == MEAN:
+        kept.append(TensorSpec((n,), dtype))
+    return OpCost(saved=tuple(kept))
+
+
+@register(aten._ctc_loss)
+def _ctc_loss_cost(ctx: RuleContext) -> OpCost:
+    """The kernel alone: the log-probabilities, the targets and both its outputs."""
+    return OpCost(saved=ctx.saved_if_grad(ctx.arg(0, "log_probs"), ctx.arg(1, "targets"),
+                                          Out(0), Out(1)))

@@ -123,3 +123,86 @@ def test_bce_with_logits_weights(dtype):
                                                   pos_weight=pos_weight.detach())
 
     assert_matches_pytorch(*on_activations(loss, (N, C), (N, C), (N, C), (C,)), dtype)
+
+
+# ---- CTC ---------------------------------------------------------------------------------------
+
+CTC_T, CTC_S = 6, 3
+
+
+@pytest.fixture
+def ctc_traceable():
+    """PyTorch has no fake kernel for _ctc_loss (log_alpha's width depends on the target lengths'
+    values), so torch.export cannot trace F.ctc_loss: graphcost stands in an opaque op for an
+    nn.CTCLoss submodule. With one registered here (for this test only), it traces and the rule
+    is checked."""
+    lib = torch.library.Library("aten", "FRAGMENT")
+
+    def fake(log_probs, targets, input_lengths, target_lengths, blank=0, zero_infinity=False):
+        if isinstance(target_lengths, (list, tuple)):
+            longest = max(target_lengths)
+        else:  # the padded width: the test's longest target fills it
+            longest = targets.shape[-1] if targets.dim() == 2 else targets.shape[0]
+        n = log_probs.shape[1] if log_probs.dim() == 3 else 1
+        return (log_probs.new_empty((n,)),
+                log_probs.new_empty((n, log_probs.shape[0], 2 * longest + 1)))
+
+    for name in ("aten::_ctc_loss", "aten::_ctc_loss.Tensor"):
+        torch.library.register_fake(name, fake, lib=lib)
+    yield
+    lib._destroy()
+
+
+class Ctc(nn.Module):
+    def __init__(self, lengths_as="tensor", **kwargs):
+        super().__init__()
+        self.proj, self.lengths_as, self.kwargs = nn.Linear(C, C), lengths_as, kwargs
+
+    def forward(self, x, targets, input_lengths, target_lengths):
+        if self.lengths_as == "list":
+            input_lengths, target_lengths = [CTC_T] * N, [CTC_S] * (N - 1) + [CTC_S - 1]
+        return F.ctc_loss(self.proj(x).log_softmax(-1), targets, input_lengths, target_lengths,
+                          **self.kwargs)
+
+
+def ctc_inputs(concatenated=False, target_dtype=torch.int64):
+    def make(device, dtype):
+        lengths = [CTC_S] * (N - 1) + [CTC_S - 1]
+        shape = (sum(lengths),) if concatenated else (N, CTC_S)
+        return (torch.randn(CTC_T, N, C, device=device, dtype=dtype),
+                torch.randint(1, C, shape, device=device, dtype=target_dtype),
+                torch.full((N,), CTC_T, device=device), torch.tensor(lengths, device=device))
+    return make
+
+
+CTC_CASES = {
+    "mean": (dict(), ctc_inputs()),
+    "sum": (dict(reduction="sum"), ctc_inputs()),
+    "none": (dict(reduction="none"), ctc_inputs()),
+    "zero_infinity": (dict(zero_infinity=True), ctc_inputs()),
+    "int32_targets": (dict(), ctc_inputs(target_dtype=torch.int32)),
+    # NB: int lengths with a mean do not trace even so: the mean's divisor is a tensor made
+    # from the host's list (at::tensor), which export cannot fake
+    "int_lists": (dict(lengths_as="list", reduction="sum"), ctc_inputs()),
+    "concatenated_int_lists": (dict(lengths_as="list", reduction="none"),
+                               ctc_inputs(concatenated=True)),
+}
+
+
+@pytest.mark.parametrize("case", CTC_CASES.values(), ids=CTC_CASES.keys())
+def test_ctc_loss(case, ctc_traceable):
+    """Against FlopCounterMode and autograd on a CPU run (there is no meta kernel for its
+    backward); float32 (the CPU kernel has no bf16)."""
+    from graphcost import analyze
+    from validation.groundtruth import measure_flops, measure_saved_bytes
+
+    kwargs, make_inputs = case
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        module = Ctc(**kwargs)
+    a = analyze(module, make_inputs(torch.device("meta"), torch.float32), device="cpu")
+    torch.manual_seed(0)
+    module, inputs = Ctc(**kwargs), make_inputs(torch.device("cpu"), torch.float32)
+    assert not a.unsupported_ops
+    assert (a.forward_flops, a.backward_flops) == measure_flops(module, inputs)
+    assert a.saved_activation_bytes == measure_saved_bytes(module, inputs)
