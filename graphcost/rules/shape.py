@@ -19,7 +19,8 @@ VIEWS = [
     aten.split, aten.split_with_sizes, aten.chunk, aten.unbind, aten.narrow, aten.flatten,
     aten.unflatten, aten.view_as, aten.alias, aten.detach, aten.movedim, aten.diagonal,
     aten.as_strided, aten.tensor_split, aten.swapaxes, aten.numpy_T, aten.mT,
-    aten.broadcast_tensors, aten.detach_,
+    aten.broadcast_tensors, aten.detach_, aten.unsafe_split, aten.unsafe_split_with_sizes,
+    aten.unsafe_chunk,
 ]
 COPIES = [
     aten.contiguous, aten.clone, aten.to, aten.type_as, aten._to_copy, aten.cat, aten.stack,

@@ -42,6 +42,9 @@ CHAINS = {
     "split": (lambda x: x.split(1, 0)[1], (2, 3)),
     "chunk_cat": (lambda x: torch.cat(x.chunk(3, 1)[::-1], 1), (2, 3)),
     "unbind": (lambda x: x.unbind(0)[1], (2, 3)),
+    "unsafe_split": (lambda x: torch.unsafe_split(x, 2, 1)[1], (2, 4)),
+    "unsafe_chunk": (lambda x: torch.unsafe_chunk(x, 2, 1)[0], (2, 4)),
+    "unsafe_split_with_sizes": (lambda x: torch.unsafe_split_with_sizes(x, [1, 3], 1)[1], (2, 4)),
     "squeeze_unsqueeze": (lambda x: x.unsqueeze(0).squeeze(0).unsqueeze(-1), (2, 3)),
     "movedim": (lambda x: x.movedim(0, -1), (2, 3, 4)),
     "long_chain": (lambda x: x.view(2, 3, 4).transpose(1, 2).contiguous().reshape(2, 12)
