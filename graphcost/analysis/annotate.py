@@ -115,6 +115,11 @@ def annotate(graph: nx.DiGraph, *, device: str | Device = "cpu", rules: RuleRegi
             layouts.set(name, cost.output_dim_order)
         if cost.output_is_input is not None:
             layouts.same_as(name, data, inputs[cost.output_is_input])
+        own = data["storages"][0] if data["storages"] else None
+        if cost.output_storage_bytes is not None and own is not None and \
+                g.graph["storage_owner"].get(own) == name:
+            g.graph["storage_bytes"][own] = max(g.graph["storage_bytes"][own],
+                                                cost.output_storage_bytes)
         saved = set()
         for s in cost.saved:
             if isinstance(s, Value):

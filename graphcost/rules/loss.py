@@ -5,6 +5,8 @@ logits' gradient: that tensor is the rule's backward workspace."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from graphcost.rules.registry import OpCost, Out, RuleContext, TensorSpec, Value, register
@@ -56,7 +58,16 @@ def nll_loss_cost(ctx: RuleContext) -> OpCost:
 
 @register(aten.mse_loss, aten.smooth_l1_loss, aten.huber_loss)
 def regression_loss_cost(ctx: RuleContext) -> OpCost:
-    return OpCost(saved=ctx.saved_if_grad(*ctx.inputs[:2]))
+    """Keeps the input and the target. On the CPU, mse_loss and smooth_l1_loss compute the
+    elementwise loss and reduce it in place: the reduced 0-dim result keeps a storage of the
+    unreduced size (checked: untyped_storage().nbytes()); huber_loss does not."""
+    x, target = ctx.inputs[:2]
+    storage = None
+    if ctx.device.kind == "cpu" and ctx.op in (aten.mse_loss.default, aten.smooth_l1_loss.default) \
+            and ctx.arg(2, "reduction", MEAN) != 0:
+        shape = torch.broadcast_shapes(x.shape, target.shape)
+        storage = math.prod(shape) * ctx.out.dtype.itemsize
+    return OpCost(saved=ctx.saved_if_grad(x, target), output_storage_bytes=storage)
 
 
 @register(aten.l1_loss)

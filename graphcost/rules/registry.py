@@ -109,6 +109,10 @@ class OpCost:
     # where the traced graph shows a copy: eager dropout with p=0 or train=False returns its
     # input. Its output storage is then that input's.
     output_is_input: int | None = None
+    # The bytes of the storage the kernel gives its (first) output when larger than the traced
+    # tensor's: CPU mse_loss reduces its elementwise loss in place, so the 0-dim result keeps
+    # a storage of the unreduced size.
+    output_storage_bytes: int | None = None
 
 
 @dataclass

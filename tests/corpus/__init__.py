@@ -129,11 +129,6 @@ KNOWN_FAILURES: dict[str, str] = {
         "the measured live bytes drop 772 B more when the MoE forward returns than the "
         "predicted ones (FLOPs, saved bytes and the training peak are exact since the block-reuse "
         "fix; not diagnosed further)."),
-    "diffusion_unet": (
-        "memory: training peak -0.65% (934,636 vs 940,780 B) at conv_out's backward: the CPU "
-        "convolution backward holds 6,144 B more than its gradients (a copy of the 2 x 3 x 16 x 16 "
-        "output gradient, a oneDNN workspace graphcost's conv rule does not model). FLOPs and "
-        "saved bytes exact."),
     # -- product mechanisms ----------------------------------------------------------------
     "nn_transformer_encoder": (
         "trace failure -> opaque module: nn.TransformerEncoder.forward(src, mask) calls "
@@ -142,8 +137,4 @@ KNOWN_FAILURES: dict[str, str] = {
         "op with no cost: forward FLOPs 40,960 vs 598,016, backward 81,920 vs 1,196,032, saved "
         "6,660 vs 93,188 B, forward peaks -46% / -25%. (With is_causal=True, or batch_first "
         "encoder+decoder as in nn_transformer_seq2seq, it traces and is exact.)"),
-    "dataclass_output": (
-        "trace failure, structured outputs: a plain @dataclass returned from forward is not a "
-        "pytree type, so torch.export refuses it (Found DetectionOutput in output ...); "
-        "dict, NamedTuple and nested tuples work."),
 }
