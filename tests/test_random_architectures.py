@@ -132,12 +132,6 @@ KNOWN = {
         "new_empty_strided + copy_) and runs silu_backward on a clone of the slice: two "
         "input-sized tensors beyond what graphcost counts at the in-place op's backward (the "
         "linear rule would have to say its output is a view, and the walk model CopySlices)"),
-    "inplace-gradient-passthrough": (
-        "graphcost walk (passes/memory/autograd.py grad_passes_through): an op whose output is "
-        "its input's storage is taken to hand the incoming gradient on as its input's gradient, "
-        "which is right for dropout(p=0) but not for an in-place op (relu_, silu_, elu_, ...): "
-        "its backward (threshold_backward, ...) returns a new input-sized gradient while the "
-        "incoming one is alive: the backward peak at the op is low by the input's bytes"),
     "groupnorm-transposed-gradient": (
         "graphcost rule group_norm (rules/norm.py) cannot see the incoming gradient's layout and "
         "takes it to be contiguous; after a transpose back (x.transpose(1,2) -> GroupNorm -> "
@@ -159,7 +153,6 @@ PEAKS = ("training_peak", "forward_peaks")
 # architecture -> check -> its failure class (or classes, when two add up)
 FAILURES: dict[str, dict[str, str | tuple[str, ...]]] = {
     "inplace-silu": {"training_peak": "inplace-on-view"},
-    "inplace-relu-backward": {"training_peak": "inplace-gradient-passthrough"},
     "groupnorm-transposed-gradient": {"training_peak": "groupnorm-transposed-gradient"},
     "rmsnorm-residual-backward": {"training_peak": "rmsnorm-residual-backward"},
     # generated architectures

@@ -43,6 +43,11 @@ NOT_DIFFERENTIABLE = {aten.type_as.default: (1,), aten.view_as.default: (1,),
                       aten.empty_like.default: (0,), aten.full_like.default: (0,)}
 
 
+def _in_place(target) -> bool:
+    name = getattr(target, "_schema", None)
+    return name is not None and name.name.split("::")[-1].endswith("_")
+
+
 def grad_passes_through(d: dict, v, find) -> bool:
     """Is the gradient of input `v` of the op with node data `d` a view of the op's incoming
     gradient (no new memory)? `find`: the graph's storage_root."""
@@ -58,7 +63,10 @@ def grad_passes_through(d: dict, v, find) -> bool:
         return v.spec.dtype == out.dtype
     if target in GRAD_IS_VIEW:
         return v.spec.numel == out.numel
-    # an op that returns its input itself (dropout that does nothing, a same-dtype `to`)
+    # an op that returns its input itself (dropout that does nothing, a same-dtype `to`); not
+    # an in-place op (relu_, silu_), whose backward makes a new gradient from the incoming one
+    if _in_place(target):
+        return False
     return (len(d["outputs"]) == 1 and d["storages"][0] is not None
             and find(d["storages"][0]) == find(v.storage)
             and v.spec.numel == out.numel and v.spec.dtype == out.dtype)
