@@ -1,10 +1,11 @@
-"""Recurrent layers and cells: nn.LSTM, nn.GRU, nn.RNN (aten.lstm, gru, rnn_tanh, rnn_relu) and
-nn.LSTMCell, GRUCell, RNNCell (aten.lstm_cell, gru_cell, rnn_tanh_cell, rnn_relu_cell).
+"""Recurrent layers: nn.LSTM, nn.GRU, nn.RNN (aten.lstm, gru, rnn_tanh, rnn_relu) and
+nn.GRUCell (aten.gru_cell).
 
-These ops are CompositeImplicitAutograd, but what eager PyTorch runs for them is not torch's
-Python decomposition (the one torch.export would substitute): it is ATen's C++ (RNN.cpp), and
-on the CPU an fp32 or bf16 nn.LSTM runs oneDNN instead. So each is kept whole and costed here
-by what the kernel that runs saves:
+These ops are CompositeImplicitAutograd, but their composite (ATen's RNN.cpp) branches on the
+device: on the CPU an fp32 or bf16 nn.LSTM runs oneDNN, and the cells get the input's gate
+matmul for the whole sequence at once (a copy of a batch_first input), where on the meta device
+trace decomposes on they run step by step. So each is kept whole and costed here by what the
+kernel that runs saves:
 
 - CPU, nn.LSTM in fp32/bf16 without projections: one `mkldnn_rnn_layer` per layer and
   direction, which keeps its input, h0/c0, its output, final h/c and oneDNN's workspace (its
@@ -12,7 +13,9 @@ by what the kernel that runs saves:
 - CPU, everything else: RNN.cpp's cells, step by step, with in-place gates: the gate matmuls
   for the whole sequence at once, then per step the hidden-to-hidden linear, the gate
   activations (sigmoid_/tanh_ in place), the clones autograd makes for an in-place mul_ (GRU).
-- CUDA: cuDNN (layers) and the fused cell kernels. NB: not checked here (no GPU).
+- CUDA: cuDNN (layers) and the fused GRU cell kernel. NB: not checked here (no GPU).
+
+nn.LSTMCell and nn.RNNCell are not here: trace replaces their ops by what ATen's cells run.
 
 FLOPs are the gate matmuls, as FlopCounterMode counts them on the meta device (where these ops
 run RNN.cpp's cells): FlopCounterMode has no formula for mkldnn_rnn_layer and counts a CPU
@@ -371,14 +374,19 @@ def rnn_relu_cost(ctx: RuleContext) -> OpCost:
 
 
 # ---- cells -----------------------------------------------------------------------------------
+# nn.LSTMCell and nn.RNNCell have no rule: their ops (lstm_cell, rnn_tanh_cell, rnn_relu_cell)
+# are composite, and trace replaces each by the ops ATen's cell runs (graphcost/trace/
+# decompose.py), which gives their FLOPs and saved tensors exactly and their memory op by op.
 
-def _cell_cost(ctx: RuleContext, kind: str) -> OpCost:
-    """One step: input @ w_ih.T and h @ w_hh.T, then the gates (RNN.cpp's cell without the
-    input's gate matmul done ahead)."""
-    x, hx = ctx.arg(0, "input"), ctx.arg(1, "hx")
+@register(aten.gru_cell)
+def gru_cell_cost(ctx: RuleContext) -> OpCost:
+    """nn.GRUCell, kept whole: its decomposition is exact but for the clone of the new-gate chunk
+    that autograd keeps for the in-place mul_ by the reset gate (the mul_ rule keeps the chunk
+    itself, which shares the gates' storage). One step of ATen's GRU cell: input @ w_ih.T and
+    h @ w_hh.T, then the gates (see _step_saved)."""
+    x, h = ctx.arg(0, "input"), ctx.arg(1, "hx")
     w_ih, w_hh = ctx.arg(2, "w_ih"), ctx.arg(3, "w_hh")
-    h, c = (hx[0], hx[1]) if kind == "lstm" else (hx, None)
-    g = GATES[kind]
+    g = GATES["gru"]
     hidden = w_hh.shape[0] // g
     b = math.prod(x.shape[:-1])
     ih, hh = b * x.shape[-1] * g * hidden, b * h.shape[-1] * g * hidden
@@ -388,41 +396,12 @@ def _cell_cost(ctx: RuleContext, kind: str) -> OpCost:
     if not ctx.requires_grad:
         return OpCost(forward_flops=forward, backward_flops=backward)
     kept = _Kept()
-    dtype = x.dtype
-    if ctx.device.kind == "cuda" and kind in ("lstm", "gru"):
-        # the fused kernels (_thnn_fused_lstm_cell / _gru_cell) keep both gate matmuls, their
-        # c or h input, (LSTM) the new c, and a workspace of (B, 4H) / (B, 5H).
-        # NB: not checked here (no GPU).
-        kept.add(x if w_ih.requires_grad else None, h if w_hh.requires_grad else None,
-                 TensorSpec((b, g * hidden), dtype), TensorSpec((b, g * hidden), dtype))
-        if kind == "lstm":
-            kept.add(c, Out(1), TensorSpec((b, 4 * hidden), dtype))
-        else:
-            kept.add(h, TensorSpec((b, 5 * hidden), dtype))
-        return OpCost(forward_flops=forward, backward_flops=backward, saved=tuple(kept.items))
     kept.add(x if w_ih.requires_grad else None, h if w_hh.requires_grad else None)
-    if kind == "lstm":
-        kept.add(c)  # forgetgate * c
-    steps = _step_saved(kind, b, g, hidden, dtype, None)
-    kept.add(*(steps if kind != "rnn_tanh" and kind != "rnn_relu" else (Out(0),)))
+    if ctx.device.kind == "cuda":
+        # the fused kernel (_thnn_fused_gru_cell) keeps both gate matmuls, h and a (B, 5H)
+        # workspace. NB: not checked here (no GPU).
+        kept.add(TensorSpec((b, g * hidden), x.dtype), TensorSpec((b, g * hidden), x.dtype), h,
+                 TensorSpec((b, 5 * hidden), x.dtype))
+    else:
+        kept.add(*_step_saved("gru", b, g, hidden, x.dtype, None))
     return OpCost(forward_flops=forward, backward_flops=backward, saved=tuple(kept.items))
-
-
-@register(aten.lstm_cell)
-def lstm_cell_cost(ctx: RuleContext) -> OpCost:
-    return _cell_cost(ctx, "lstm")
-
-
-@register(aten.gru_cell)
-def gru_cell_cost(ctx: RuleContext) -> OpCost:
-    return _cell_cost(ctx, "gru")
-
-
-@register(aten.rnn_tanh_cell)
-def rnn_tanh_cell_cost(ctx: RuleContext) -> OpCost:
-    return _cell_cost(ctx, "rnn_tanh")
-
-
-@register(aten.rnn_relu_cell)
-def rnn_relu_cell_cost(ctx: RuleContext) -> OpCost:
-    return _cell_cost(ctx, "rnn_relu")

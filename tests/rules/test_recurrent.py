@@ -1,8 +1,9 @@
-"""nn.LSTM / GRU / RNN and their cells: kept whole (aten.lstm, gru, rnn_tanh, rnn_relu and the
-*_cell ops) and costed by what the CPU kernel that runs keeps: oneDNN's mkldnn_rnn_layer for an
+"""nn.LSTM / GRU / RNN and nn.GRUCell: kept whole (aten.lstm, gru, rnn_tanh, rnn_relu, gru_cell)
+and costed by what the CPU kernel that runs keeps: oneDNN's mkldnn_rnn_layer for an
 fp32/bf16 LSTM, ATen's in-place C++ cells otherwise. Checked against FlopCounterMode (on meta,
 where the ops run ATen's cells: on the CPU it has no formula for mkldnn_rnn_layer) and against
-autograd's saved tensors on a real CPU run."""
+autograd's saved tensors on a real CPU run. nn.LSTMCell and nn.RNNCell are decomposed by trace
+into the ops ATen's cells run: checked here the same way."""
 
 import itertools
 
@@ -256,9 +257,17 @@ def test_relu_cell(dtype):
 
 
 def test_lstm_cell_flops_and_saved_bytes_from_dimensions():
+    """nn.LSTMCell is decomposed (trace) into the ops ATen's cell runs."""
     a = analyze_meta(lambda: nn.LSTMCell(D_IN, H), sequence((B, D_IN)))
     assert a.forward_flops == FLOPS_PER_FMA * B * (D_IN + H) * 4 * H
     assert a.backward_flops == FLOPS_PER_FMA * B * (D_IN + H) * 4 * H  # the weights' gradients
     # h0 = c0 (one zeros tensor), the gates, tanh(c)
     assert a.saved_activation_bytes == 4 * (B * H + B * 4 * H + B * H)
-    assert {r.op for r in a.ops} >= {"aten.lstm_cell.default"}
+    assert "aten.lstm_cell.default" not in {r.op for r in a.ops}
+
+
+def test_gru_cell_is_kept_whole_and_keeps_the_clones_of_its_in_place_muls():
+    a = analyze_meta(lambda: nn.GRUCell(D_IN, H), sequence((B, D_IN)))
+    assert "aten.gru_cell.default" in {r.op for r in a.ops}
+    # h0, the hidden gates, the new-gate chunk's clone, the new gate, the clone of h - n
+    assert a.saved_activation_bytes == 4 * (B * H + B * 3 * H + 3 * B * H)
