@@ -12,6 +12,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from graphcost import analyze
@@ -398,3 +399,46 @@ def test_cli_coverage_lists_it_as_unsupported(capsys, model_file):
     assert "UNSUPPORTED" in row
     code, out, err = run_cli(capsys, "coverage", model_file, "--strict")
     assert code == 1
+
+
+class _RootCTC(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 5)
+
+    def forward(self, x, targets):
+        return F.ctc_loss(self.proj(x).log_softmax(-1), targets, [10, 10], [3, 4])
+
+
+class _ModuleCTC(_RootCTC):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ctc = nn.CTCLoss()
+
+    def forward(self, x, targets):
+        return self.ctc(self.proj(x).log_softmax(-1), targets, [10, 10], [3, 4])
+
+
+def _ctc_inputs():
+    return (torch.empty(10, 2, 8, device="meta"), torch.empty(2, 4, dtype=torch.long, device="meta"))
+
+
+def test_ctc_loss_in_the_root_forward_says_how_to_go_on():
+    """F.ctc_loss's buffers depend on the target lengths (a data-dependent output shape): in the
+    root forward graphcost cannot stand in for a submodule, so it says where and what to do."""
+    with torch.device("meta"):
+        model = _RootCTC()
+    with pytest.raises(TraceError) as caught:
+        analyze(model, _ctc_inputs())
+    message = str(caught.value)
+    assert "_ctc_loss" in message and "nn.CTCLoss" in message
+    assert "return F.ctc_loss(" in message  # the model's own line, not torch's
+
+
+def test_ctc_loss_in_a_submodule_is_one_opaque_op():
+    with torch.device("meta"):
+        model = _ModuleCTC()
+    with pytest.warns(UserWarning, match="could not trace module ctc"):
+        analysis = analyze(model, _ctc_inputs())
+    assert analysis.unsupported_ops == {"opaque module ctc (CTCLoss)": 1}
+    assert analysis.forward_flops == 2 * 10 * 2 * 8 * 5  # the projection is still costed

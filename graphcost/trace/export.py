@@ -10,6 +10,7 @@ import contextlib
 import io
 import linecache
 import operator
+import os
 import sys
 import traceback
 from collections.abc import Sequence
@@ -278,6 +279,15 @@ def _explain_trace_failure(name: str, module: nn.Module, exc: BaseException) -> 
     frames = _module_frames(module, exc)
     if frames:
         path, mtype, filename, lineno = frames[-1]
+        own = [(f.filename, f.lineno) for f in traceback.extract_tb(exc.__traceback__)
+               if f"{os.sep}torch{os.sep}" not in f.filename]
+        if own:  # the model's own line, not torch's module machinery
+            filename, lineno = own[-1]
         src = linecache.getline(filename, lineno).strip()
         msg += f"\n  in module {path or '<root>'} ({mtype}), {filename}:{lineno}: {src}"
+    if type(exc).__name__ == "DynamicOutputShapeException":
+        return msg + ("\n  what to do: the output shape of that op depends on tensor values "
+                      "(F.ctc_loss's buffers on the target lengths). Call it through a submodule "
+                      "(nn.CTCLoss for F.ctc_loss): graphcost then lists that module as one "
+                      "opaque op and analyses the rest of the model.")
     return msg + WHAT_TO_DO
