@@ -339,18 +339,30 @@ def _uses_mkldnn(r: Recurrent) -> bool:
             and r.seq * r.batch * r.x.shape[-1] > 0)
 
 
+def _cells_workspace_bytes(r: Recurrent) -> int:
+    """What RNN.cpp's layers hold inside the op at its fullest moment, the last layer's end,
+    beyond the saved tensors and the outputs: that layer's input gate matmul for the whole
+    sequence (T, B, G * H), still referenced by its step inputs, and, bidirectional, the two
+    directions' stacked outputs that the concatenation reads. (The final hidden states held
+    for stacking take the place of the h_n output not made yet.)"""
+    t, b = r.seq, r.batch
+    stacked = 2 * t * b * r.out if r.bidirectional else 0
+    return (t * b * r.gates * r.hidden + stacked) * r.dtype.itemsize
+
+
 def _recurrent_cost(ctx: RuleContext, kind: str) -> OpCost:
     r = _recurrent(ctx, kind)
     forward, backward = recurrent_flops(r)
-    if not ctx.requires_grad:
-        saved: tuple[Saved, ...] = ()
-    elif ctx.device.kind == "cuda":
+    workspace = 0
+    if ctx.device.kind == "cuda":
         saved = _cudnn_saved(r)
     elif _uses_mkldnn(r):
         saved = _mkldnn_saved(r)
     else:
         saved = _cells_saved(r)
-    return OpCost(forward_flops=forward, backward_flops=backward, saved=saved)
+        workspace = _cells_workspace_bytes(r)
+    return OpCost(forward_flops=forward, backward_flops=backward,
+                  saved=saved if ctx.requires_grad else (), forward_workspace_bytes=workspace)
 
 
 @register(aten.lstm.input)
