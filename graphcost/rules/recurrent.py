@@ -343,11 +343,13 @@ def _cells_workspace_bytes(r: Recurrent) -> int:
     """What RNN.cpp's layers hold inside the op at its fullest moment, the last layer's end,
     beyond the saved tensors and the outputs: that layer's input gate matmul for the whole
     sequence (T, B, G * H), still referenced by its step inputs, and, bidirectional, the two
-    directions' stacked outputs that the concatenation reads. (The final hidden states held
-    for stacking take the place of the h_n output not made yet.)"""
+    directions' stacked outputs that the concatenation reads. The final hidden states held for
+    stacking take the place of the h_n (and c_n) output not made yet, except a simple cell's,
+    which are its saved tanh/relu results: h_n is not there yet."""
     t, b = r.seq, r.batch
     stacked = 2 * t * b * r.out if r.bidirectional else 0
-    return (t * b * r.gates * r.hidden + stacked) * r.dtype.itemsize
+    h_n = r.layers * r.directions * b * r.out if r.kind in ("rnn_tanh", "rnn_relu") else 0
+    return (t * b * r.gates * r.hidden + stacked - h_n) * r.dtype.itemsize
 
 
 def _recurrent_cost(ctx: RuleContext, kind: str) -> OpCost:
