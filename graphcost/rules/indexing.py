@@ -10,9 +10,11 @@ from graphcost.rules.registry import OpCost, Out, RuleContext, Value, register
 aten = torch.ops.aten
 
 
-@register(aten.topk)
+@register(aten.topk, aten.max.dim, aten.min.dim, aten.kthvalue, aten.mode, aten.median.dim,
+          aten.nanmedian.dim)
 def topk_cost(ctx: RuleContext) -> OpCost:
-    """TopkBackward scatters the gradient back through the chosen indices (output 1)."""
+    """Their backward scatters the gradient back through the chosen indices (output 1, int64)
+    into zeros of the input's size, which it knows from the shape alone."""
     return OpCost(saved=ctx.saved_if_grad(Out(1)))
 
 
@@ -47,7 +49,7 @@ def index_select_cost(ctx: RuleContext) -> OpCost:
     return OpCost(saved=ctx.saved_if_grad(index))
 
 
-@register(aten.index_add)
+@register(aten.index_add, aten.index_add_)
 def index_add_cost(ctx: RuleContext) -> OpCost:
     """index_add(x, dim, index, source): source's gradient is grad.index_select(dim, index)
     expanded as source, which autograd keeps along with the index."""

@@ -13,6 +13,7 @@ import operator
 import os
 import sys
 import traceback
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -250,7 +251,9 @@ def _export_quietly(module: nn.Module, args: tuple, kwargs: dict) -> torch.expor
     held = io.StringIO()
     with contextlib.redirect_stderr(held), recording_checkpoints() as checkpoints, \
             observing_lifetimes(module) as deaths, returning_tensors(module), \
-            eager_mask_branches():
+            eager_mask_branches(), warnings.catch_warnings():
+        # nn.RNN/GRU/LSTM reassign their weight list inside forward: nothing a user can act on
+        warnings.filterwarnings("ignore", message=r"The tensor attributes? .*_flat_weights")
         program = torch.export.export(module, args, kwargs, strict=False)
     sys.stderr.write(held.getvalue())
     tag_regions(program.graph, checkpoints)

@@ -75,66 +75,43 @@ assert len(BY_NAME) == len(CORPUS), "corpus names must be unique"
 
 # name -> which defect class and what is wrong, measured (graphcost vs PyTorch's ground truth)
 KNOWN_FAILURES: dict[str, str] = {
-    # -- the kernel the CPU runs is not the one traced on meta --------------------------------
+    # -- recurrent layers: the backward of a whole nn.LSTM/GRU is one op in the timeline ------
     "lstm_classifier": (
-        "device-dependent kernel: on a real CPU run nn.LSTM (fp32) dispatches to oneDNN's "
-        "aten.mkldnn_rnn_layer, which saves its own workspace; on meta (what torch.export traces) "
-        "it runs the decomposed cell (addmm, sigmoid_, tanh_, ...), which graphcost costs. "
-        "Measured: saved 24,476 B vs autograd 96,156 (mkldnn_rnn_layer alone keeps 93,952), "
-        "training peak -21.8%, forward peaks -48.0% / -30.6%. FLOPs agree (meta on both sides)."),
-    "ctc_speech": (
-        "device-dependent kernel + trace failure: the BiLSTM runs mkldnn_rnn_layer on the CPU "
-        "(as lstm_classifier: it keeps 120,320 B, graphcost's decomposed cell 48,000), and "
-        "nn.CTCLoss cannot be exported (aten._ctc_loss: DynamicOutputShapeException on fake "
-        "tensors), so it is an opaque module with no cost (its 2,088 B of log_alpha/neg-log-"
-        "likelihood unknown). Measured: saved 50,560 vs 135,088 B, training peak -38.5%, "
-        "forward peaks -50% / -40%. FLOPs agree (ground truth counted on the CPU with oneDNN "
-        "off: _ctc_loss_backward has no meta kernel)."),
+        "memory: training peak +6.50% (249,460 vs 234,228 B). Saved bytes (oneDNN's "
+        "mkldnn_rnn_layer workspace included), FLOPs and forward peaks are exact; the timeline "
+        "runs the layer's backward as one op that keeps every saved tensor while it makes every "
+        "gradient, where autograd releases layer by layer and direction by direction."),
     "bigru_tagger": (
-        "decomposition differs from the CPU kernel: export traces torch._decomp's Python GRU cell "
-        "(out-of-place sigmoid/tanh/sub/mul/add, each a new tensor), the CPU runs ATen's C++ "
-        "gru_cell (sigmoid_, tanh_, mul_, add_ in place on chunks of the gate matmuls). graphcost "
-        "saves one B x H tensor (128 B) more per cell step: saved 18,756 vs 16,708 B (+2,048 = 16 "
-        "steps x 128); training peak +2.5%, forward peaks -3.7% / -2.2%."),
+        "memory: training peak +4.77% (66,048 vs 63,040 B): the GRU's backward as one op (see "
+        "lstm_classifier). Saved bytes and forward peaks exact."),
     "seq2seq_gru_attn": (
-        "GRU cell decomposition vs ATen's in-place C++ gru_cell (see bigru_tagger): saved "
-        "29,428 vs 27,764 B (+1,664 = 13 GRU steps x 128 B); training peak +0.6%, forward peaks "
-        "+2.8% / +1.5%."),
+        "memory: training peak +2.71% (131,216 vs 127,760 B): the GRUs' backward as one op (see "
+        "lstm_classifier). Saved bytes and forward peaks exact."),
+    "ctc_speech": (
+        "opaque module: nn.CTCLoss cannot be exported (aten._ctc_loss has no fake kernel: its "
+        "log_alpha's shape depends on the target lengths), so it stands in as one opaque op, "
+        "listed as unsupported: saved 132,992 vs 135,088 B (-2,096, what _ctc_loss keeps); "
+        "training peak +3.96% (the BiLSTM's backward as one op, see lstm_classifier)."),
     "mpnn_index_add": (
-        "GRUCell decomposition vs ATen's in-place C++ gru_cell (see bigru_tagger), "
-        "aten.unsafe_split.Tensor (the cell's gate chunks) without a rule (x4), and Python "
-        "lifetimes held too long. saved 30,212 vs 28,676 B (+1,536 = 2 GRUCell calls x one "
-        "N x H tensor, 768 B). Forward peak +22.9% (65,928 vs 53,640 B; step 1 +12.9%, training "
-        "peak +8.4%, at ff1d45d): graphcost.trace.lifetimes holds every intermediate of the "
-        "decomposed GRUCell (its two gate matmuls, 2,304 B each, and ten 768 B intermediates; "
-        "none is a Python local: they live inside one C++ call, and on the CPU most are in "
-        "place) until the module returns (+12,288 B at its end), "
-        "and already before it the gathers h[src], h[dst] and the message cat (temporaries of "
-        "one expression) run 7,680 B above the measurement."),
-    "lstmcell_lm": (
-        "op without a rule: aten.unsafe_split.Tensor (x8, nn.LSTMCell's gate chunks; 0 FLOPs, "
-        "so the totals agree). Peaks exact."),
-    # -- ops without rules ----------------------------------------------------------------
+        "memory: forward peaks -4.16% / -2.35% (51,408 vs 53,640 B), training peak +1.13%: "
+        "nn.GRUCell's composite is decomposed into ops whose in-place gates (mul_, add_, "
+        "sigmoid_) eager's C++ cell runs on chunks it keeps alive; saved bytes and FLOPs exact."),
+    # -- smaller gaps ---------------------------------------------------------------------------
     "dlrm": (
-        "op without a rule: aten._embedding_bag (x3), whose offset2bag/bag_size outputs "
-        "autograd keeps (192 B); and the index lists built in forward with torch.tensor (li, lj, "
-        "48 B each, kept by the advanced index Z[:, li, lj]) are constants to torch.export, so "
-        "graphcost counts neither: saved 1,392 vs 1,680 B (-288), forward peaks -6.5% / -2.8%."),
+        "memory: forward peak +1.09% (8,916 vs 8,820 B, +96 B): the index lists built in forward "
+        "with torch.tensor (li, lj, 48 B each) are constants to torch.export, alive from the "
+        "start in graphcost; eager makes them during the forward. Saved bytes and FLOPs exact."),
     "knn_cdist": (
-        "ops without rules: aten._cdist_forward (keeps its output, 800 B) and aten.max.dim (keeps "
-        "its int64 indices, 2,560 B): saved 8,076 vs 11,436 B (-3,360 = 800 + 2,560), training "
-        "peak -9.9% (in backward), forward peaks -0.62% / -0.53%."),
+        "memory: training peak -7.03% (25,800 vs 27,752 B) in the backward of torch.cdist "
+        "(_euclidean_dist's backward workspace is not modelled). Saved bytes and FLOPs exact."),
     "moe_topk_dense": (
-        "memory: forward peak +1.08% / +0.61% (47,856 vs 47,344 B) from the root's `h + moe_out` on: "
-        "the measured live bytes drop 772 B more when the MoE forward returns than the "
-        "predicted ones (FLOPs, saved bytes and the training peak are exact since the block-reuse "
-        "fix; not diagnosed further)."),
-    # -- product mechanisms ----------------------------------------------------------------
+        "memory: forward peak +1.08% / +0.61% (47,856 vs 47,344 B) from the root's "
+        "`h + moe_out` on: the measured live bytes drop 772 B more when the MoE forward returns "
+        "than the predicted ones; training peak +0.57%. FLOPs and saved bytes exact."),
+    # -- traced as an opaque module --------------------------------------------------------------
     "nn_transformer_encoder": (
-        "trace failure -> opaque module: nn.TransformerEncoder.forward(src, mask) calls "
-        "_detect_is_causal_mask, which compares the mask with a generated causal one "
-        "(data-dependent guard Eq(u0, 1) on meta), so the whole encoder is one unsupported opaque "
-        "op with no cost: forward FLOPs 40,960 vs 598,016, backward 81,920 vs 1,196,032, saved "
-        "6,660 vs 93,188 B, forward peaks -46% / -25%. (With is_causal=True, or batch_first "
-        "encoder+decoder as in nn_transformer_seq2seq, it traces and is exact.)"),
+        "opaque module: nn.TransformerEncoder.forward(src, mask) calls _detect_is_causal_mask, "
+        "which compares the mask's values with a causal one (a data-dependent branch on meta), so "
+        "the whole encoder stands in as one opaque op, listed as unsupported: FLOPs -93%, saved "
+        "bytes -93%. With is_causal=True (nn_transformer_seq2seq) it traces and is exact."),
 }
