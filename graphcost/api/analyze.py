@@ -204,13 +204,14 @@ class ModelAnalysis(Analysis):
         kept, skipped = [], []
         for spec in dict.fromkeys(str(parse_policy(p)) for p in names):
             try:
-                policy_plan(self.graph, spec)
-            except GraphcostError as exc:
+                resolved = str(policy_plan(self.graph, spec).policy)  # "none" -> "model" for a
+            except GraphcostError as exc:  # model that checkpoints itself
                 if given:
                     raise
                 skipped.append((spec, str(exc)))
             else:
-                kept.append(spec)
+                if resolved not in kept:
+                    kept.append(resolved)
         return kept, skipped
 
     # ------------------------------------------------------------ time and cost

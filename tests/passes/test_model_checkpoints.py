@@ -184,3 +184,27 @@ def test_recording_leaves_torch_as_it_was():
     assert torch_checkpoint._checkpoint_without_reentrant_generator is generator
     assert torch_checkpoint.CheckpointFunction.apply == apply
     assert "apply" not in torch_checkpoint.CheckpointFunction.__dict__
+
+
+def test_compare_and_optimize_show_the_models_own_plan(capsys, tmp_path):
+    """`graphcost checkpoint` on a model that checkpoints itself: one row, the model's own
+    checkpoints, the other policies skipped with the reason; a budget judges that row."""
+    factory = tmp_path / "ckpt_cli.py"
+    factory.write_text(
+        "import torch\n"
+        "from tests.passes.test_model_checkpoints import Checkpointed\n"
+        "def build():\n"
+        "    return Checkpointed('per-block'), (torch.empty(4, 16, 32),)\n")
+    code, out, err = run_cli(capsys, "checkpoint", f"{factory}:build", "--json")
+    assert code == 0, err
+    import json
+    result = json.loads(out)
+    assert [r["policy"] for r in result["rows"]] == ["model"]
+    assert result["rows"][0]["recompute_flops"] > 0
+    assert {s["policy"] for s in result["skipped"]} >= {"full", "save-matmuls"}
+    peak = result["rows"][0]["peak_bytes"]
+    for budget, fits in ((peak + 1, True), (peak - 1, False)):
+        code, out, err = run_cli(capsys, "checkpoint", f"{factory}:build", "--json",
+                                 "--budget", str(budget))
+        assert code == 0, err
+        assert json.loads(out)["fits"] is fits

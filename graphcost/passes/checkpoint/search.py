@@ -41,6 +41,7 @@ from graphcost.passes.checkpoint.policy import (
     BLOCK_OPTIONS,
     BUILTIN_POLICIES,
     main_blocks,
+    model_regions,
     module_calls,
     parse_policy,
     per_block_spec,
@@ -127,6 +128,13 @@ def optimize(analysis: Analysis, budget_bytes: float, config: TrainingConfig | N
     config = config or TrainingConfig()
     g = analysis.graph
     ops = g.op_order
+    if model_regions(g, ops):  # the model checkpoints itself: that is the one plan there is
+        only = _row(analysis, training_timeline(analysis, replace(config, checkpoint="model")),
+                    budget_bytes)
+        best = only if only.fits else None
+        return Optimum(budget_bytes=budget_bytes, row=best, per_block=(), mix=None,
+                       builtin=[only], best_builtin=best, smallest=only, search_seconds=0.0,
+                       total_seconds=time.perf_counter() - started)
     blocks = main_blocks(g)
     if not blocks:
         raise ConfigError("checkpoint search needs a stack of identical blocks (a ModuleList or "
