@@ -15,8 +15,9 @@ from graphcost.passes.memory.training import OPTIMIZER_IMPLS, OPTIMIZERS
 from graphcost.sizing.fit import DEFAULT_RESERVE_BYTES
 
 MODEL_HELP = "zoo name, path/to/file.py:factory or hf:path/to/config.json"
-POLICY_HELP = ("none, full, every-K, sqrt, selective, save-matmuls, per-block:OPT,OPT,... or "
-               "modules:PATTERN[,PATTERN][+save:OP[,OP]]")
+POLICY_HELP = ("none, full, every-K, sqrt, selective, save-matmuls, per-block:OPT,OPT,..., "
+               "modules:PATTERN[,PATTERN][+save:OP[,OP]], or model (the checkpoints the "
+               "model's own forward makes, which a model that has them always uses)")
 RESERVE_GIB = DEFAULT_RESERVE_BYTES // 2**30
 
 
