@@ -117,3 +117,27 @@ def test_memory_bf16_mixed_matches_a_real_autocast_run(capsys):
     model, inputs = load("gpt2", batch=2, seq=16, with_targets=True, device="cpu", **SMALL_GPT2)
     measured = measure_training_peak(model, inputs, precision="bf16-mixed")
     assert result["peak_bytes"] == pytest.approx(measured.peak_bytes, rel=0.01)
+
+
+def test_approximate_backward_is_said(capsys, tmp_path):
+    """A whole nn.LSTM's backward runs in stages the walk takes as one event: the report and
+    the JSON say its peak is approximate; a model without such ops says nothing."""
+    from tests.helpers import run_cli
+
+    factory = tmp_path / "lstm_model.py"
+    factory.write_text(
+        "import torch\nfrom torch import nn\n"
+        "class M(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.rnn = nn.LSTM(8, 16, batch_first=True)\n"
+        "    def forward(self, x):\n"
+        "        return self.rnn(x)[0].mean()\n"
+        "def build():\n"
+        "    return M(), (torch.empty(4, 10, 8),)\n")
+    code, out, err = run_cli(capsys, "memory", f"{factory}:build")
+    assert code == 0 and "aten.lstm.input (x1)" in out and "approximate" in out
+    code, out, _ = run_cli(capsys, "memory", f"{factory}:build", "--json")
+    assert json.loads(out)["approximate_ops"] == {"aten.lstm.input": 1}
+    code, out, _ = run_cli(capsys, "memory", "examples/mlp.py:factory", "--json")
+    assert json.loads(out)["approximate_ops"] == {}

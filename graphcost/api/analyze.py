@@ -60,7 +60,7 @@ from graphcost.passes.checkpoint.policy import plan as policy_plan
 from graphcost.passes.checkpoint.search import Optimum, compare, optimize
 from graphcost.passes.experts import moe_summary
 from graphcost.passes.memory.inference import inference_memory
-from graphcost.passes.memory.timeline import training_timeline
+from graphcost.passes.memory.timeline import approximate_ops, training_timeline
 from graphcost.passes.parallel.plan import ParallelPlan, per_device_memory
 from graphcost.passes.roofline import compute_bound_batch as find_compute_bound_batch
 from graphcost.passes.roofline import (
@@ -153,7 +153,8 @@ class ModelAnalysis(Analysis):
             return ParallelMemoryResult(self.shape, self.device.name, plan, config, stages,
                                         self.unsupported_ops)
         return MemoryResult(self.shape, self.device.name, config,
-                            training_timeline(self, config), self.unsupported_ops)
+                            training_timeline(self, config), self.unsupported_ops,
+                            approximate_ops(self.graph))
 
     def _untargeted(self, seq: int | None = None) -> ModelAnalysis:
         """This model without targets (inference) at `seq` (default: its own)."""

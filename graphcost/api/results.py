@@ -81,6 +81,9 @@ class MemoryResult:
     config: TrainingConfig
     timeline: MemoryTimeline = field(repr=False)
     unsupported_ops: dict[str, int]
+    # ops whose backward memory is walked as one event though autograd runs it in stages
+    # (rules' OpCost.backward_memory_exact): the training peak around them is approximate
+    approximate_ops: dict[str, int] = field(default_factory=dict)
 
     @property
     def peak_bytes(self) -> int:
@@ -112,6 +115,7 @@ class MemoryResult:
             "phase_peaks": [{"step": st, "phase": p, "peak_bytes": b}
                             for (st, p), b in timeline.phase_peaks().items()],
             "unsupported_ops": self.unsupported_ops,
+            "approximate_ops": self.approximate_ops,
         }
 
 

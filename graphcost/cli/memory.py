@@ -67,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
         print(parallel_memory_report(list(result.stages), result.busiest,
                                      model=result.shape.name, device=analysis.device), end="")
         return 0
-    print(memory_report(result.timeline, model=result.shape.name, device=result.device), end="")
+    print(memory_report(result.timeline, model=result.shape.name, device=result.device,
+                        approximate=result.approximate_ops), end="")
     if args.plot:
         print(f"\nplot: {args.plot}")
     return 0

@@ -6,8 +6,10 @@ from __future__ import annotations
 from graphcost.report.units import format_bytes, format_count, format_flops, format_share, table
 
 
-def memory_report(timeline, *, model: str, device: str) -> str:
-    """The peak of a training step, when it happens, and what is alive then."""
+def memory_report(timeline, *, model: str, device: str,
+                  approximate: dict[str, int] | None = None) -> str:
+    """The peak of a training step, when it happens, and what is alive then; `approximate`:
+    the ops whose backward memory is only approximated (a note says so)."""
     from graphcost.passes.memory.training import CATEGORIES
 
     peak, config = timeline.peak, timeline.config
@@ -20,9 +22,10 @@ def memory_report(timeline, *, model: str, device: str) -> str:
         f"  when        step {peak.step}, {peak.phase}, {peak.op}"
         f"{' in ' + peak.module_path if peak.module_path else ''}",
     ]
-    if str(config.checkpoint) != "none":
+    policy = timeline.plan.policy if timeline.plan is not None else config.checkpoint
+    if str(policy) != "none":
         recompute = timeline.recompute_flops * config.grad_accumulation
-        lines += [f"  checkpoint  {config.checkpoint}: {len(timeline.plan.regions)} regions, "
+        lines += [f"  checkpoint  {policy}: {len(timeline.plan.regions)} regions, "
                   f"recompute {format_flops(recompute)} per step, saved activations "
                   f"{format_bytes(timeline.saved_activation_bytes)}"]
     lines += [
@@ -36,6 +39,10 @@ def memory_report(timeline, *, model: str, device: str) -> str:
     rows = [[str(step), phase, format_bytes(b)]
             for (step, phase), b in timeline.phase_peaks().items()]
     lines.append(table(["step", "phase", "peak"], rows, align="llr"))
+    if approximate:
+        ops = ", ".join(f"{op} (x{n})" for op, n in sorted(approximate.items()))
+        lines += ["", f"note: the backward of {ops} runs in stages graphcost walks as one step: "
+                      "peaks around it are approximate (docs/validation.md)"]
     return "\n".join(lines) + "\n"
 
 

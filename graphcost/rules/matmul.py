@@ -278,7 +278,8 @@ def euclidean_dist_cost(ctx: RuleContext) -> OpCost:
     forward = bmm_flop((size, rows1, m + 2), (size, m + 2, rows2))
     backward = 2 * bmm_flop((size, rows1, rows2), (size, rows2, m))
     return OpCost(forward_flops=forward, backward_flops=backward,
-                  saved=ctx.saved_if_grad(x1, x2, Out(0)))
+                  saved=ctx.saved_if_grad(x1, x2, Out(0)),
+                  backward_memory_exact=False)  # its backward's temporaries are not modelled
 
 
 @register(aten._cdist_forward)

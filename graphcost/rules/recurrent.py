@@ -364,7 +364,9 @@ def _recurrent_cost(ctx: RuleContext, kind: str) -> OpCost:
         saved = _cells_saved(r)
         workspace = _cells_workspace_bytes(r)
     return OpCost(forward_flops=forward, backward_flops=backward,
-                  saved=saved if ctx.requires_grad else (), forward_workspace_bytes=workspace)
+                  saved=saved if ctx.requires_grad else (), forward_workspace_bytes=workspace,
+                  backward_memory_exact=False)  # autograd frees layer by layer, direction by
+    # direction; the walk keeps every saved tensor until the whole op's backward is done
 
 
 @register(aten.lstm.input)

@@ -113,6 +113,9 @@ class OpCost:
     # tensor's: CPU mse_loss reduces its elementwise loss in place, so the 0-dim result keeps
     # a storage of the unreduced size.
     output_storage_bytes: int | None = None
+    # False: the op's backward runs in stages graphcost walks as one event (a whole nn.LSTM's
+    # backward, released layer by layer), so the peak around it is approximate; reports say so
+    backward_memory_exact: bool = True
 
 
 @dataclass

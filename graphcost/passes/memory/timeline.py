@@ -7,7 +7,8 @@ from graphcost.analysis.analyze import Analysis
 from graphcost.passes.memory.training import MemoryTimeline, TrainingConfig
 from graphcost.passes.memory.walk import Walk
 
-READS: tuple[str, ...] = ()  # graph attributes it reads itself: none (graph/schema.py)
+# the graph attributes it reads (graphcost/graph/schema.py)
+READS = ("cost", "op", "runs_backward")
 
 
 def training_timeline(analysis: Analysis, config: TrainingConfig | None = None, *,
@@ -31,3 +32,16 @@ def training_timeline(analysis: Analysis, config: TrainingConfig | None = None, 
         if timeline is not None:
             return timeline
     return Walk(analysis.graph, config).run()
+
+
+def approximate_ops(g) -> dict[str, int]:
+    """{op name: count} of the ops whose backward the walk runs as one event though autograd
+    runs it in stages (their rule's OpCost.backward_memory_exact is False): the training peak
+    around their backward is approximate, and reports say so."""
+    counts: dict[str, int] = {}
+    for n in g.op_order:
+        d = g.nodes[n]
+        cost = d["cost"]
+        if cost is not None and d["runs_backward"] and not cost.backward_memory_exact:
+            counts[d["op"]] = counts.get(d["op"], 0) + 1
+    return counts
