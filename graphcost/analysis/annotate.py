@@ -64,9 +64,11 @@ def annotate(graph: nx.DiGraph, *, device: str | Device = "cpu", rules: RuleRegi
     unsupported: Counter[str] = Counter()
     next_storage = max(g.graph["storage_bytes"], default=-1) + 1
 
-    # Backward reaches an op only if its output feeds what the loss is computed from.
-    outputs = [v.node for v in g.graph.get("outputs", []) if v.requires_grad]
-    reached = set(outputs).union(*(nx.ancestors(g, n) for n in outputs)) if outputs else set()
+    # Backward reaches an op only if a gradient flows from the loss to its output: through
+    # values that require a gradient, not through integer indices (a cdist whose distances only
+    # pick neighbours by topk's indices never runs its backward, and eager frees what it saved
+    # as soon as the unused branch's Python references die).
+    reached = _reached(g, [v.node for v in g.graph.get("outputs", []) if v.requires_grad])
 
     saved_storages: dict[int, int] = {}
     layouts = _Layouts()
@@ -180,6 +182,20 @@ def _warn_unsupported(g: CostedGraph, unsupported: Counter[str], strict: bool) -
                       "(listed under unsupported_ops)", stacklevel=3)
     if opaque:
         warnings.warn(opaque_warning(g, opaque), stacklevel=3)
+
+
+def _reached(g: nx.DiGraph, outputs: list[str]) -> set[str]:
+    """The nodes a gradient reaches from `outputs`, following only inputs that need one."""
+    seen, todo = set(outputs), list(outputs)
+    while todo:
+        d = g.nodes[todo.pop()]
+        if d["kind"] != "op":
+            continue
+        for v in values_in((d["args"], list(d["kwargs"].values()))):
+            if v.requires_grad and v.node not in seen:
+                seen.add(v.node)
+                todo.append(v.node)
+    return seen
 
 
 def _checkpoint_inputs(g: nx.DiGraph, ops: list[str], find) -> dict[int, int]:

@@ -14,8 +14,12 @@ aten = torch.ops.aten
           aten.nanmedian.dim)
 def topk_cost(ctx: RuleContext) -> OpCost:
     """Their backward scatters the gradient back through the chosen indices (output 1, int64)
-    into zeros of the input's size, which it knows from the shape alone."""
-    return OpCost(saved=ctx.saved_if_grad(Out(1)))
+    into zeros of the input's size, which it knows from the shape alone: in place, except
+    under a dispatch mode (the live tracker, FSDP2's DTensors), where the zeros and the
+    scattered copy exist together (value_selecting_reduction_backward)."""
+    x = ctx.inputs[0]
+    return OpCost(saved=ctx.saved_if_grad(Out(1)),
+                  backward_workspace_bytes=x.spec.nbytes if ctx.requires_grad else 0)
 
 
 @register(aten.sort)

@@ -101,13 +101,6 @@ KNOWN_FAILURES: dict[str, str] = {
         "memory: forward peak +1.09% (8,916 vs 8,820 B, +96 B): the index lists built in forward "
         "with torch.tensor (li, lj, 48 B each) are constants to torch.export, alive from the "
         "start in graphcost; eager makes them during the forward. Saved bytes and FLOPs exact."),
-    "knn_cdist": (
-        "memory: training peak -7.03% (25,800 vs 27,752 B) in the backward of torch.cdist "
-        "(_euclidean_dist's backward workspace is not modelled). Saved bytes and FLOPs exact."),
-    "moe_topk_dense": (
-        "memory: forward peak +1.08% / +0.61% (47,856 vs 47,344 B) from the root's "
-        "`h + moe_out` on: the measured live bytes drop 772 B more when the MoE forward returns "
-        "than the predicted ones; training peak +0.57%. FLOPs and saved bytes exact."),
     # -- traced as an opaque module --------------------------------------------------------------
     "nn_transformer_encoder": (
         "opaque module: nn.TransformerEncoder.forward(src, mask) calls _detect_is_causal_mask, "
