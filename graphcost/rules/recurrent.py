@@ -420,4 +420,8 @@ def gru_cell_cost(ctx: RuleContext) -> OpCost:
                  TensorSpec((b, 5 * hidden), x.dtype))
     else:
         kept.add(*_step_saved("gru", b, g, hidden, x.dtype, None))
+        # the new gate's input sum, h - n and its clone exist together at the end of the cell
+        # (checked against the live tracker on a GRUCell message-passing model)
+        return OpCost(forward_flops=forward, backward_flops=backward, saved=tuple(kept.items),
+                      forward_workspace_bytes=3 * b * hidden * x.dtype.itemsize)
     return OpCost(forward_flops=forward, backward_flops=backward, saved=tuple(kept.items))

@@ -93,9 +93,8 @@ KNOWN_FAILURES: dict[str, str] = {
         "listed as unsupported: saved 132,992 vs 135,088 B (-2,096, what _ctc_loss keeps); "
         "training peak +3.96% (the BiLSTM's backward as one op, see lstm_classifier)."),
     "mpnn_index_add": (
-        "memory: forward peaks -4.16% / -2.35% (51,408 vs 53,640 B), training peak +1.13%: "
-        "nn.GRUCell's composite is decomposed into ops whose in-place gates (mul_, add_, "
-        "sigmoid_) eager's C++ cell runs on chunks it keeps alive; saved bytes and FLOPs exact."),
+        "memory: training peak +1.13% (100,076 vs 98,956 B): nn.GRUCell's backward as one op "
+        "(see lstm_classifier). Saved bytes, FLOPs and forward peaks exact."),
     # -- smaller gaps ---------------------------------------------------------------------------
     "dlrm": (
         "memory: forward peak +1.09% (8,916 vs 8,820 B, +96 B): the index lists built in forward "

@@ -313,3 +313,36 @@ def test_forward_peaks_count_what_the_layer_holds_inside(cls, layers, bidirectio
 class Pick(nn.Module):
     def forward(self, out):
         return out[0]
+
+
+@pytest.mark.parametrize("hx_grad", [False, True], ids=["h0-data", "h0-trained"])
+def test_gru_cell_forward_peak_counts_its_last_temporaries(hx_grad):
+    """ATen's GRU cell ends with the new gate's input sum, h - n and its clone alive together
+    (forward workspace); the forward peaks equal the live tracker's."""
+    from graphcost import analyze
+    from graphcost.passes.memory.timeline import training_timeline
+    from validation.memtrack import measure_training_peak
+
+    class Unrolled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.cell = nn.GRUCell(12, 16)
+            self.h0 = nn.Parameter(torch.zeros(4, 16), requires_grad=hx_grad)
+
+        def forward(self, xs):
+            h = self.h0
+            for x in xs.unbind(0):
+                h = self.cell(x, h)
+            return h.pow(2).mean()
+
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        module = Unrolled()
+    predicted = training_timeline(analyze(module, (torch.empty(3, 4, 12, device="meta"),),
+                                          device="cpu")).phase_peaks()
+    torch.manual_seed(0)
+    measured = dict(measure_training_peak(Unrolled(), (torch.randn(3, 4, 12),),
+                                          record_timeline=False).step_phase_peaks)
+    for (step, phase), value in predicted.items():
+        if phase == "forward":
+            assert value == measured[(step, phase)]
