@@ -204,9 +204,9 @@ class ModelAnalysis(Analysis):
                            "--policies none,full,selective")
         kept, skipped = [], []
         for spec in dict.fromkeys(str(parse_policy(p)) for p in names):
-            try:
-                resolved = str(policy_plan(self.graph, spec).policy)  # "none" -> "model" for a
-            except GraphcostError as exc:  # model that checkpoints itself
+            try:  # as resolved: "none" is "model" for a model that checkpoints itself
+                resolved = str(policy_plan(self.graph, spec).policy)
+            except GraphcostError as exc:
                 if given:
                     raise
                 skipped.append((spec, str(exc)))

@@ -40,7 +40,6 @@ class WalkFacts:
         self.new: dict[str, tuple[int, ...]] = g.new_storages
         self.reads: dict[str, set[int]] = {n: {find(v.storage) for v in self.inputs_of[n]}
                                            for n in self.ops}
-        self.read_anywhere = set().union(*self.reads.values()) if self.reads else set()
         self.frees_after: dict[str, list[int]] = defaultdict(list)
         for sid, i in g.last_reads.items():
             self.frees_after[self.ops[i]].append(sid)

@@ -222,10 +222,9 @@ def dropout_cost(ctx: RuleContext) -> OpCost:
 
 @register(aten.native_dropout)
 def native_dropout_cost(ctx: RuleContext) -> OpCost:
-    """The fused dropout kernel (output, boolean mask). torch.export's run_decompositions always
-    decomposes `aten.dropout` (a random op cannot be preserved) into it, so a traced dropout
-    can arrive here: on the CPU eager dropout is input * noise (dropout_cost), on CUDA this
-    kernel, which keeps its mask."""
+    """The fused dropout kernel (output, boolean mask), which a model or a decomposition can
+    call directly: on the CPU it is costed as eager dropout, input * noise (dropout_cost), on
+    CUDA as this kernel, which keeps its mask."""
     p, train = ctx.arg(1, "p"), ctx.arg(2, "train")
     if not ctx.requires_grad or not train or p == 0:
         return OpCost()

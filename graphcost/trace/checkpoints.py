@@ -31,6 +31,8 @@ from dataclasses import dataclass
 import torch
 import torch.utils.checkpoint as torch_checkpoint
 
+from graphcost.trace.lifetimes import last_traced_node
+
 META_KEY = "graphcost_checkpoint"
 
 
@@ -60,18 +62,6 @@ class CheckpointCall:
     selective: bool  # a context_fn (selective checkpoint policy) was given
     depth: int  # 0 for an outermost region
     inputs: tuple[str, ...] | None = None  # nodes of its positional tensor arguments
-
-
-def _last_node() -> str | None:
-    from torch.fx.experimental.proxy_tensor import get_proxy_mode
-
-    mode = get_proxy_mode()
-    if mode is None:
-        return None
-    graph = mode.tracer.graph
-    last = next(iter(reversed(graph.nodes)), None)
-    # placeholders are renamed in the exported program; one last means no op came before
-    return None if last is None or last.op == "placeholder" else last.name
 
 
 def _nodes_of(values) -> tuple[str, ...] | None:
@@ -110,24 +100,24 @@ def recording_checkpoints() -> Iterator[list[CheckpointCall]]:
             early_stop = args[2] if len(args) > 2 and isinstance(args[2], bool) else True
         selective = context_fn is not torch_checkpoint.noop_context_fn
         inputs = _nodes_of(args[3:])  # after determinism_check, debug, early_stop
-        after = _last_node()
+        after = last_traced_node()
         depth[0] += 1
         try:
             yield from generator(fn, preserve_rng_state, context_fn, *args, **kwargs)
         finally:
             depth[0] -= 1
-            calls.append(CheckpointCall(after, _last_node(), early_stop, False, selective,
+            calls.append(CheckpointCall(after, last_traced_node(), early_stop, False, selective,
                                         depth[0], inputs))
 
     def apply(run_function, preserve_rng_state, *args):
         inputs = _nodes_of(args)
-        after = _last_node()
+        after = last_traced_node()
         depth[0] += 1
         try:
             return run_function(*args)
         finally:
             depth[0] -= 1
-            calls.append(CheckpointCall(after, _last_node(), False, True, False, depth[0],
+            calls.append(CheckpointCall(after, last_traced_node(), False, True, False, depth[0],
                                         inputs))
 
     torch_checkpoint._checkpoint_without_reentrant_generator = without_reentrant

@@ -34,13 +34,16 @@ ID_KEY = "graphcost_id"
 HELD_KEY = "graphcost_held_until"
 
 
-def _last_node() -> str | None:
+def last_traced_node() -> str | None:
+    """The name of the last node the export in progress has traced (None: none yet, or only
+    placeholders, which the exported program renames; also outside an export)."""
     from torch.fx.experimental.proxy_tensor import get_proxy_mode
 
     mode = get_proxy_mode()
     if mode is None:
         return None
-    return next(iter(reversed(mode.tracer.graph.nodes)), None).name
+    last = next(iter(reversed(mode.tracer.graph.nodes)), None)
+    return None if last is None or last.op == "placeholder" else last.name
 
 
 @contextlib.contextmanager
@@ -56,7 +59,7 @@ def observing_lifetimes(module: nn.Module) -> Iterator[dict[str, list[str]]]:
 
     def died(name: str) -> None:
         if running[0]:
-            last = _last_node()
+            last = last_traced_node()
             if last is not None:
                 deaths.setdefault(name, []).append(last)
 

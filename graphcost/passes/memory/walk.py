@@ -229,11 +229,10 @@ class Walk:
                 self.live.add(("loss", v.node, v.index), v.spec.dtype.itemsize, "transient")
 
     def _read_later(self, n: str, sid: int) -> set[int]:
-        f = self.f
-        # An output nobody reads is dead right after its op; one that is read is freed by
-        # `frees_after` at its last reader.
-        return {sid} if any(sid in f.reads[m] for m in self.g.successors(n)) or \
-            sid in f.read_anywhere or sid in self.g.last_reads else set()
+        # An output nobody reads or holds is dead right after its op; the others are freed by
+        # `frees_after` at their last reader or when Python lets go of them (g.last_reads has
+        # every storage read or held).
+        return {sid} if sid in self.g.last_reads else set()
 
     def backward(self, step: int) -> None:
         """Autograd's engine, node by node in reverse forward order (see module docstring)."""
@@ -327,7 +326,8 @@ class Walk:
         if target is LINEAR:  # at::linear is addmm(bias, input, weight.t()): the bias's
             # gradient is delivered first, the weight's last (it comes through t())
             position = {(v.node, v.index): p for p, v in enumerate(f.inputs_of[n])}
-            made.sort(key=lambda kb: (2, 0, 1).index(min(position.get(kb[0], 0), 2)))
+            order = {2: 0, 0: 1, 1: 2}  # bias, input, weight
+            made.sort(key=lambda kb: order[min(position.get(kb[0], 0), 2)])
         for key, bid in made:
             self._deliver(step, n, key, bid)
 
