@@ -162,7 +162,7 @@ def analyze(module: nn.Module, example_inputs: Any, *, kwargs: dict | None = Non
     device = get_device(device)
     tr = trace(module, example_inputs, kwargs=kwargs, model_name=model_name,
                reuse_blocks=reuse_blocks, autocast=autocast, opaque_submodules=not strict,
-               rules=rules)
+               rules=rules, kernels=device.kind)
     g = build_graph(tr)
     if tr.blocks is not None:
         two = g
@@ -172,7 +172,8 @@ def analyze(module: nn.Module, example_inputs: Any, *, kwargs: dict | None = Non
         else:  # the two-block trace did not repeat cleanly: export the whole model
             g = build_graph(trace(module, example_inputs, kwargs=kwargs, model_name=model_name,
                                   reuse_blocks=False, autocast=autocast,
-                                  opaque_submodules=not strict, rules=rules))
+                                  opaque_submodules=not strict, rules=rules,
+                                  kernels=device.kind))
     return summarize(annotate(g, device=device, rules=rules, strict=strict))
 
 

@@ -21,21 +21,18 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from graphcost.graph.costed import CostedGraph, op_order_of
 from graphcost.rules.registry import TensorSpec, Value, op_name, values_in
 from graphcost.trace.checkpoints import region_of
-from graphcost.trace.export import INPUT_GRAD_KEY, Trace
+from graphcost.trace.decompose import STORAGE_ALIASES
+from graphcost.trace.export import Trace
+from graphcost.trace.grads import INPUT_GRAD_KEY, NON_DIFFERENTIABLE
 from graphcost.trace.lifetimes import held_until_ids
 from graphcost.trace.node_meta import module_call_types_of, module_calls_of, module_of, source_of
 
 aten = torch.ops.aten
 
 
-# Ops whose output never carries a gradient even when an input does.
-NON_DIFFERENTIABLE = {
-    aten.detach.default, aten.zeros_like.default, aten.ones_like.default,
-    aten.empty_like.default, aten.full_like.default, aten.rand_like.default,
-    aten.randn_like.default, aten.new_zeros.default, aten.new_ones.default,
-    aten.new_empty.default, aten.new_full.default,
-}
-
+# torch.export's name for a tensor constant it lifts out of the traced forward (a
+# `torch.tensor(list)` the forward calls), as opposed to a module's tensor attribute
+LIFTED_PREFIX = "lifted_tensor_"
 
 _INPUT_KIND = {
     InputKind.PARAMETER: "param",
@@ -69,8 +66,14 @@ def build_graph(tr: Trace) -> nx.DiGraph:
     storage_node: dict[int, str] = {}  # placeholder storage -> graph node
     grad_enabled = True
 
+    # an op trace replaced by its decomposition: its old outputs' storages are the new ones'
+    same = {StorageWeakRef(old.untyped_storage()).cdata: StorageWeakRef(new.untyped_storage()).cdata
+            for old, new in program.graph_module.meta.get(STORAGE_ALIASES, [])}
+
     def storage_of(t: torch.Tensor, owner: str) -> int:
         ref = StorageWeakRef(t.untyped_storage()).cdata
+        while ref in same:
+            ref = same[ref]
         if ref not in storage_ids:
             sid = storage_ids[ref] = len(storage_ids)
             g.graph["storage_bytes"][sid] = t.untyped_storage().nbytes()
@@ -113,7 +116,9 @@ def build_graph(tr: Trace) -> nx.DiGraph:
                     bool(node.meta.get(INPUT_GRAD_KEY, t.requires_grad))
                 g.add_node(name, kind=kind, order=order, outputs=(TensorSpec.of(t),),
                            storages=(sid,), requires_grad=rg and kind in ("param", "input"),
-                           names=[target] if target else [])
+                           names=[target] if target else [],
+                           made_in_forward=kind == "constant" and str(target).startswith(
+                               LIFTED_PREFIX))
                 storage_node[sid] = name
             else:
                 g.nodes[name]["names"].append(target)  # a tied parameter: one node, two names

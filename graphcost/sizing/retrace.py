@@ -432,11 +432,11 @@ def step_events(load: Loader, shapes: Sequence[Shape], *, training: bool,
     marked = _load(load, (mark[0], mark[1] if mark[1] is not None else shapes[0][1]), training)
     rewrites = [Rewrite(mark, s) for s in shapes]
     check_same_model(first, marked, rewrites[0])
-    tr = _trace(*marked, autocast=autocast)
+    tr = _trace(*marked, autocast=autocast, kernels=device.kind)
     graphs = [graph_at(tr, r) for r in rewrites]
     full = expand_blocks(graphs[0], tr.blocks) if tr.blocks is not None else graphs[0]
     if full is None:  # as analyze does: the two blocks did not repeat cleanly
-        tr = _trace(*marked, autocast=autocast, reuse_blocks=False)
+        tr = _trace(*marked, autocast=autocast, reuse_blocks=False, kernels=device.kind)
         graphs = [graph_at(tr, r) for r in rewrites]
         full = graphs[0]
     full_storages = set(full.graph["storage_bytes"])

@@ -27,6 +27,7 @@ from graphcost.rules.registry import RuleRegistry, TensorSpec
 from graphcost.trace.blocks import RepeatedBlocks, find_repeated_blocks, first_two_blocks
 from graphcost.trace.checkpoints import has_regions, recording_checkpoints, tag_regions
 from graphcost.trace.decompose import decompose_composites
+from graphcost.trace.grads import INPUT_GRAD_KEY
 from graphcost.trace.lifetimes import mark_lifetimes, observing_lifetimes
 from graphcost.trace.masks import eager_mask_branches
 from graphcost.trace.opaque import CannotStandIn, StandIn, add_stand_in, first_line, standing_in
@@ -70,7 +71,7 @@ def _as_tensor(x: Any, device: torch.device) -> Any:
 def trace(module: nn.Module, example_inputs: Any, *, kwargs: dict | None = None,
           model_name: str | None = None, reuse_blocks: bool = True,
           autocast: torch.dtype | None = None, opaque_submodules: bool = True,
-          rules: RuleRegistry | None = None) -> Trace:
+          rules: RuleRegistry | None = None, kernels: str = "cpu") -> Trace:
     """Export `module` called on `example_inputs` (tensors, meta tensors or TensorSpecs).
 
     With `reuse_blocks`, a stack of identical blocks is exported with its first two blocks only
@@ -80,8 +81,8 @@ def trace(module: nn.Module, example_inputs: Any, *, kwargs: dict | None = None,
     cannot capture becomes one opaque op with the outputs it really has (graphcost.opaque), so
     the rest of the model is still traced; without, its failure is a TraceError. An op that
     `rules` (default: the shipped REGISTRY) has no rule for and that PyTorch runs through its
-    CompositeImplicitAutograd decomposition is replaced by that decomposition
-    (`decompose_composites`)."""
+    CompositeImplicitAutograd decomposition is replaced by that decomposition as it runs on a
+    `kernels` ("cpu" or "cuda": the target device's kind) device (`decompose_composites`)."""
     if not isinstance(module, nn.Module):
         raise TraceError(f"expected an nn.Module, got {type(module).__name__}")
     name = model_name or type(module).__name__
@@ -103,10 +104,10 @@ def trace(module: nn.Module, example_inputs: Any, *, kwargs: dict | None = None,
     if blocks is not None and (program is None or has_regions(program.graph)):
         return trace(module, example_inputs, kwargs=kwargs, model_name=model_name,
                      reuse_blocks=False, autocast=autocast,
-                     opaque_submodules=opaque_submodules, rules=rules)
+                     opaque_submodules=opaque_submodules, rules=rules, kernels=kernels)
     inline_grad_mode_regions(program.graph_module)
-    program = decompose_composites(program, rules or REGISTRY)
     mark_input_grads(program, args, kwargs)
+    program = decompose_composites(program, rules or REGISTRY, kernels)
     if autocast is not None:
         from graphcost.trace.autocast import rerun
 
@@ -117,9 +118,6 @@ def trace(module: nn.Module, example_inputs: Any, *, kwargs: dict | None = None,
                              f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}; "
                              "analyze it without mixed precision") from exc
     return Trace(program, module, name, blocks, autocast)
-
-
-INPUT_GRAD_KEY = "graphcost_requires_grad"
 
 
 def mark_input_grads(program: torch.export.ExportedProgram, args: tuple, kwargs: dict) -> None:

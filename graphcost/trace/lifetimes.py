@@ -50,6 +50,23 @@ def last_traced_node() -> str | None:
 def observing_lifetimes(module: nn.Module) -> Iterator[dict[str, list[str]]]:
     """{node name: [the last node traced when one of its tensors' Python objects died]} of the
     forward of `module` exported inside the block (see the module docstring)."""
+    with observing_deaths() as (deaths, running):
+        def forward_returned(*_args) -> None:
+            running[0] = False
+
+        hook = module.register_forward_hook(forward_returned, always_call=True)
+        try:
+            yield deaths
+        finally:
+            hook.remove()
+
+
+@contextlib.contextmanager
+def observing_deaths() -> Iterator[tuple[dict[str, list[str]], list[bool]]]:
+    """({node name: [the last node traced when one of its tensors died]}, [watching]) of what
+    the proxy tracer traces inside the block; set watching[0] = False to stop recording. The
+    tensors are those torch.fx's proxy tracer registers (an op's outputs, not a parameter's,
+    not those made inside torch's Python decompositions). Autograd keeps nothing meanwhile."""
     from torch.fx.experimental import proxy_tensor
 
     deaths: dict[str, list[str]] = {}
@@ -76,20 +93,15 @@ def observing_lifetimes(module: nn.Module) -> Iterator[dict[str, list[str]]]:
         watching[id(obj)] = weakref.ref(obj)
         weakref.finalize(obj, died, node.name)
 
-    def forward_returned(*_args) -> None:
-        running[0] = False
-
-    hook = module.register_forward_hook(forward_returned, always_call=True)
     proxy_tensor.set_proxy_slot = set_proxy_slot
     try:
         # Autograd keeps nothing while tracing (nothing runs the backward): a tensor it would
         # save for backward dies when Python lets go of it, as a tensor it does not save does.
         with torch.autograd.graph.saved_tensors_hooks(_keep_nothing, _keep_nothing):
-            yield deaths
+            yield deaths, running
     finally:
         proxy_tensor.set_proxy_slot = original
         running[0] = False
-        hook.remove()
 
 
 # torch's Python decompositions: the tracer runs them where eager PyTorch runs a kernel, so
