@@ -35,8 +35,8 @@ from graphcost.rules.registry import Value, values_in
 T = TypeVar("T")
 
 # the graph attributes it reads (graphcost/graph/schema.py)
-READS = ("args", "block_template", "kind", "kwargs", "module_call_types", "module_calls", "op",
-         "order", "saved", "storage_alias", "storage_owner", "storages")
+READS = ("args", "block_template", "kind", "kwargs", "made_in_forward", "module_call_types",
+         "module_calls", "op", "order", "saved", "storage_alias", "storage_owner", "storages")
 
 
 class FrozenGraphError(TypeError):
@@ -189,11 +189,17 @@ class CostedGraph(nx.DiGraph):
     def _made(self, with_saved: bool) -> dict[str, tuple[int, ...]]:
         self._facts_need_frozen()
         owner, alias = self.graph["storage_owner"], self.graph.get("storage_alias", {})
+        # a constant the forward builds (made_in_forward) is made at its first reader
+        built = {d["storages"][0] for _, d in self.nodes(data=True)
+                 if d["kind"] != "op" and d.get("made_in_forward")}
         out = {}
         for n in self.op_order:
             d = self.nodes[n]
             made = [s for s in d["storages"]
                     if s is not None and owner.get(s) == n and s not in alias]
+            if built:
+                made += [v.storage for v in self.op_inputs[n] if v.storage in built]
+                built -= set(made)
             if with_saved:
                 made += [s for s in d["saved"] if owner.get(s) == n and s not in d["storages"]]
             out[n] = tuple(dict.fromkeys(made))

@@ -12,8 +12,8 @@ from functools import cached_property
 import networkx as nx
 
 # the graph attributes it reads (graphcost/graph/schema.py)
-READS = ("cost", "kind", "module_path", "names", "op", "order", "outputs", "requires_grad",
-         "runs_backward", "storage_bytes", "storage_owner", "storages")
+READS = ("cost", "kind", "made_in_forward", "module_path", "names", "op", "order", "outputs",
+         "requires_grad", "runs_backward", "storage_bytes", "storage_owner", "storages")
 
 
 class WalkFacts:
@@ -30,8 +30,8 @@ class WalkFacts:
         self.params: list[tuple[int, int]] = []  # trainable parameter storages and bytes, in order
         for n in sorted(g.nodes, key=lambda n: self.nd[n]["order"]):
             d = self.nd[n]
-            if d["kind"] == "op":
-                continue
+            if d["kind"] == "op" or d.get("made_in_forward"):
+                continue  # (a constant the forward builds is made by its first reader)
             sid = d["storages"][0]
             self.persistent[sid] = "params" if d["kind"] in ("param", "buffer") else "transient"
             if d["kind"] == "param" and d["requires_grad"]:

@@ -33,6 +33,9 @@ class PlaceholderNode(Retraced):
     storages: tuple[int]  # the storage that tensor lives in
     requires_grad: bool  # a trainable parameter, or an input that needs a gradient
     names: list[str]  # every fully qualified name (tied parameters: one node, several names)
+    # a constant torch.export lifted from a tensor the forward builds from Python data
+    # (`torch.tensor(indices)`): eager makes it at its first use, not before the step
+    made_in_forward: bool
 
 
 class ParamNode(PlaceholderNode):

@@ -18,7 +18,8 @@ from graphcost.analysis.analyze import Analysis
 from graphcost.rules.registry import Value, values_in
 
 # the graph attributes it reads (graphcost/graph/schema.py)
-READS = ("args", "kind", "module_path", "op", "outputs", "storage_bytes", "storages")
+READS = ("args", "kind", "made_in_forward", "module_path", "op", "outputs", "storage_bytes",
+         "storages")
 
 SHAPE_ONLY = {"view", "_unsafe_view", "reshape", "expand", "unsqueeze", "squeeze", "transpose",
               "permute", "contiguous", "clone", "repeat_interleave", "flatten", "unflatten",
@@ -79,7 +80,7 @@ def inference_memory(analysis: Analysis) -> InferenceMemory:
     outputs = {find(v.storage) for v in g.graph.get("outputs", [])}
     weights = {d["storages"][0] for _, d in g.nodes(data=True) if d["kind"] in ("param", "buffer")}
     inputs = {d["storages"][0] for _, d in g.nodes(data=True)
-              if d["kind"] in ("input", "constant")}
+              if d["kind"] in ("input", "constant") and not d.get("made_in_forward")}
     weight_bytes = sum(nbytes[s] for s in weights)
     live = {s: nbytes[s] for s in inputs}
     peak, peak_at = sum(live.values()), ""
