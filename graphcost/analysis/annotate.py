@@ -107,7 +107,7 @@ def annotate(graph: nx.DiGraph, *, device: str | Device = "cpu", rules: RuleRegi
                 raise GraphcostError(
                     f"rule for {data['op']} failed at node %{name} (module "
                     f"{data['module_path'] or '<root>'}): {type(exc).__name__}: {exc}") from exc
-        cost = cost or OpCost()
+        cost = _clone_overwritten(data["target"], inputs, cost or OpCost())
         unsaved_copies = sum(g.graph["storage_bytes"][c.storage] for c in copied.values()
                              if c not in cost.saved and g.graph["storage_owner"][c.storage] == name)
         if unsaved_copies:  # autocast's copies nobody keeps live and die inside the op
@@ -117,11 +117,10 @@ def annotate(graph: nx.DiGraph, *, device: str | Device = "cpu", rules: RuleRegi
             layouts.set(name, cost.output_dim_order)
         if cost.output_is_input is not None:
             layouts.same_as(name, data, inputs[cost.output_is_input])
-        own = data["storages"][0] if data["storages"] else None
-        if cost.output_storage_bytes is not None and own is not None and \
-                g.graph["storage_owner"].get(own) == name:
-            g.graph["storage_bytes"][own] = max(g.graph["storage_bytes"][own],
-                                                cost.output_storage_bytes)
+        for index, nbytes in (cost.output_storage_bytes or {}).items():
+            own = data["storages"][index]
+            if own is not None and g.graph["storage_owner"].get(own) == name:
+                g.graph["storage_bytes"][own] = max(g.graph["storage_bytes"][own], nbytes)
         saved = set()
         for s in cost.saved:
             if isinstance(s, Value):
@@ -182,6 +181,22 @@ def _warn_unsupported(g: CostedGraph, unsupported: Counter[str], strict: bool) -
                       "(listed under unsupported_ops)", stacklevel=3)
     if opaque:
         warnings.warn(opaque_warning(g, opaque), stacklevel=3)
+
+
+def _clone_overwritten(op: object, inputs: tuple[Value, ...], cost: OpCost) -> OpCost:
+    """An in-place op overwrites its first argument: where its gradient needs that argument's
+    value before the op (x.mul_(y) for y's gradient), autograd saves `self.clone()`, a new
+    tensor, not the storage the op writes to."""
+    schema = getattr(op, "_schema", None)
+    if schema is None or not schema.arguments or not inputs:
+        return cost
+    alias = schema.arguments[0].alias_info
+    if alias is None or not alias.is_write:
+        return cost
+    self_ = inputs[0]
+    saved = tuple(TensorSpec(s.spec.shape, s.spec.dtype) if isinstance(s, Value) and s == self_ else s
+                  for s in cost.saved)
+    return dataclasses.replace(cost, saved=saved) if saved != cost.saved else cost
 
 
 def _reached(g: nx.DiGraph, outputs: list[str]) -> set[str]:

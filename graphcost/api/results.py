@@ -81,8 +81,8 @@ class MemoryResult:
     config: TrainingConfig
     timeline: MemoryTimeline = field(repr=False)
     unsupported_ops: dict[str, int]
-    # ops whose backward memory is walked as one event though autograd runs it in stages
-    # (rules' OpCost.backward_memory_exact): the training peak around them is approximate
+    # ops whose backward's memory their rule does not model exactly (OpCost.
+    # backward_memory_exact): the training peak around them is approximate
     approximate_ops: dict[str, int] = field(default_factory=dict)
 
     @property

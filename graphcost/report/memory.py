@@ -41,7 +41,7 @@ def memory_report(timeline, *, model: str, device: str,
     lines.append(table(["step", "phase", "peak"], rows, align="llr"))
     if approximate:
         ops = ", ".join(f"{op} (x{n})" for op, n in sorted(approximate.items()))
-        lines += ["", f"note: the backward of {ops} runs in stages graphcost walks as one step: "
+        lines += ["", f"note: the memory the backward of {ops} uses is not modelled exactly: "
                       "peaks around it are approximate (docs/validation.md)"]
     return "\n".join(lines) + "\n"
 

@@ -66,7 +66,7 @@ def regression_loss_cost(ctx: RuleContext) -> OpCost:
     if ctx.device.kind == "cpu" and ctx.op in (aten.mse_loss.default, aten.smooth_l1_loss.default) \
             and ctx.arg(2, "reduction", MEAN) != 0:
         shape = torch.broadcast_shapes(x.shape, target.shape)
-        storage = math.prod(shape) * ctx.out.dtype.itemsize
+        storage = {0: math.prod(shape) * ctx.out.dtype.itemsize}
     return OpCost(saved=ctx.saved_if_grad(x, target), output_storage_bytes=storage)
 
 

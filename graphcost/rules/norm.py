@@ -39,12 +39,13 @@ def layer_norm_cost(ctx: RuleContext) -> OpCost:
 
 @register(aten.rms_norm)
 def rms_norm_cost(ctx: RuleContext) -> OpCost:
-    """Eager rms_norm on the CPU runs its composite (rms_norm_composite in layer_norm.cpp):
+    """rms_norm kept whole: for a CUDA target (for a CPU one trace replaces it by the ops of its
+    composite, rms_norm_composite in layer_norm.cpp, graphcost/trace/decompose.py):
     `up = x.to(acc); rstd = rsqrt(pow(up, 2).mean(-1, keepdim).add_(eps)); y = up * rstd`,
     then `y * weight` and `.type_as(x)`. Each step is recorded by autograd only if what it reads
     needs a gradient; its memory inside the op and inside its backward is simulated below."""
     # NB: on CUDA (same dtypes, not channels-last) rms_norm is the fused _fused_rms_norm kernel,
-    # with its own backward; this rule costs the composite there too (not checked: no GPU).
+    # with its own backward; this rule costs the composite there (not checked: no GPU).
     x = ctx.inputs[0]
     normalized = ctx.arg(1, "normalized_shape")
     weight = ctx.arg(2, "weight")

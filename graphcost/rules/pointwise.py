@@ -17,7 +17,8 @@ aten = torch.ops.aten
           aten.upsample_nearest2d, aten.upsample_bilinear2d, aten.upsample_nearest1d,
           aten.upsample_linear1d, aten.upsample_bicubic2d, aten.zero_, aten.fill_, aten.copy_,
           aten.sign, aten.floor, aten.ceil, aten.round, aten.trunc,
-          aten.randn_like, aten.rand_like, aten.one_hot)
+          aten.randn_like, aten.rand_like, aten.one_hot, aten.bernoulli, aten.bernoulli_,
+          aten.uniform_, aten.normal_)
 def nothing_saved(ctx: RuleContext) -> OpCost:
     """No FLOPs and nothing kept for backward. Listed, down to the ops that cost nothing at all,
     so that "unsupported" means unknown: a gradient that needs no tensor (add, sum), a zero
@@ -44,13 +45,22 @@ def cumsum_cost(ctx: RuleContext) -> OpCost:
 
 @register(aten.mul, aten.mul_)
 def mul_cost(ctx: RuleContext) -> OpCost:
+    """d/da = grad * b, d/db = grad * a. The product for a broadcast operand (an RMSNorm's
+    weight) is made at the output's size and reduced by autograd's engine after the backward
+    returns: each such product is alive beside the reduced gradient (backward workspace)."""
     a, b = ctx.arg(0, "self"), ctx.arg(1, "other")
     saved = []
     if ctx.needs_grad(a) and isinstance(b, Value):  # d/da = b
         saved.append(b)
     if ctx.needs_grad(b):  # d/db = a
         saved.append(a)
-    return OpCost(saved=ctx.saved_if_grad(*saved))
+    out = ctx.out
+    # (reduced in the product's dtype, then cast to the operand's: an RMSNorm's bf16 weight
+    # times its fp32 normalized input)
+    workspace = sum(out.nbytes + v.spec.numel * max(0, out.dtype.itemsize - v.dtype.itemsize)
+                    for v in (a, b) if ctx.needs_grad(v) and v.spec.numel < out.numel)
+    return OpCost(saved=ctx.saved_if_grad(*saved),
+                  backward_workspace_bytes=workspace if ctx.requires_grad else 0)
 
 
 @register(aten.div, aten.div_)
@@ -92,10 +102,12 @@ def pow_cost(ctx: RuleContext) -> OpCost:
           aten.clamp, aten.clamp_min, aten.clamp_max, aten.leaky_relu,
           aten.hardtanh, aten.elu, aten.softplus, aten.mish, aten.hardswish, aten.log1p,
           aten.erf, aten.square, aten.hardsigmoid, aten.glu, aten.selu, aten.celu, aten.atan2,
-          aten.var, aten._prelu_kernel, aten.xlogy)
+          aten.var, aten._prelu_kernel, aten.xlogy, aten.clamp_, aten.clamp_min_,
+          aten.clamp_max_)
 def saves_input(ctx: RuleContext) -> OpCost:
     # Every tensor argument: clamp.Tensor keeps its min/max tensors too, prelu its weight,
-    # xlogy both operands. square runs as pow(self, 2).
+    # xlogy both operands. square runs as pow(self, 2). An in-place clamp keeps a clone of its
+    # input (graphcost/analysis/annotate.py: _clone_overwritten).
     return OpCost(saved=ctx.saved_if_grad(*ctx.inputs))
 
 

@@ -1,21 +1,13 @@
-"""Recurrent layers: nn.LSTM, nn.GRU, nn.RNN (aten.lstm, gru, rnn_tanh, rnn_relu) and
-nn.GRUCell (aten.gru_cell).
+"""Recurrent layers: nn.LSTM, nn.GRU, nn.RNN (aten.lstm, gru, rnn_tanh, rnn_relu), nn.GRUCell
+(aten.gru_cell), and oneDNN's LSTM layer (aten.mkldnn_rnn_layer).
 
-These ops are CompositeImplicitAutograd, but their composite (ATen's RNN.cpp) branches on the
-device: on the CPU an fp32 or bf16 nn.LSTM runs oneDNN, and the cells get the input's gate
-matmul for the whole sequence at once (a copy of a batch_first input), where on the meta device
-trace decomposes on they run step by step. So each is kept whole and costed here by what the
-kernel that runs saves:
-
-- CPU, nn.LSTM in fp32/bf16 without projections: one `mkldnn_rnn_layer` per layer and
-  direction, which keeps its input, h0/c0, its output, final h/c and oneDNN's workspace (its
-  size is oneDNN's own arithmetic: `mkldnn_workspace_bytes`).
-- CPU, everything else: RNN.cpp's cells, step by step, with in-place gates: the gate matmuls
-  for the whole sequence at once, then per step the hidden-to-hidden linear, the gate
-  activations (sigmoid_/tanh_ in place), the clones autograd makes for an in-place mul_ (GRU).
-- CUDA: cuDNN (layers) and the fused GRU cell kernel. NB: not checked here (no GPU).
-
-nn.LSTMCell and nn.RNNCell are not here: trace replaces their ops by what ATen's cells run.
+These ops are CompositeImplicitAutograd, and their composite (ATen's RNN.cpp) branches on the
+device. For a CPU target trace replaces them by what the CPU runs (graphcost/trace/decompose.py:
+an fp32/bf16 nn.LSTM becomes one `mkldnn_rnn_layer` per layer and direction, the rest ATen's
+cells step by step), so autograd's nodes, and what each keeps and frees, are eager's; the rule
+here for `mkldnn_rnn_layer` costs oneDNN's kernel. On CUDA one kernel runs a whole layer stack
+(cuDNN's _cudnn_rnn, the fused GRU cell), so the ops are kept whole and costed here.
+NB: the CUDA rules are not checked here (no GPU).
 
 FLOPs are the gate matmuls, as FlopCounterMode counts them on the meta device (where these ops
 run RNN.cpp's cells): FlopCounterMode has no formula for mkldnn_rnn_layer and counts a CPU
@@ -29,7 +21,6 @@ from dataclasses import dataclass
 
 import torch
 
-from graphcost.rules.layout import is_contiguous, strides_of, view_strides
 from graphcost.rules.registry import (
     FLOPS_PER_FMA,
     OpCost,
@@ -170,8 +161,7 @@ def recurrent_flops(r: Recurrent) -> tuple[int, int]:
 # ---- what is saved ---------------------------------------------------------------------------
 
 class _Kept:
-    """The saved list: each tensor once (a TensorSpec is one storage per entry, so one that two
-    ops keep, such as a layer input, is listed once)."""
+    """The saved list: each tensor once (a TensorSpec is one storage per entry)."""
 
     def __init__(self) -> None:
         self.items: list[Saved] = []
@@ -180,81 +170,6 @@ class _Kept:
         for item in items:
             if item is not None and not any(item is kept for kept in self.items):
                 self.items.append(item)
-
-
-def _time_major(x: Value, batch_first: bool) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
-    """Shape and strides of the (T, B, I) view the kernels work on (x.transpose(0, 1) when
-    batch_first)."""
-    strides = strides_of(x)
-    if not batch_first:
-        return x.shape, strides
-    shape = (x.shape[1], x.shape[0], *x.shape[2:])
-    return shape, None if strides is None else (strides[1], strides[0], *strides[2:])
-
-
-def _dropout(kept: _Kept, r: Recurrent, layer: int, x: TensorSpec, grad: bool) -> TensorSpec:
-    """Dropout between layers (in training, not after the last): input * noise keeps the noise
-    (a 0-dim zero for p = 1) when the input needs a gradient, and makes the next layer's
-    input."""
-    if not (r.train and r.dropout > 0 and layer < r.layers - 1):
-        return x
-    if grad:
-        kept.add(TensorSpec(() if r.dropout == 1 else x.shape, x.dtype))
-    return TensorSpec(x.shape, x.dtype)
-
-
-def _cells_saved(r: Recurrent) -> tuple[Saved, ...]:
-    """RNN.cpp on the CPU (FullLayer / FullBidirectionalLayer): per layer and direction,
-    linear_ih over the whole input keeps it (as the matrix its fold makes: a copy when the
-    batch_first view cannot be one), then each step's cell."""
-    kept = _Kept()
-    t, b, g, h, p, dtype = r.seq, r.batch, r.gates, r.hidden, r.out, r.dtype
-    shape, strides = _time_major(r.x, r.batch_first)
-    x: Value | TensorSpec = r.x
-    recorded = r.recorded()
-    for layer in range(r.layers):
-        for direction in range(r.directions):
-            if not recorded[layer][direction]:
-                continue
-            w_ih, w_hh, w_hr = r.weights(layer, direction)
-            if w_ih.requires_grad:  # linear_ih's mm keeps its input
-                if isinstance(x, Value):
-                    rows = (t * b, shape[-1])
-                    view = strides is not None and view_strides(shape, strides, rows) is not None
-                    kept.add(x if view else TensorSpec(rows, dtype))  # a copy per direction
-                else:
-                    kept.add(x)
-            if w_hh.requires_grad:  # each step's linear_hh keeps h: h0, then h_0 .. h_{T-2}
-                kept.add(r.h0)  # (a simple cell's h_t is the tanh/relu result it keeps anyway)
-                if r.kind in ("lstm", "gru"):
-                    kept.add(*(TensorSpec((b, p), dtype) for _ in range(t - 1)))
-            for _ in range(t):
-                kept.add(*_step_saved(r.kind, b, g, h, dtype, w_hr))
-            if r.kind == "lstm":  # forgetgate * c keeps c: c0, then c_0 .. c_{T-2}
-                kept.add(r.c0, *(TensorSpec((b, h), dtype) for _ in range(t - 1)))
-        # the next layer's input: the stacked steps (concatenated directions)
-        x = _dropout(kept, r, layer, TensorSpec((t, b, r.directions * p), dtype),
-                     any(recorded[layer]))
-    return tuple(kept.items)
-
-
-def _step_saved(kind: str, b: int, g: int, h: int, dtype: torch.dtype,
-                w_hr: Value | None) -> tuple[TensorSpec, ...]:
-    """What one step of RNN.cpp's cell keeps, beyond its h and c inputs (RNN.cpp: LSTMCell,
-    GRUCell, SimpleCell, with the input's gate matmul already done)."""
-    if kind == "lstm":
-        # gates (sigmoid_/tanh_ in place on chunks of one (B, 4H) tensor: their results),
-        # tanh(c), for outgate * tanh(c); with projections, the unprojected h for w_hr's grad
-        kept = (TensorSpec((b, g * h), dtype), TensorSpec((b, h), dtype))
-        return kept + ((TensorSpec((b, h), dtype),) if w_hr is not None and w_hr.requires_grad
-                       else ())
-    if kind == "gru":
-        # the hidden gates (reset and input gates sigmoid_ in place on them), the clone of the
-        # hidden new-gate chunk that its in-place mul_ by the reset gate keeps, the new gate
-        # (tanh_ of a new tensor), the clone of h - n that mul_(input gate) keeps
-        return (TensorSpec((b, g * h), dtype), TensorSpec((b, h), dtype),
-                TensorSpec((b, h), dtype), TensorSpec((b, h), dtype))
-    return (TensorSpec((b, h), dtype),)  # tanh / relu keep their result: the new h
 
 
 def mkldnn_workspace_bytes(seq: int, batch: int, input_size: int, hidden: int,
@@ -285,40 +200,6 @@ def mkldnn_workspace_bytes(seq: int, batch: int, input_size: int, hidden: int,
     return sum(-(-part // PAGE_BYTES) * PAGE_BYTES for part in parts)
 
 
-def _mkldnn_saved(r: Recurrent) -> tuple[Saved, ...]:
-    """PyTorch's mkldnn_rnn: the input made contiguous (time-major), then per layer and
-    direction one mkldnn_rnn_layer, which keeps its input, weights (zeros of the weights'
-    shapes stand in for absent biases: new tensors), h0 and c0 of its layer, its output, its
-    final h and c, and the workspace."""
-    kept = _Kept()
-    t, b, h, dtype = r.seq, r.batch, r.hidden, r.dtype
-    shape, strides = _time_major(r.x, r.batch_first)
-    x: Value | TensorSpec = r.x if is_contiguous(shape, strides) else TensorSpec(shape, dtype)
-    h0 = r.h0 if r.h0.contiguous else TensorSpec(r.h0.shape, r.h0.dtype)
-    c0 = r.c0 if r.c0.contiguous else TensorSpec(r.c0.shape, r.c0.dtype)
-    recorded = r.recorded()
-    for layer in range(r.layers):
-        last = layer == r.layers - 1
-        outputs = []
-        for direction in range(r.directions):
-            # one direction's output is the op's own on the last layer
-            output = Out(0) if last and r.directions == 1 else TensorSpec((t, b, h), dtype)
-            outputs.append(output)
-            if not recorded[layer][direction]:
-                continue
-            w_ih, w_hh, _ = r.weights(layer, direction)
-            kept.add(x, h0, c0)
-            if not r.has_biases:
-                kept.add(TensorSpec(w_ih.shape, w_ih.dtype), TensorSpec(w_hh.shape, w_hh.dtype))
-            kept.add(output, TensorSpec((b, h), dtype), TensorSpec((b, h), dtype),
-                     TensorSpec((mkldnn_workspace_bytes(t, b, r.layer_input_size(layer), h,
-                                                        dtype),), torch.uint8))
-        if not last:
-            x = outputs[0] if r.directions == 1 else TensorSpec((t, b, 2 * h), dtype)  # cat
-            x = _dropout(kept, r, layer, x, any(recorded[layer]))
-    return tuple(kept.items)
-
-
 def _cudnn_saved(r: Recurrent) -> tuple[Saved, ...]:
     """cuDNN's _cudnn_rnn keeps its input, h0, c0, its output and its reserve space.
     NB: not checked here (no GPU). The reserve's size is cuDNN's own; it is estimated as each
@@ -332,41 +213,15 @@ def _cudnn_saved(r: Recurrent) -> tuple[Saved, ...]:
     return tuple(kept.items)
 
 
-def _uses_mkldnn(r: Recurrent) -> bool:
-    """RNN.cpp's use_mkldnn: an LSTM without projections in fp32 or bf16 (fp16 only without
-    autograd)."""
-    return (r.kind == "lstm" and r.dtype in MKLDNN_DTYPES and not r.projected
-            and r.seq * r.batch * r.x.shape[-1] > 0)
-
-
-def _cells_workspace_bytes(r: Recurrent) -> int:
-    """What RNN.cpp's layers hold inside the op at its fullest moment, the last layer's end,
-    beyond the saved tensors and the outputs: that layer's input gate matmul for the whole
-    sequence (T, B, G * H), still referenced by its step inputs, and, bidirectional, the two
-    directions' stacked outputs that the concatenation reads. The final hidden states held for
-    stacking take the place of the h_n (and c_n) output not made yet, except a simple cell's,
-    which are its saved tanh/relu results: h_n is not there yet."""
-    t, b = r.seq, r.batch
-    stacked = 2 * t * b * r.out if r.bidirectional else 0
-    h_n = r.layers * r.directions * b * r.out if r.kind in ("rnn_tanh", "rnn_relu") else 0
-    return (t * b * r.gates * r.hidden + stacked - h_n) * r.dtype.itemsize
-
-
 def _recurrent_cost(ctx: RuleContext, kind: str) -> OpCost:
+    if ctx.device.kind != "cuda":
+        raise ValueError(f"{ctx.op} is costed whole only for CUDA (cuDNN); for a CPU target "
+                         "trace replaces it by what RNN.cpp runs (graphcost/trace/decompose.py), "
+                         "which failed here")
     r = _recurrent(ctx, kind)
     forward, backward = recurrent_flops(r)
-    workspace = 0
-    if ctx.device.kind == "cuda":
-        saved = _cudnn_saved(r)
-    elif _uses_mkldnn(r):
-        saved = _mkldnn_saved(r)
-    else:
-        saved = _cells_saved(r)
-        workspace = _cells_workspace_bytes(r)
     return OpCost(forward_flops=forward, backward_flops=backward,
-                  saved=saved if ctx.requires_grad else (), forward_workspace_bytes=workspace,
-                  backward_memory_exact=False)  # autograd frees layer by layer, direction by
-    # direction; the walk keeps every saved tensor until the whole op's backward is done
+                  saved=_cudnn_saved(r) if ctx.requires_grad else ())
 
 
 @register(aten.lstm.input)
@@ -389,18 +244,20 @@ def rnn_relu_cost(ctx: RuleContext) -> OpCost:
     return _recurrent_cost(ctx, "rnn_relu")
 
 
-# ---- cells -----------------------------------------------------------------------------------
+# ---- cells ---------------------------------------------------------------------------------
 # nn.LSTMCell and nn.RNNCell have no rule: their ops (lstm_cell, rnn_tanh_cell, rnn_relu_cell)
-# are composite, and trace replaces each by the ops ATen's cell runs (graphcost/trace/
-# decompose.py), which gives their FLOPs and saved tensors exactly and their memory op by op.
+# are composite on every device, and trace replaces each by the ops ATen's cell runs.
 
 @register(aten.gru_cell)
 def gru_cell_cost(ctx: RuleContext) -> OpCost:
-    """nn.GRUCell, kept whole: its decomposition is exact but for the clone of the new-gate chunk
-    that autograd keeps for the in-place mul_ by the reset gate (the mul_ rule keeps the chunk
-    itself, which shares the gates' storage). One step of ATen's GRU cell: input @ w_ih.T and
-    h @ w_hh.T, then the gates (see _step_saved)."""
+    """nn.GRUCell on CUDA: the fused kernel (_thnn_fused_gru_cell) after input @ w_ih.T and
+    h @ w_hh.T; it keeps both gate matmuls, h and a (B, 5H) workspace. NB: not checked here (no
+    GPU). On a CPU trace replaces the op by ATen's cell."""
     x, h = ctx.arg(0, "input"), ctx.arg(1, "hx")
+    if ctx.device.kind != "cuda":
+        raise ValueError("aten.gru_cell is costed whole only for CUDA; for a CPU target trace "
+                         "replaces it by ATen's cell (graphcost/trace/decompose.py), which "
+                         "failed here")
     w_ih, w_hh = ctx.arg(2, "w_ih"), ctx.arg(3, "w_hh")
     g = GATES["gru"]
     hidden = w_hh.shape[0] // g
@@ -413,15 +270,41 @@ def gru_cell_cost(ctx: RuleContext) -> OpCost:
         return OpCost(forward_flops=forward, backward_flops=backward)
     kept = _Kept()
     kept.add(x if w_ih.requires_grad else None, h if w_hh.requires_grad else None)
-    if ctx.device.kind == "cuda":
-        # the fused kernel (_thnn_fused_gru_cell) keeps both gate matmuls, h and a (B, 5H)
-        # workspace. NB: not checked here (no GPU).
-        kept.add(TensorSpec((b, g * hidden), x.dtype), TensorSpec((b, g * hidden), x.dtype), h,
-                 TensorSpec((b, 5 * hidden), x.dtype))
-    else:
-        kept.add(*_step_saved("gru", b, g, hidden, x.dtype, None))
-        # the new gate's input sum, h - n and its clone exist together at the end of the cell
-        # (checked against the live tracker on a GRUCell message-passing model)
-        return OpCost(forward_flops=forward, backward_flops=backward, saved=tuple(kept.items),
-                      forward_workspace_bytes=3 * b * hidden * x.dtype.itemsize)
+    kept.add(TensorSpec((b, g * hidden), x.dtype), TensorSpec((b, g * hidden), x.dtype), h,
+             TensorSpec((b, 5 * hidden), x.dtype))
     return OpCost(forward_flops=forward, backward_flops=backward, saved=tuple(kept.items))
+
+
+# ---- oneDNN ----------------------------------------------------------------------------------
+
+@register(aten.mkldnn_rnn_layer)
+def mkldnn_rnn_layer_cost(ctx: RuleContext) -> OpCost:
+    """One layer and direction of a CPU nn.LSTM (what trace decomposes aten.lstm into where
+    oneDNN runs it). Autograd keeps its input, weights, h0, c0 and all four results: the
+    output, final h and c, and the workspace, whose size the meta kernel leaves at 0 and is
+    oneDNN's own (`mkldnn_workspace_bytes`). FLOPs are the gate matmuls,
+    counted as for RNN.cpp's cells (FlopCounterMode has no formula for this op)."""
+    x, w_ih, w_hh, h0, c0 = (ctx.arg(0, "input"), ctx.arg(1, "weight0"), ctx.arg(2, "weight1"),
+                             ctx.arg(5, "hx_"), ctx.arg(6, "cx_"))
+    hidden, train = ctx.arg(10, "hidden_size"), ctx.arg(15, "train")
+    # time-major: RNN.cpp transposes a batch_first input before the layers (batch_first is
+    # passed on, but the meta kernel's reading of it is not the layer's)
+    t, b = x.shape[0], x.shape[1]
+    g, i = GATES["lstm"], x.shape[-1]
+    ih, hh = t * b * i * g * hidden, b * hidden * g * hidden
+    forward = FLOPS_PER_FMA * (ih + t * hh)
+    backward = FLOPS_PER_FMA * (ih * (w_ih.requires_grad + x.requires_grad)
+                                + hh * (t * w_hh.requires_grad + (t - 1) + h0.requires_grad))
+    # oneDNN trains (and fills the workspace) when autograd records the op, even for a module
+    # in eval mode (train=False)
+    workspace = ({3: mkldnn_workspace_bytes(t, b, i, hidden, x.dtype)}
+                 if train or ctx.requires_grad else None)
+    # its backward (mkldnn_rnn_layer_backward) makes the gradient of every input, and the
+    # engine drops those nobody needs: they exist while it runs
+    unwanted = sum(v.spec.nbytes for v in (x, *ctx.inputs[1:5], h0, c0)
+                   if isinstance(v, Value) and not v.requires_grad)
+    return OpCost(forward_flops=forward, backward_flops=backward,
+                  saved=ctx.saved_if_grad(x, *ctx.inputs[1:5], h0, c0, Out(0), Out(1), Out(2),
+                                          Out(3)),
+                  output_storage_bytes=workspace,
+                  backward_workspace_bytes=unwanted if ctx.requires_grad else 0)

@@ -14,7 +14,7 @@ Registering an op twice is an error unless `override=True` is passed.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -109,12 +109,12 @@ class OpCost:
     # where the traced graph shows a copy: eager dropout with p=0 or train=False returns its
     # input. Its output storage is then that input's.
     output_is_input: int | None = None
-    # The bytes of the storage the kernel gives its (first) output when larger than the traced
-    # tensor's: CPU mse_loss reduces its elementwise loss in place, so the 0-dim result keeps
-    # a storage of the unreduced size.
-    output_storage_bytes: int | None = None
-    # False: the op's backward runs in stages graphcost walks as one event (a whole nn.LSTM's
-    # backward, released layer by layer), so the peak around it is approximate; reports say so
+    # {output index: bytes} of the storage the kernel gives an output when larger than the
+    # traced tensor's: CPU mse_loss reduces its elementwise loss in place, so the 0-dim result
+    # keeps a storage of the unreduced size; oneDNN's RNN workspace is empty on meta.
+    output_storage_bytes: Mapping[int, int] | None = None
+    # False: the memory the op's backward uses is not modelled exactly (torch.cdist's
+    # temporaries), so the peak around it is approximate; reports say so
     backward_memory_exact: bool = True
 
 

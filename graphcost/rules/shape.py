@@ -20,7 +20,7 @@ VIEWS = [
     aten.unflatten, aten.view_as, aten.alias, aten.detach, aten.movedim, aten.diagonal,
     aten.as_strided, aten.tensor_split, aten.swapaxes, aten.numpy_T, aten.mT,
     aten.broadcast_tensors, aten.detach_, aten.unsafe_split, aten.unsafe_split_with_sizes,
-    aten.unsafe_chunk,
+    aten.unsafe_chunk, aten.transpose_, aten.t_, aten.squeeze_, aten.unsqueeze_, aten.as_strided_,
 ]
 COPIES = [
     aten.contiguous, aten.clone, aten.to, aten.type_as, aten._to_copy, aten.cat, aten.stack,

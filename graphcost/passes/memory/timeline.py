@@ -35,8 +35,8 @@ def training_timeline(analysis: Analysis, config: TrainingConfig | None = None, 
 
 
 def approximate_ops(g) -> dict[str, int]:
-    """{op name: count} of the ops whose backward the walk runs as one event though autograd
-    runs it in stages (their rule's OpCost.backward_memory_exact is False): the training peak
+    """{op name: count} of the ops whose backward's memory their rule does not model exactly
+    (OpCost.backward_memory_exact is False: torch.cdist's temporaries): the training peak
     around their backward is approximate, and reports say so."""
     counts: dict[str, int] = {}
     for n in g.op_order:
