@@ -115,11 +115,12 @@ class Walk:
 
     # -- events -------------------------------------------------------------------------------
 
-    def sample(self, step: int, phase: str, node: str, where: str | None = None) -> None:
+    def sample(self, step: int, phase: str, node: str, where: str | None = None,
+               op: str | None = None) -> None:
         b = self.live.bytes
         label = self.f.labels.get(node)  # an op's
         if label is not None:
-            op, where = label
+            op, where = op or label[0], label[1]
         else:  # the optimizer's update of one parameter (or of all: foreach, fused)
             op, where = f"{self.config.optimizer} update", where or self.f.nd[node]["names"][0]
         self.rows.append((step, _PHASE_INDEX[phase], node, op, where, b["params"], b["grads"],
@@ -220,13 +221,14 @@ class Walk:
                                                       if s not in self._read_later(n, s)]:
                 if sid not in saved and sid not in f.outputs and sid not in f.persistent:
                     self.live.drop(sid)
+        summed = [v for v in f.graph_outputs if v.requires_grad and v.spec.shape]
+        for v in summed:  # a tensor output: the loss is its sum, a scalar of its dtype
+            self.live.add(("loss", v.node, v.index), v.spec.dtype.itemsize, "transient")
+        if summed:  # taken while the outputs are alive
+            self.sample(step, "forward", summed[-1].node, op="sum (the loss)")
         for sid in list(self.live.where):
             if sid in f.outputs and sid not in self.scalar_roots and sid not in saved:
                 self.live.drop(sid)  # the model's output, once the loss is taken from it
-        for v in f.graph_outputs:
-            if v.requires_grad and v.spec.shape:
-                # a tensor output: the loss is its sum, a scalar of its dtype
-                self.live.add(("loss", v.node, v.index), v.spec.dtype.itemsize, "transient")
 
     def _read_later(self, n: str, sid: int) -> set[int]:
         # An output nobody reads or holds is dead right after its op; the others are freed by
