@@ -120,24 +120,24 @@ def test_memory_bf16_mixed_matches_a_real_autocast_run(capsys):
 
 
 def test_approximate_backward_is_said(capsys, tmp_path):
-    """A whole nn.LSTM's backward runs in stages the walk takes as one event: the report and
-    the JSON say its peak is approximate; a model without such ops says nothing."""
+    """torch.cdist's matmul path, whose backward's temporaries are not modelled: the report and
+    the JSON say the peak is approximate; a model without such ops says nothing."""
     from tests.helpers import run_cli
 
-    factory = tmp_path / "lstm_model.py"
+    factory = tmp_path / "cdist_model.py"
     factory.write_text(
         "import torch\nfrom torch import nn\n"
         "class M(nn.Module):\n"
         "    def __init__(self):\n"
         "        super().__init__()\n"
-        "        self.rnn = nn.LSTM(8, 16, batch_first=True)\n"
+        "        self.centres = nn.Parameter(torch.randn(32, 8))\n"
         "    def forward(self, x):\n"
-        "        return self.rnn(x)[0].mean()\n"
+        "        return torch.cdist(x, self.centres).mean()\n"
         "def build():\n"
-        "    return M(), (torch.empty(4, 10, 8),)\n")
+        "    return M(), (torch.empty(40, 8),)\n")
     code, out, err = run_cli(capsys, "memory", f"{factory}:build")
-    assert code == 0 and "aten.lstm.input (x1)" in out and "approximate" in out
+    assert code == 0 and "aten._euclidean_dist.default (x1)" in out and "approximate" in out
     code, out, _ = run_cli(capsys, "memory", f"{factory}:build", "--json")
-    assert json.loads(out)["approximate_ops"] == {"aten.lstm.input": 1}
+    assert json.loads(out)["approximate_ops"] == {"aten._euclidean_dist.default": 1}
     code, out, _ = run_cli(capsys, "memory", "examples/mlp.py:factory", "--json")
     assert json.loads(out)["approximate_ops"] == {}

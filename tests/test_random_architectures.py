@@ -137,14 +137,6 @@ KNOWN = {
         "takes it to be contiguous; after a transpose back (x.transpose(1,2) -> GroupNorm -> "
         "transpose back) it is transposed, and native_group_norm_backward copies it "
         "(grad.contiguous(X.suggest_memory_format())): the backward peak is low by its bytes"),
-    "rmsnorm-residual-backward": (
-        "graphcost walk: rms_norm is one op (rules/norm.py simulates its composite's memory); in "
-        "eager x's gradient is made in two parts, and in fp32 (no upcast) the first part is added "
-        "midway to a gradient x already has waiting (a residual skip connection), before the peak "
-        "at pow's backward; graphcost holds the waiting gradient beside the whole of x's new one "
-        "through its one backward event: backward peak high by u - rstd (u with no trained "
-        "weight; exact without a waiting gradient, and in bf16). The walk would need the rule to "
-        "say that part of x's gradient is delivered before the peak"),
 }
 
 ALL = ("parameters", "flops", "saved_activations", "supported_ops", "training_peak",
@@ -154,9 +146,6 @@ PEAKS = ("training_peak", "forward_peaks")
 FAILURES: dict[str, dict[str, str | tuple[str, ...]]] = {
     "inplace-silu": {"training_peak": "inplace-on-view"},
     "groupnorm-transposed-gradient": {"training_peak": "groupnorm-transposed-gradient"},
-    "rmsnorm-residual-backward": {"training_peak": "rmsnorm-residual-backward"},
-    # generated architectures
-    "seed57": {"training_peak": "rmsnorm-residual-backward"},
 }
 
 

@@ -75,31 +75,12 @@ assert len(BY_NAME) == len(CORPUS), "corpus names must be unique"
 
 # name -> which defect class and what is wrong, measured (graphcost vs PyTorch's ground truth)
 KNOWN_FAILURES: dict[str, str] = {
-    # -- recurrent layers: the backward of a whole nn.LSTM/GRU is one op in the timeline ------
-    "lstm_classifier": (
-        "memory: training peak +6.50% (249,460 vs 234,228 B). Saved bytes (oneDNN's "
-        "mkldnn_rnn_layer workspace included), FLOPs and forward peaks are exact; the timeline "
-        "runs the layer's backward as one op that keeps every saved tensor while it makes every "
-        "gradient, where autograd releases layer by layer and direction by direction."),
-    "bigru_tagger": (
-        "memory: training peak +4.77% (66,048 vs 63,040 B): the GRU's backward as one op (see "
-        "lstm_classifier). Saved bytes and forward peaks exact."),
-    "seq2seq_gru_attn": (
-        "memory: training peak +2.71% (131,216 vs 127,760 B): the GRUs' backward as one op (see "
-        "lstm_classifier). Saved bytes and forward peaks exact."),
     "ctc_speech": (
-        "opaque module: nn.CTCLoss cannot be exported (aten._ctc_loss has no fake kernel: its "
-        "log_alpha's shape depends on the target lengths), so it stands in as one opaque op, "
-        "listed as unsupported: saved 132,992 vs 135,088 B (-2,096, what _ctc_loss keeps); "
-        "training peak +3.96% (the BiLSTM's backward as one op, see lstm_classifier)."),
-    "mpnn_index_add": (
-        "memory: training peak +1.13% (100,076 vs 98,956 B): nn.GRUCell's backward as one op "
-        "(see lstm_classifier). Saved bytes, FLOPs and forward peaks exact."),
-    # -- smaller gaps ---------------------------------------------------------------------------
-    "dlrm": (
-        "memory: forward peak +1.09% (8,916 vs 8,820 B, +96 B): the index lists built in forward "
-        "with torch.tensor (li, lj, 48 B each) are constants to torch.export, alive from the "
-        "start in graphcost; eager makes them during the forward. Saved bytes and FLOPs exact."),
+        "opaque module: nn.CTCLoss cannot be exported (ctc_loss's composite builds a tensor "
+        "from the target lengths with at::tensor, which a fake run cannot fill, and "
+        "aten._ctc_loss is tagged dynamic_output_shape), so it stands in as one opaque op, "
+        "listed as unsupported: saved 132,992 vs 135,088 B (-2,096, what _ctc_loss keeps). The "
+        "BiLSTM, the rest of the model, is exact."),
     # -- traced as an opaque module --------------------------------------------------------------
     "nn_transformer_encoder": (
         "opaque module: nn.TransformerEncoder.forward(src, mask) calls _detect_is_causal_mask, "

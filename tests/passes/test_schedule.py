@@ -100,7 +100,7 @@ def test_single_linear_sgd_by_hand():
     x = B * D_IN * 4
     out = B * D_OUT * 4
     loss = ones = 4
-    forward = params + x + out  # at addmm (the loss's 4 bytes come after the last graph op)
+    forward = params + x + out + loss  # at the loss: output.sum() while the output is alive
     # backward: d loss = ones (a scalar, expanded: no memory); d weight, d bias
     backward = params + x + loss + ones + D_OUT * D_IN * 4 + D_OUT * 4
     optimizer = params + x + params  # grads stay; SGD updates in place
@@ -116,6 +116,7 @@ def test_single_linear_sgd_by_hand():
     measured = measure_training_peak(nn.Linear(D_IN, D_OUT), (torch.randn(B, D_IN),),
                                      optimizer="sgd")
     assert measured.peak_bytes == backward
+    assert measured.step_phase_peaks[(0, "forward")] == forward
     assert measured.step_phase_peaks[(0, "optimizer")] == optimizer
 
 
