@@ -60,9 +60,9 @@ def main(argv: list[str]) -> None:
         print(row(record), flush=True)
     total = time.perf_counter() - start
     matching = sum(not r.problems() for r in records)
+    known = sum(r.name in KNOWN_FAILURES for r in records)
     print(f"\n{matching} of {len(records)} models match everywhere; "
-          f"{sum(r.name in KNOWN_FAILURES for r in records)} are known failures; "
-          f"total time {total:.1f} s.")
+          f"{known} known failure{'s' if known != 1 else ''}; total time {total:.1f} s.")
     errors = [(r.name, stage, text) for r in records for stage, text in r.errors.items()]
     if errors:
         print("\nErrors:\n")

@@ -27,6 +27,7 @@ from graphcost.rules.registry import RuleRegistry, TensorSpec
 from graphcost.trace.blocks import RepeatedBlocks, find_repeated_blocks, first_two_blocks
 from graphcost.trace.checkpoints import has_regions, recording_checkpoints, tag_regions
 from graphcost.trace.decompose import decompose_composites
+from graphcost.trace.fake_kernels import shape_only_kernels
 from graphcost.trace.grads import INPUT_GRAD_KEY
 from graphcost.trace.lifetimes import mark_lifetimes, observing_lifetimes
 from graphcost.trace.masks import eager_mask_branches
@@ -249,7 +250,7 @@ def _export_quietly(module: nn.Module, args: tuple, kwargs: dict) -> torch.expor
     held = io.StringIO()
     with contextlib.redirect_stderr(held), recording_checkpoints() as checkpoints, \
             observing_lifetimes(module) as deaths, returning_tensors(module), \
-            eager_mask_branches(), warnings.catch_warnings():
+            eager_mask_branches(), shape_only_kernels(), warnings.catch_warnings():
         # nn.RNN/GRU/LSTM reassign their weight list inside forward: nothing a user can act on
         warnings.filterwarnings("ignore", message=r"The tensor attributes? .*_flat_weights")
         program = torch.export.export(module, args, kwargs, strict=False)
@@ -288,7 +289,7 @@ def _explain_trace_failure(name: str, module: nn.Module, exc: BaseException) -> 
         msg += f"\n  in module {path or '<root>'} ({mtype}), {filename}:{lineno}: {src}"
     if type(exc).__name__ == "DynamicOutputShapeException":
         return msg + ("\n  what to do: the output shape of that op depends on tensor values "
-                      "(F.ctc_loss's buffers on the target lengths). Call it through a submodule "
-                      "(nn.CTCLoss for F.ctc_loss): graphcost then lists that module as one "
-                      "opaque op and analyses the rest of the model.")
+                      "(torch.nonzero, a boolean mask's selection). Call it inside a submodule: "
+                      "graphcost then lists that module as one opaque op and analyses the rest "
+                      "of the model.")
     return msg + WHAT_TO_DO

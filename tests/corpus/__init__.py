@@ -75,12 +75,6 @@ assert len(BY_NAME) == len(CORPUS), "corpus names must be unique"
 
 # name -> which defect class and what is wrong, measured (graphcost vs PyTorch's ground truth)
 KNOWN_FAILURES: dict[str, str] = {
-    "ctc_speech": (
-        "opaque module: nn.CTCLoss cannot be exported (ctc_loss's composite builds a tensor "
-        "from the target lengths with at::tensor, which a fake run cannot fill, and "
-        "aten._ctc_loss is tagged dynamic_output_shape), so it stands in as one opaque op, "
-        "listed as unsupported: saved 132,992 vs 135,088 B (-2,096, what _ctc_loss keeps). The "
-        "BiLSTM, the rest of the model, is exact."),
     # -- traced as an opaque module --------------------------------------------------------------
     "nn_transformer_encoder": (
         "opaque module: nn.TransformerEncoder.forward(src, mask) calls _detect_is_causal_mask, "
