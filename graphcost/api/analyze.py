@@ -58,6 +58,7 @@ from graphcost.load.model import CliError, dtype_name, load_model
 from graphcost.passes.checkpoint.policy import BUILTIN_POLICIES, parse_policy
 from graphcost.passes.checkpoint.policy import plan as policy_plan
 from graphcost.passes.checkpoint.search import Optimum, compare, optimize
+from graphcost.passes.compiled import CompiledStep, compiled_step
 from graphcost.passes.experts import moe_summary
 from graphcost.passes.memory.inference import inference_memory
 from graphcost.passes.memory.timeline import approximate_ops, training_timeline
@@ -110,6 +111,26 @@ class ModelAnalysis(Analysis):
     dtype = property(lambda self: self.shape.dtype)
     tokens = property(lambda self: self.shape.tokens)
     precision = property(lambda self: self.shape.precision)
+
+    def compiled(self) -> CompiledStep:
+        """The training step under torch.compile (Inductor, default settings): the activations
+        its partitioner keeps for backward and what the backward recomputes
+        (graphcost.passes.compiled). The model is loaded again: a MODEL named by a string."""
+        source = self.source
+        if source is None:
+            raise ConfigError(f"{self.model_name!r} was analyzed from a module: call "
+                              "graphcost.passes.compiled.compiled_step(module, inputs)")
+        if source.autocast is not None or (self.precision or "").endswith("-mixed"):
+            raise ConfigError("--compile with mixed precision (torch.autocast) is not modelled "
+                              "yet: give --precision fp32 or bf16")
+        if get_device(source.device).kind != "cpu":
+            raise ConfigError("--compile partitions the graph Inductor compiles for the CPU; "
+                              "CUDA's kernels (flash attention's extras) are not modelled yet: "
+                              "give --device cpu")
+        cast, _ = precision_dtypes(source.precision)
+        loaded = load_model(source.model, batch=source.batch, seq=source.seq, dtype=cast,
+                            targets=source.targets, overrides=source.overrides)
+        return compiled_step(loaded.module, loaded.inputs)
 
     def to_dict(self, module_depth: int | None = 2) -> dict[str, Any]:
         """The analysis with its shape (and, for a mixture of experts, the expert figures)."""

@@ -4,6 +4,7 @@ it happens and what is alive then; per device under a parallel plan."""
 from __future__ import annotations
 
 import argparse
+import json
 
 from graphcost.cli.common import (
     load_analysis,
@@ -15,7 +16,7 @@ from graphcost.cli.common import (
 from graphcost.cli.options import Parents, positive
 from graphcost.load.model import CliError
 from graphcost.passes.checkpoint.policy import parse_policy
-from graphcost.report.memory import inference_report, memory_report
+from graphcost.report.memory import compiled_report, inference_report, memory_report
 from graphcost.report.parallel import parallel_memory_report
 from graphcost.report.plot import memory_timeline_png
 
@@ -39,6 +40,10 @@ def add_parser(verbs, parents: Parents) -> None:
                      "a KV cache holding them (no gradients, no optimizer)")
     mem.add_argument("--context", type=positive, default=None,
                      help="with --inference: tokens per sequence in the KV cache (default --seq)")
+    mem.add_argument("--compile", action="store_true",
+                     help="trained as torch.compile(model) (Inductor): the activations its "
+                     "partitioner keeps for backward and what the backward recomputes, against "
+                     "eager's (the compiled peak is not modelled yet)")
     mem.add_argument("--plot", metavar="FILE.png", default=None,
                      help="save the memory timeline with the peak marked (needs the plot extra: matplotlib)")
     mem.set_defaults(run=run)
@@ -48,6 +53,8 @@ TRAINING = ("optimizer", "steps", "grad_accumulation", "optimizer_impl", "checkp
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.compile:
+        return run_compiled(args)
     if args.inference:
         return run_inference(args)
     if args.context is not None:
@@ -71,6 +78,28 @@ def run(args: argparse.Namespace) -> int:
                         approximate=result.approximate_ops), end="")
     if args.plot:
         print(f"\nplot: {args.plot}")
+    return 0
+
+
+def run_compiled(args: argparse.Namespace) -> int:
+    """What torch.compile keeps and recomputes, beside eager's saved activations; no peak."""
+    if args.inference or args.plot or parallel_plan(args) is not None:
+        raise CliError("--compile reports a single device's training step: drop --inference, "
+                       "--plot and the parallel plan")
+    if parse_policy(args.checkpoint).kind != "none":
+        raise CliError("--compile with --checkpoint is not modelled yet: drop one of them")
+    analysis = load_analysis(args)
+    step = analysis.compiled()
+    if args.json:
+        print(json.dumps({"model": analysis.shape.name, "device": analysis.device.name,
+                           "eager_saved_activation_bytes": analysis.saved_activation_bytes,
+                           "compiled_saved_activation_bytes": step.saved_activation_bytes,
+                           "compiled_saved_tensors": len(step.saved),
+                           "recompute_flops": step.recompute_flops,
+                           "recomputed_ops": step.recomputed_ops,
+                          "peak_bytes": None}))
+        return 0
+    print(compiled_report(analysis, step), end="")
     return 0
 
 

@@ -63,11 +63,18 @@ def find_repeated_blocks(module: nn.Module) -> RepeatedBlocks | None:
 @contextlib.contextmanager
 def first_two_blocks(module: nn.Module, blocks: RepeatedBlocks) -> Iterator[None]:
     """Temporarily replace the stack with one holding only its first two blocks."""
+    with first_blocks(module, blocks, 2):
+        yield
+
+
+@contextlib.contextmanager
+def first_blocks(module: nn.Module, blocks: RepeatedBlocks, count: int) -> Iterator[None]:
+    """Temporarily replace the stack with one holding only its first `count` blocks."""
     parent_path, _, attr = blocks.path.rpartition(".")
     parent = module.get_submodule(parent_path)
     stack = getattr(parent, attr)
-    short = nn.Sequential(*list(stack)[:2]) if isinstance(stack, nn.Sequential) \
-        else nn.ModuleList(list(stack)[:2])
+    short = nn.Sequential(*list(stack)[:count]) if isinstance(stack, nn.Sequential) \
+        else nn.ModuleList(list(stack)[:count])
     parent._modules[attr] = short
     try:
         yield

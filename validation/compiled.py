@@ -1,0 +1,45 @@
+"""Ground truth for a compiled training step: the tensors a real torch.compile keeps.
+
+`measure_compiled_saved` runs `torch.compile(model)` (Inductor, default settings, this
+machine's CPU: its C++ backend) on real tensors and records, with saved_tensors_hooks, every
+tensor the compiled forward saves for backward (aot_autograd's CompiledFunction saves them
+through `ctx.save_for_backward`, which the hooks see): the storages that are not the model's
+parameters, buffers or inputs, each once. Independent of graphcost's partition: this is what
+the generated code keeps at run time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class CompiledSaved:
+    saved_activation_bytes: int
+    saved_tensors: int  # storages
+
+
+def measure_compiled_saved(model: nn.Module, inputs: tuple) -> CompiledSaved:
+    """The activations a real compiled forward of `model(*inputs)` keeps for backward."""
+    torch._dynamo.reset()
+    compiled = torch.compile(model)
+    static = {t.untyped_storage().data_ptr()
+              for t in [*model.parameters(), *model.buffers(), *inputs]
+              if isinstance(t, torch.Tensor)}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in static:
+            seen.setdefault(storage.data_ptr(), storage.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = compiled(*inputs)
+    outs = [t for t in torch.utils._pytree.tree_leaves(out)
+            if isinstance(t, torch.Tensor) and t.requires_grad]
+    torch.autograd.backward(outs, [torch.ones_like(t) for t in outs])  # it runs
+    return CompiledSaved(sum(seen.values()), len(seen))
