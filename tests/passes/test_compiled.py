@@ -15,7 +15,7 @@ from torch import nn
 from graphcost.passes import compiled
 from graphcost.passes.compiled import compiled_step
 from tests.helpers import run_cli
-from validation.compiled import measure_compiled_saved
+from validation.compiled import allocated_peak, measure_compiled_saved
 
 TINY_GPT2 = dict(n_layer=2, n_embd=64, n_head=4, vocab_size=100, block_size=64)
 
@@ -93,3 +93,31 @@ def test_memory_compile_from_the_command_line(capsys):
     assert result["compiled_saved_activation_bytes"] > 0 and result["peak_bytes"] is None
     code, _, err = run_cli(capsys, "memory", "gpt2", "--compile", "--device", "h100-sxm")
     assert code == 2 and "--device cpu" in err
+
+
+def test_the_allocator_s_events_measure_an_eager_step_as_the_live_tracker_does():
+    """The method that can see a compiled step's buffers (validation.compiled.allocated_peak),
+    checked where the live tracker sees everything too: an eager training step's peak above
+    its start, to the byte."""
+    from validation.memtrack import LiveTensorTracker
+
+    torch.manual_seed(0)
+    module, inputs = _gpt2("cpu")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        def step():
+            module(*inputs).sum().backward()
+
+        step()  # warm: what a first call makes once
+        module.zero_grad(set_to_none=True)
+        peak, final = allocated_peak(step)
+        module.zero_grad(set_to_none=True)
+        tracker = LiveTensorTracker(module, *inputs)
+        with tracker:
+            start = tracker.live_bytes
+            step()
+            end = tracker.live_bytes
+    finally:
+        torch.set_num_threads(threads)
+    assert (peak, final) == (tracker.peak_bytes - start, end - start)
