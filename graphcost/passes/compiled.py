@@ -38,6 +38,9 @@ from graphcost.errors import TraceError
 from graphcost.rules.registry import TensorSpec
 from graphcost.trace.blocks import find_repeated_blocks, first_blocks
 
+# the graph attributes it reads (graphcost/graph/schema.py): none, it partitions the module
+READS: tuple[str, ...] = ()
+
 TANGENT_PREFIX = "tangents_"  # aot_autograd's name for the backward's incoming gradients
 
 
