@@ -114,8 +114,9 @@ class ModelAnalysis(Analysis):
 
     def compiled(self) -> CompiledStep:
         """The training step under torch.compile (Inductor, default settings): the activations
-        its partitioner keeps for backward and what the backward recomputes
-        (graphcost.passes.compiled). The model is loaded again: a MODEL named by a string."""
+        its partitioner keeps for backward, what the backward recomputes, and the most its
+        forward and backward hold above the step's start (graphcost.passes.compiled). The model
+        is loaded again: a MODEL named by a string."""
         source = self.source
         if source is None:
             raise ConfigError(f"{self.model_name!r} was analyzed from a module: call "
@@ -130,7 +131,7 @@ class ModelAnalysis(Analysis):
         cast, _ = precision_dtypes(source.precision)
         loaded = load_model(source.model, batch=source.batch, seq=source.seq, dtype=cast,
                             targets=source.targets, overrides=source.overrides)
-        return compiled_step(loaded.module, loaded.inputs)
+        return compiled_step(loaded.module, loaded.inputs, peak=True)
 
     def to_dict(self, module_depth: int | None = 2) -> dict[str, Any]:
         """The analysis with its shape (and, for a mixture of experts, the expert figures)."""

@@ -111,11 +111,17 @@ def compiled_report(analysis, step) -> str:
             ["activations kept for backward, compiled", f"{format_bytes(compiled)}{change}"],
             ["tensors the compiled forward keeps", f"{len(step.saved):,}"],
             ["forward ops the backward runs again", f"{step.recomputed_ops:,}"],
-            ["  their FLOPs", f"{step.recompute_flops:,}"]]
+            ["  their FLOPs", f"{step.recompute_flops:,}"],
+            ["forward + backward peak above the step's start",
+             format_bytes(step.peak_bytes) if step.peak_bytes is not None
+             else "not available (Inductor's code generation failed)"]]
     lines = [f"graphcost memory --compile: {analysis.shape.name} on {analysis.device.name}, "
              "torch.compile (Inductor, default settings)", "",
              table(["", ""], rows, align="lr"), "",
-             "Inductor's own partitioner split the joint graph (docs/compile.md). The peak of "
-             "a compiled step is not modelled yet: the eager peak (graphcost memory without "
-             "--compile) is not it."]
+             "Inductor's own partitioner split the joint graph; the peak replays the buffers "
+             "of the code Inductor generates (docs/compile.md: within 2% of real compiled "
+             "fp32 steps of transformers on this CPU, bf16 low: oneDNN's matmul scratch). "
+             "The step's start (parameters, inputs, "
+             "optimizer state) and the optimizer's own peak are eager's: graphcost memory "
+             "without --compile."]
     return "\n".join(lines) + "\n"
