@@ -32,7 +32,9 @@ would split is traced whole here (an error if it cannot be).
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +44,9 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from graphcost.errors import TraceError
 from graphcost.rules.registry import TensorSpec
 from graphcost.trace.blocks import find_repeated_blocks, first_blocks
+from graphcost.trace.fake_kernels import shape_only_kernels
+from graphcost.trace.masks import eager_mask_branches
+from graphcost.trace.outputs import output_tensors
 
 # the graph attributes it reads (graphcost/graph/schema.py): none, it partitions the module
 READS: tuple[str, ...] = ()
@@ -107,6 +112,18 @@ def compiled_step(module: nn.Module, example_inputs: tuple, *, kwargs: dict | No
     return _partition(module, example_inputs, kwargs or {}, peak)
 
 
+@contextlib.contextmanager
+def _compiling() -> Iterator[None]:
+    """`torch.compiler.is_compiling()` is True inside the block, as it is while dynamo traces:
+    libraries take their compile branches (transformers' masks and caches)."""
+    original = torch.compiler.is_compiling
+    torch.compiler.is_compiling = lambda: True
+    try:
+        yield
+    finally:
+        torch.compiler.is_compiling = original
+
+
 def _kinds(step: CompiledStep) -> list[tuple]:
     return sorted((s.shape, str(s.dtype)) for s in step.saved)
 
@@ -115,7 +132,9 @@ def _partition(module: nn.Module, example_inputs: tuple, kwargs: dict,
                peak: bool = False) -> CompiledStep:
     import torch._inductor.compile_fx as inductor
     from torch._functorch.aot_autograd import aot_function
+    from torch._inductor.debug import DebugContext
     from torch._inductor.decomposition import select_decomp_table
+    from torch._inductor.virtualized import V
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     mode = FakeTensorMode()
@@ -140,18 +159,24 @@ def _partition(module: nn.Module, example_inputs: tuple, kwargs: dict,
     def run(params, buffers, *flat):
         args, kw = torch.utils._pytree.tree_unflatten(list(flat), spec)
         out = torch.func.functional_call(module, {**params, **buffers}, args, kw)
-        return tuple(t for t in torch.utils._pytree.tree_leaves(out)
-                     if isinstance(t, torch.Tensor) and t.requires_grad)
+        return tuple(t for t in output_tensors(out) if t.requires_grad)
 
     traced = aot_function(run, fw_compiler=keep("forward"), bw_compiler=keep("backward"),
                           partition_fn=inductor.partition_fn,
                           decompositions=select_decomp_table())
     try:
-        with mode, warnings.catch_warnings():  # torch's, about its own tracing
-            warnings.simplefilter("ignore")
+        # as graphcost's export runs the model: transformers' mask code takes eager's branches,
+        # ctc_loss runs a shape-only kernel (graphcost/trace/masks.py, fake_kernels.py)
+        with mode, V.set_fake_mode(mode), warnings.catch_warnings(), DebugContext(), \
+                eager_mask_branches(), shape_only_kernels(), _compiling():
+            warnings.simplefilter("ignore")  # torch's, about its own tracing
             outs = traced(params, buffers, *leaves)
             if not outs:
-                raise TraceError("nothing to train: no output of the model needs a gradient")
+                raise TraceError(
+                    "no output of the model needs a gradient as traced for torch.compile: "
+                    "nothing to train. A loss torch.compile would leave out of its graph (a "
+                    "graph break: F.ctc_loss, which cannot run on fake tensors) ends the "
+                    "traced graph before it; graph breaks are not modelled yet")
             torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
     except TraceError:
         raise
