@@ -9,6 +9,7 @@ import json
 from graphcost.cli.common import load_analysis
 from graphcost.cli.options import Parents, non_negative, positive
 from graphcost.report.analysis import render
+from graphcost.report.memory import compiled_dict, compiled_report
 
 
 def add_parser(verbs, parents: Parents) -> None:
@@ -28,16 +29,26 @@ def add_parser(verbs, parents: Parents) -> None:
                    help="module path depth of the per-module table/JSON (default 2)")
     a.add_argument("--top", type=non_negative, default=10,
                    help="rows of the per-op table (default 10; 0: all)")
+    a.add_argument("--compile", action="store_true",
+                   help="also the step under torch.compile (Inductor): the activations its "
+                   "partitioner keeps, what the backward recomputes, the forward and "
+                   "backward's peak (CPU; docs/compile.md)")
     a.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     analysis = load_analysis(args)
+    step = analysis.compiled() if args.compile else None
     if args.json:
-        print(json.dumps(analysis.to_dict(module_depth=args.depth)))
+        result = analysis.to_dict(module_depth=args.depth)
+        if step is not None:
+            result["compiled"] = compiled_dict(analysis, step)
+        print(json.dumps(result))
         return 0
     print(render(analysis, depth=args.depth, top=args.top or len(analysis.ops),
                  tokens=analysis.tokens,
                  dtype=analysis.dtype), end="")
+    if step is not None:
+        print("\n" + compiled_report(analysis, step), end="")
     return 0
 

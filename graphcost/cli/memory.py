@@ -16,7 +16,12 @@ from graphcost.cli.common import (
 from graphcost.cli.options import Parents, positive
 from graphcost.load.model import CliError
 from graphcost.passes.checkpoint.policy import parse_policy
-from graphcost.report.memory import compiled_report, inference_report, memory_report
+from graphcost.report.memory import (
+    compiled_dict,
+    compiled_report,
+    inference_report,
+    memory_report,
+)
 from graphcost.report.parallel import parallel_memory_report
 from graphcost.report.plot import memory_timeline_png
 
@@ -92,13 +97,7 @@ def run_compiled(args: argparse.Namespace) -> int:
     analysis = load_analysis(args)
     step = analysis.compiled()
     if args.json:
-        print(json.dumps({"model": analysis.shape.name, "device": analysis.device.name,
-                           "eager_saved_activation_bytes": analysis.saved_activation_bytes,
-                           "compiled_saved_activation_bytes": step.saved_activation_bytes,
-                           "compiled_saved_tensors": len(step.saved),
-                           "recompute_flops": step.recompute_flops,
-                           "recomputed_ops": step.recomputed_ops,
-                          "forward_backward_peak_bytes": step.peak_bytes}))
+        print(json.dumps(compiled_dict(analysis, step)))
         return 0
     print(compiled_report(analysis, step), end="")
     return 0

@@ -104,7 +104,8 @@ def inference_report(mem, *, model: str, device: str, batch: int | None,
 
 
 def compiled_report(analysis, step) -> str:
-    """`graphcost memory --compile`: what torch.compile keeps for backward, against eager."""
+    """`graphcost memory --compile` (and `analyze --compile`): what torch.compile keeps for
+    backward, against eager, and its forward and backward's peak."""
     eager, compiled = analysis.saved_activation_bytes, step.saved_activation_bytes
     change = f" ({(compiled - eager) / eager:+.1%})" if eager else ""
     rows = [["activations kept for backward, eager", format_bytes(eager)],
@@ -115,8 +116,8 @@ def compiled_report(analysis, step) -> str:
             ["forward + backward peak above the step's start",
              format_bytes(step.peak_bytes) if step.peak_bytes is not None
              else "not available (Inductor's code generation failed)"]]
-    lines = [f"graphcost memory --compile: {analysis.shape.name} on {analysis.device.name}, "
-             "torch.compile (Inductor, default settings)", "",
+    lines = [f"torch.compile (Inductor, default settings): {analysis.shape.name} on "
+             f"{analysis.device.name}", "",
              table(["", ""], rows, align="lr"), "",
              "Inductor's own partitioner split the joint graph; the peak replays the buffers "
              "of the code Inductor generates (docs/compile.md: within 2% of real compiled "
@@ -125,3 +126,14 @@ def compiled_report(analysis, step) -> str:
              "optimizer state) and the optimizer's own peak are eager's: graphcost memory "
              "without --compile."]
     return "\n".join(lines) + "\n"
+
+
+def compiled_dict(analysis, step) -> dict:
+    """The JSON of `compiled_report`."""
+    return {"model": analysis.shape.name, "device": analysis.device.name,
+            "eager_saved_activation_bytes": analysis.saved_activation_bytes,
+            "compiled_saved_activation_bytes": step.saved_activation_bytes,
+            "compiled_saved_tensors": len(step.saved),
+            "recompute_flops": step.recompute_flops,
+            "recomputed_ops": step.recomputed_ops,
+            "forward_backward_peak_bytes": step.peak_bytes}

@@ -140,3 +140,14 @@ def test_the_allocator_s_events_measure_an_eager_step_as_the_live_tracker_does()
     finally:
         torch.set_num_threads(threads)
     assert (peak, final) == (tracker.peak_bytes - start, end - start)
+
+
+def test_analyze_compile_adds_the_compiled_step(capsys):
+    options = ["--batch", "2", "--seq", "32", *[f"--set={k}={v}" for k, v in TINY_GPT2.items()]]
+    code, out, _ = run_cli(capsys, "analyze", "gpt2", *options, "--compile", "--json")
+    result = json.loads(out)
+    assert code == 0
+    assert result["compiled"]["eager_saved_activation_bytes"] == \
+        result["saved_activation_bytes"]
+    code, out, _ = run_cli(capsys, "analyze", "gpt2", *options, "--compile")
+    assert code == 0 and "activations kept for backward, compiled" in out
