@@ -23,7 +23,7 @@ from graphcost.rules.registry import TensorSpec, Value, op_name, values_in
 from graphcost.trace.checkpoints import region_of
 from graphcost.trace.decompose import STORAGE_ALIASES
 from graphcost.trace.export import Trace
-from graphcost.trace.grads import INPUT_GRAD_KEY, NON_DIFFERENTIABLE
+from graphcost.trace.grads import INPUT_GRAD_KEY, requires_grad_of
 from graphcost.trace.lifetimes import held_until_ids
 from graphcost.trace.node_meta import module_call_types_of, module_calls_of, module_of, source_of
 
@@ -64,7 +64,7 @@ def build_graph(tr: Trace) -> nx.DiGraph:
     values: dict[tuple[str, int], Value] = {}  # (fx node, output index) -> Value
     canonical: dict[str, str] = {}  # placeholder name -> graph node (tied params merge)
     storage_node: dict[int, str] = {}  # placeholder storage -> graph node
-    grad_enabled = True
+    needs_grad = requires_grad_of(program.graph)  # the op values eager autograd records
 
     # an op trace replaced by its decomposition: its old outputs' storages are the new ones'
     same = {StorageWeakRef(old.untyped_storage()).cdata: StorageWeakRef(new.untyped_storage()).cdata
@@ -129,8 +129,7 @@ def build_graph(tr: Trace) -> nx.DiGraph:
                                            t.is_contiguous(), tuple(map(int, t.stride())))
         elif node.op == "call_function":
             if node.target is torch._C._set_grad_enabled:
-                grad_enabled = bool(node.args[0])
-                continue
+                continue  # (trace/grads.py follows grad mode)
             if node.target is operator.getitem and isinstance(node.args[0], torch.fx.Node):
                 # Multi-output ops keep all outputs on one node; getitem just names one of them.
                 src = values.get((node.args[0].name, node.args[1]))
@@ -143,9 +142,7 @@ def build_graph(tr: Trace) -> nx.DiGraph:
             tensors = _tensors(val)
             specs = tuple(TensorSpec.of(t) if t is not None else None for t in tensors)
             sids = tuple(storage_of(t, node.name) if t is not None else None for t in tensors)
-            floating = any(s is not None and s.is_floating for s in specs)
-            rg = (grad_enabled and floating and node.target not in NON_DIFFERENTIABLE
-                  and any(v.requires_grad for v in inputs))
+            rg = needs_grad.get(node, False)
             path, mtype = module_of(node)
             g.add_node(node.name, kind="op", order=order, target=node.target,
                        op=op_name(node.target), args=args, kwargs=kwargs, outputs=specs,
