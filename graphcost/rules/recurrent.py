@@ -213,35 +213,25 @@ def _cudnn_saved(r: Recurrent) -> tuple[Saved, ...]:
     return tuple(kept.items)
 
 
-def _recurrent_cost(ctx: RuleContext, kind: str) -> OpCost:
+def _whole_on_cuda_only(ctx: RuleContext) -> None:
     if ctx.device.kind != "cuda":
-        raise ValueError(f"{ctx.op} is costed whole only for CUDA (cuDNN); for a CPU target "
-                         "trace replaces it by what RNN.cpp runs (graphcost/trace/decompose.py), "
-                         "which failed here")
-    r = _recurrent(ctx, kind)
+        raise ValueError(f"{ctx.op} is costed whole only for CUDA; for a CPU target trace "
+                         "replaces it by what ATen runs (graphcost/trace/decompose.py), which "
+                         "failed here")
+
+
+LAYERS = {aten.lstm.input: "lstm", aten.gru.input: "gru", aten.rnn_tanh.input: "rnn_tanh",
+          aten.rnn_relu.input: "rnn_relu"}
+
+
+@register(*LAYERS)
+def recurrent_layer_cost(ctx: RuleContext) -> OpCost:
+    """nn.LSTM / GRU / RNN on CUDA: cuDNN's _cudnn_rnn, one kernel for the whole stack."""
+    _whole_on_cuda_only(ctx)
+    r = _recurrent(ctx, LAYERS[ctx.op])
     forward, backward = recurrent_flops(r)
     return OpCost(forward_flops=forward, backward_flops=backward,
                   saved=_cudnn_saved(r) if ctx.requires_grad else ())
-
-
-@register(aten.lstm.input)
-def lstm_cost(ctx: RuleContext) -> OpCost:
-    return _recurrent_cost(ctx, "lstm")
-
-
-@register(aten.gru.input)
-def gru_cost(ctx: RuleContext) -> OpCost:
-    return _recurrent_cost(ctx, "gru")
-
-
-@register(aten.rnn_tanh.input)
-def rnn_tanh_cost(ctx: RuleContext) -> OpCost:
-    return _recurrent_cost(ctx, "rnn_tanh")
-
-
-@register(aten.rnn_relu.input)
-def rnn_relu_cost(ctx: RuleContext) -> OpCost:
-    return _recurrent_cost(ctx, "rnn_relu")
 
 
 # ---- cells ---------------------------------------------------------------------------------
@@ -253,11 +243,8 @@ def gru_cell_cost(ctx: RuleContext) -> OpCost:
     """nn.GRUCell on CUDA: the fused kernel (_thnn_fused_gru_cell) after input @ w_ih.T and
     h @ w_hh.T; it keeps both gate matmuls, h and a (B, 5H) workspace. NB: not checked here (no
     GPU). On a CPU trace replaces the op by ATen's cell."""
+    _whole_on_cuda_only(ctx)
     x, h = ctx.arg(0, "input"), ctx.arg(1, "hx")
-    if ctx.device.kind != "cuda":
-        raise ValueError("aten.gru_cell is costed whole only for CUDA; for a CPU target trace "
-                         "replaces it by ATen's cell (graphcost/trace/decompose.py), which "
-                         "failed here")
     w_ih, w_hh = ctx.arg(2, "w_ih"), ctx.arg(3, "w_hh")
     g = GATES["gru"]
     hidden = w_hh.shape[0] // g
