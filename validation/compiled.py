@@ -94,3 +94,44 @@ def measure_compiled_peak(model: nn.Module, inputs: tuple) -> int:
     peak, _ = allocated_peak(step)
     model.zero_grad(set_to_none=True)
     return peak
+
+
+def measure_compiled_training(model: nn.Module, inputs: tuple, *, steps: int = 2,
+                              lr: float = 1e-3) -> dict[tuple[int, str], int]:
+    """{(step, phase): the most a real compiled training run of `model(*inputs)` holds} over
+    `steps` steps from a fresh optimizer, phase "forward+backward" (the compiled graphs) or
+    "optimizer": the loss is the sum of its outputs, AdamW with PyTorch's defaults,
+    zero_grad(set_to_none=True). Bytes held are those of the parameters, buffers and inputs,
+    plus what the allocator's events (`allocated_peak`) add from there; a first step, not
+    measured, compiles."""
+    torch._dynamo.reset()
+    compiled = torch.compile(model)
+
+    def forward_backward():
+        out = compiled(*inputs)
+        outs = [t for t in torch.utils._pytree.tree_leaves(out)
+                if isinstance(t, torch.Tensor) and t.requires_grad]
+        torch.autograd.backward([t.sum() for t in outs])
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    warm = torch.optim.AdamW(trainable, lr=lr)
+    forward_backward()  # compiles
+    warm.step()
+    warm.zero_grad(set_to_none=True)
+    del warm
+    optimizer = torch.optim.AdamW(trainable, lr=lr)
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in [*model.parameters(), *model.buffers(), *inputs]
+                if isinstance(t, torch.Tensor)}
+    held, peaks = sum(storages.values()), {}
+    for step in range(steps):
+        for phase, run in (("forward+backward", forward_backward),
+                           ("optimizer", optimizer.step)):
+            peak, final = allocated_peak(run)
+            peaks[(step, phase)] = held + peak
+            held += final
+        grads = {p.grad.untyped_storage().data_ptr(): p.grad.untyped_storage().nbytes()
+                 for p in trainable if p.grad is not None}
+        optimizer.zero_grad(set_to_none=True)
+        held -= sum(grads.values())
+    return peaks

@@ -54,12 +54,13 @@ from graphcost.api.results import (
 )
 from graphcost.errors import ConfigError, GraphcostError
 from graphcost.hardware.devices import DEFAULT_DEVICE, Device, get_device
-from graphcost.load.model import CliError, dtype_name, load_model
+from graphcost.load.model import DTYPES, CliError, dtype_name, load_model
 from graphcost.passes.checkpoint.policy import BUILTIN_POLICIES, parse_policy
 from graphcost.passes.checkpoint.policy import plan as policy_plan
 from graphcost.passes.checkpoint.search import Optimum, compare, optimize
 from graphcost.passes.compiled import CompiledStep, compiled_step
 from graphcost.passes.experts import moe_summary
+from graphcost.passes.memory.compiled import compiled_timeline
 from graphcost.passes.memory.inference import inference_memory
 from graphcost.passes.memory.timeline import approximate_ops, training_timeline
 from graphcost.passes.parallel.plan import ParallelPlan, per_device_memory
@@ -105,6 +106,9 @@ class ModelAnalysis(Analysis):
 
     shape: ModelShape | None = None
     source: ModelSource | None = field(default=None, repr=False, compare=False)
+    # a module analyzed as given: (module, example inputs, kwargs), for torch.compile's trace
+    module_call: tuple | None = field(default=None, repr=False, compare=False)
+    _compiled: dict = field(default_factory=dict, repr=False, compare=False)
 
     batch = property(lambda self: self.shape.batch)
     seq = property(lambda self: self.shape.seq)
@@ -114,24 +118,32 @@ class ModelAnalysis(Analysis):
 
     def compiled(self) -> CompiledStep:
         """The training step under torch.compile (Inductor, default settings): the activations
-        its partitioner keeps for backward, what the backward recomputes, and the most its
-        forward and backward hold above the step's start (graphcost.passes.compiled). The model
-        is loaded again: a MODEL named by a string."""
-        source = self.source
-        if source is None:
-            raise ConfigError(f"{self.model_name!r} was analyzed from a module: call "
+        its partitioner keeps for backward, what the backward recomputes, and what its forward
+        and backward hold above the step's start (graphcost.passes.compiled). A MODEL named by
+        a string is loaded again; computed once per analysis. NB: the graphs are those
+        Inductor makes for the CPU, whatever the analysis' device (docs/compile.md)."""
+        return self._compiled_step()
+
+    def _compiled_step(self) -> CompiledStep:
+        if "step" in self._compiled:
+            return self._compiled["step"]
+        autocast = None  # bf16-mixed: the compiled model called under torch.autocast
+        if self.precision is not None and self.precision.endswith("-mixed"):
+            autocast = DTYPES[self.precision.removesuffix("-mixed")]
+        if self.module_call is not None:
+            module, inputs, kwargs = self.module_call
+        elif self.source is not None:
+            cast, _ = precision_dtypes(self.source.precision)
+            s = self.source
+            loaded = load_model(s.model, batch=s.batch, seq=s.seq, dtype=cast,
+                                targets=s.targets, overrides=s.overrides)
+            module, inputs, kwargs = loaded.module, loaded.inputs, None
+        else:
+            raise ConfigError(f"{self.model_name!r} has no module to compile: call "
                               "graphcost.passes.compiled.compiled_step(module, inputs)")
-        if source.autocast is not None or (self.precision or "").endswith("-mixed"):
-            raise ConfigError("--compile with mixed precision (torch.autocast) is not modelled "
-                              "yet: give --precision fp32 or bf16")
-        if get_device(source.device).kind != "cpu":
-            raise ConfigError("--compile partitions the graph Inductor compiles for the CPU; "
-                              "CUDA's kernels (flash attention's extras) are not modelled yet: "
-                              "give --device cpu")
-        cast, _ = precision_dtypes(source.precision)
-        loaded = load_model(source.model, batch=source.batch, seq=source.seq, dtype=cast,
-                            targets=source.targets, overrides=source.overrides)
-        return compiled_step(loaded.module, loaded.inputs, peak=True)
+        self._compiled["step"] = compiled_step(module, inputs, kwargs=kwargs, peak=True,
+                                               autocast=autocast)
+        return self._compiled["step"]
 
     def to_dict(self, module_depth: int | None = 2) -> dict[str, Any]:
         """The analysis with its shape (and, for a mixture of experts, the expert figures)."""
@@ -161,6 +173,9 @@ class ModelAnalysis(Analysis):
         with `inference`, a prefill with a KV cache of `context` tokens (default: seq); with
         `plan`, the memory per device of a parallel plan."""
         config = training_config(**training)
+        if config.compile and (inference or plan is not None):
+            other = "--inference" if inference else "a parallel plan"
+            raise ConfigError(f"--compile with {other} is not modelled yet: drop one of them")
         if inference:
             if parse_policy(config.checkpoint).kind != "none":
                 raise ConfigError(CHECKPOINT_IS_TRAINING)
@@ -174,6 +189,10 @@ class ModelAnalysis(Analysis):
             stages = tuple(per_device_memory(self, plan, config))
             return ParallelMemoryResult(self.shape, self.device.name, plan, config, stages,
                                         self.unsupported_ops)
+        if config.compile:
+            return MemoryResult(self.shape, self.device.name, config,
+                                compiled_timeline(self, config, self.compiled()),
+                                self.unsupported_ops, compiled=self.compiled())
         return MemoryResult(self.shape, self.device.name, config,
                             training_timeline(self, config), self.unsupported_ops,
                             approximate_ops(self.graph))
@@ -195,6 +214,9 @@ class ModelAnalysis(Analysis):
         (`optimum`). Without a budget, 'fits' is judged against the device's memory less
         `reserve`."""
         config = training_config(**training)
+        if config.compile:
+            raise ConfigError("checkpoint policies under --compile (selective checkpointing "
+                              "with Inductor's partitioner) are not modelled yet: drop --compile")
         resolved = resolve_budget(self.device, budget, reserve)
         kept, skipped = self.applicable_policies(policies)
         optimum = None
@@ -249,13 +271,17 @@ class ModelAnalysis(Analysis):
         config = training_config(**training)
         efficiency = efficiency_of(matmul_efficiency, vector_efficiency, bandwidth_efficiency)
         device = roofline_device(self.device if device is None else device)
+        if config.compile and (inference or compute_bound_batch):
+            other = "--inference" if inference else "--compute-bound-batch"
+            raise ConfigError(f"--compile with {other} is not modelled yet: drop one of them")
         if inference:
             return self._inference_roofline(device, context, config, efficiency,
                                             compute_bound_batch)
         if context is not None:
             raise ConfigError("--context is the cached context of --inference; for training "
                               "use --seq")
-        step = training_step_time(self, device, config, efficiency)
+        step = training_step_time(self, device, config, efficiency,
+                                  self._compiled_step() if config.compile else None)
         cbb = None
         if compute_bound_batch:
             ones = self if self.batch == 1 else self.reshaped(batch=1)
@@ -298,6 +324,8 @@ class ModelAnalysis(Analysis):
         config = training_config(**training)
         efficiency = efficiency_of(matmul_efficiency, vector_efficiency, bandwidth_efficiency)
         device = roofline_device(self.device if device is None else device)
+        if inference and config.compile:
+            raise ConfigError("--compile with --inference is not modelled yet: drop one of them")
         if inference:
             if parse_policy(config.checkpoint).kind != "none":
                 raise ConfigError("--checkpoint applies to training; drop --checkpoint or "
@@ -306,7 +334,8 @@ class ModelAnalysis(Analysis):
             step = forward_time(a, device, efficiency)
         else:
             a = self
-            step = training_step_time(a, device, config, efficiency)
+            step = training_step_time(a, device, config, efficiency,
+                                      self._compiled_step() if config.compile else None)
         try:
             cost = training_cost(step, params=a.params, tokens=tokens, gpus=gpus,
                                  usd_per_gpu_hour=usd_per_hour, mfu=mfu)
@@ -357,7 +386,8 @@ def analyze(module: nn.Module | str, example_inputs: Any = None, *, batch: int |
         shape = ModelShape(a.model_name, None, None, None, None, mixed_name(autocast))
         source = None
     values = {f.name: getattr(a, f.name) for f in fields(Analysis) if f.init}
-    return ModelAnalysis(**values, shape=shape, source=source)
+    call = None if isinstance(module, str) else (module, example_inputs, kwargs)
+    return ModelAnalysis(**values, shape=shape, source=source, module_call=call)
 
 
 def mixed_name(autocast: torch.dtype | None) -> str | None:

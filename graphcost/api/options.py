@@ -19,7 +19,8 @@ from graphcost.report.units import format_bytes
 from graphcost.sizing.fit import DEFAULT_RESERVE_BYTES
 
 PRECISIONS = ("fp32", "bf16", "fp16", "bf16-mixed")  # bf16-mixed: fp32 weights, bf16 autocast
-TRAINING_OPTIONS = ("optimizer", "steps", "grad_accumulation", "optimizer_impl", "checkpoint")
+TRAINING_OPTIONS = ("optimizer", "steps", "grad_accumulation", "optimizer_impl", "checkpoint",
+                    "compile")
 CHECKPOINT_IS_TRAINING = ("--checkpoint applies to training (inference keeps nothing for a "
                           "backward); drop --checkpoint or --inference")
 
@@ -60,8 +61,8 @@ def parse_bytes(value: int | float | str, option: str = "--reserve") -> int:
 
 
 def training_config(**training: Any) -> TrainingConfig:
-    """The training options (optimizer, steps, grad_accumulation, optimizer_impl, checkpoint) as
-    a TrainingConfig; an unknown one is an error."""
+    """The training options (optimizer, steps, grad_accumulation, optimizer_impl, checkpoint,
+    compile) as a TrainingConfig; an unknown one is an error."""
     unknown = sorted(set(training) - set(TRAINING_OPTIONS))
     if unknown:
         raise ConfigError(f"unknown training option {unknown[0]!r}; use "

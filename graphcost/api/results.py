@@ -14,6 +14,7 @@ from typing import Any
 from graphcost.analysis.coverage import CoverageRow
 from graphcost.passes.checkpoint.policy import parse_policy
 from graphcost.passes.checkpoint.search import Optimum, PolicyRow
+from graphcost.passes.compiled import CompiledStep
 from graphcost.passes.memory.inference import InferenceMemory
 from graphcost.passes.memory.training import MemoryTimeline, TrainingConfig
 from graphcost.passes.parallel.plan import DeviceMemory, ParallelPlan
@@ -84,6 +85,8 @@ class MemoryResult:
     # ops whose backward's memory their rule does not model exactly (OpCost.
     # backward_memory_exact): the training peak around them is approximate
     approximate_ops: dict[str, int] = field(default_factory=dict)
+    # trained as torch.compile(model): its forward and backward (graphcost.passes.compiled)
+    compiled: CompiledStep | None = field(default=None, repr=False)
 
     @property
     def peak_bytes(self) -> int:
@@ -106,7 +109,7 @@ class MemoryResult:
             "dtype": s.dtype, "precision": s.precision, "optimizer": config.optimizer,
             "optimizer_impl": timeline.optimizer_impl,
             "steps": config.steps, "grad_accumulation": config.grad_accumulation,
-            "checkpoint": policy_name(config),
+            "checkpoint": policy_name(config), "compile": config.compile,
             # per optimizer step (all micro-batches), as `graphcost checkpoint` counts them
             "recompute_flops": timeline.recompute_flops * config.grad_accumulation,
             "saved_activation_bytes": timeline.saved_activation_bytes,
@@ -116,6 +119,7 @@ class MemoryResult:
                             for (st, p), b in timeline.phase_peaks().items()],
             "unsupported_ops": self.unsupported_ops,
             "approximate_ops": self.approximate_ops,
+            **({"compiled": self.compiled.to_dict()} if self.compiled else {}),
         }
 
 

@@ -47,7 +47,8 @@ def add_parser(verbs, parents: Parents) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    training = training_options(args, "optimizer", "optimizer_impl", "grad_accumulation")
+    training = training_options(args, "optimizer", "optimizer_impl", "grad_accumulation",
+                                "compile")
     device = device_from_args(args)
     budget = resolve_budget(device, args.budget, args.reserve)  # fails before the trace
     analysis = load_analysis(args)

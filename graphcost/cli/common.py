@@ -126,6 +126,8 @@ def setting(shape, config: TrainingConfig | None = None, with_shape: bool = True
         parts.append(config.optimizer)
         if parse_policy(config.checkpoint).kind != "none":
             parts.append(f"checkpoint {parse_policy(config.checkpoint)}")
+        if config.compile:
+            parts.append("torch.compile")
     if with_shape and shape.batch is not None:
         parts.append(f"batch {shape.batch}")
     if with_shape and shape.seq is not None:

@@ -46,7 +46,7 @@ def add_parser(verbs, parents: Parents) -> None:
 
 def run(args: argparse.Namespace) -> int:
     training = training_options(args, "optimizer", "optimizer_impl", "grad_accumulation",
-                                "checkpoint")
+                                "checkpoint", "compile")
     device = roofline_device(device_from_args(args))
     if args.inference and parse_policy(args.checkpoint).kind != "none":
         raise CliError("--checkpoint applies to training; drop --checkpoint or --inference")

@@ -42,7 +42,7 @@ def add_parser(verbs, parents: Parents) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    training = training_options(args, "optimizer", "optimizer_impl", "checkpoint")
+    training = training_options(args, "optimizer", "optimizer_impl", "checkpoint", "compile")
     overrides = parse_overrides(args.set)
     plan = parallel_plan(args)
     device = device_from_args(args)
@@ -66,5 +66,6 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(fit_report(result.sizes, model=result.name, dtype=result.precision,
                      optimizer=result.config.optimizer,
-                     checkpoint=policy_name(result.config)), end="")
+                     checkpoint=policy_name(result.config),
+                     compile=result.config.compile), end="")
     return 0

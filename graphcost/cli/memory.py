@@ -4,7 +4,6 @@ it happens and what is alive then; per device under a parallel plan."""
 from __future__ import annotations
 
 import argparse
-import json
 
 from graphcost.cli.common import (
     load_analysis,
@@ -17,7 +16,6 @@ from graphcost.cli.options import Parents, positive
 from graphcost.load.model import CliError
 from graphcost.passes.checkpoint.policy import parse_policy
 from graphcost.report.memory import (
-    compiled_dict,
     compiled_report,
     inference_report,
     memory_report,
@@ -45,21 +43,16 @@ def add_parser(verbs, parents: Parents) -> None:
                      "a KV cache holding them (no gradients, no optimizer)")
     mem.add_argument("--context", type=positive, default=None,
                      help="with --inference: tokens per sequence in the KV cache (default --seq)")
-    mem.add_argument("--compile", action="store_true",
-                     help="trained as torch.compile(model) (Inductor): the activations its "
-                     "partitioner keeps for backward, what the backward recomputes, and the "
-                     "forward and backward's peak from the code Inductor generates (CPU)")
     mem.add_argument("--plot", metavar="FILE.png", default=None,
                      help="save the memory timeline with the peak marked (needs the plot extra: matplotlib)")
     mem.set_defaults(run=run)
 
 
-TRAINING = ("optimizer", "steps", "grad_accumulation", "optimizer_impl", "checkpoint")
+TRAINING = ("optimizer", "steps", "grad_accumulation", "optimizer_impl", "checkpoint",
+            "compile")
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.compile:
-        return run_compiled(args)
     if args.inference:
         return run_inference(args)
     if args.context is not None:
@@ -81,31 +74,18 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(memory_report(result.timeline, model=result.shape.name, device=result.device,
                         approximate=result.approximate_ops), end="")
+    if result.compiled is not None:
+        print("\n" + compiled_report(analysis, result.compiled), end="")
     if args.plot:
         print(f"\nplot: {args.plot}")
-    return 0
-
-
-def run_compiled(args: argparse.Namespace) -> int:
-    """What torch.compile keeps and recomputes, beside eager's saved activations, and its
-    forward and backward's peak."""
-    if args.inference or args.plot or parallel_plan(args) is not None:
-        raise CliError("--compile reports a single device's training step: drop --inference, "
-                       "--plot and the parallel plan")
-    if parse_policy(args.checkpoint).kind != "none":
-        raise CliError("--compile with --checkpoint is not modelled yet: drop one of them")
-    analysis = load_analysis(args)
-    step = analysis.compiled()
-    if args.json:
-        print(json.dumps(compiled_dict(analysis, step)))
-        return 0
-    print(compiled_report(analysis, step), end="")
     return 0
 
 
 def run_inference(args: argparse.Namespace) -> int:
     if args.plot:
         raise CliError("--plot draws the training timeline; drop --plot or --inference")
+    if args.compile:
+        raise CliError("--compile models a training step; drop --compile or --inference")
     if parse_policy(args.checkpoint).kind != "none":
         raise CliError("--checkpoint applies to training (inference keeps nothing for a "
                        "backward); drop --checkpoint or --inference")

@@ -169,6 +169,11 @@ def build_parents() -> Parents:
     p["training"].add_argument("--optimizer-impl", default="auto", choices=OPTIMIZER_IMPLS,
                                help="optimizer implementation (default auto, PyTorch's: "
                                "single-tensor on the CPU, foreach on GPU presets)")
+    p["training"].add_argument("--compile", action="store_true",
+                               help="trained as torch.compile(model) (Inductor, its defaults): "
+                               "what its partitioner keeps for backward and recomputes, and "
+                               "the buffers of the code it generates (CPU kernels; "
+                               "docs/compile.md)")
     p["grad_accumulation"].add_argument("--grad-accumulation", type=positive, default=1,
                                         help="micro-batches per optimizer step (default 1); "
                                         "FLOPs are per step")

@@ -57,7 +57,7 @@ def add_parser(verbs, parents: Parents) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    training = training_options(args, "optimizer", "optimizer_impl")
+    training = training_options(args, "optimizer", "optimizer_impl", "compile")
     device = sized_device(roofline_device(device_from_args(args)),
                               " such as h100-sxm ('graphcost devices')")
     micro = int_list(args.micro_batch, "--micro-batch")

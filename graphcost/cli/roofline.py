@@ -18,9 +18,14 @@ from graphcost.cli.options import Parents, non_negative, positive
 from graphcost.load.model import CliError, parse_overrides
 from graphcost.passes.checkpoint.policy import parse_policy
 from graphcost.report.analysis import unsupported_line
-from graphcost.report.roofline import ROOFLINE_SORTS, roofline_inference_report, roofline_report
+from graphcost.report.roofline import (
+    COMPILED_NOTE,
+    ROOFLINE_SORTS,
+    roofline_inference_report,
+    roofline_report,
+)
 
-TRAINING = ("optimizer", "optimizer_impl", "grad_accumulation", "checkpoint")
+TRAINING = ("optimizer", "optimizer_impl", "grad_accumulation", "checkpoint", "compile")
 
 
 def add_parser(verbs, parents: Parents) -> None:
@@ -67,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
                                **efficiency_options(args), **training)
     if args.json:
         return print_json(result)
-    extra = []
+    extra = [COMPILED_NOTE] if result.config.compile else []
     if args.compute_bound_batch:
         cbb, seq = result.compute_bound_batch, result.shape.seq
         extra.append("  compute-bound   " + (

@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     batches = int_list(args.batch, "--batch")
     seqs = int_list(args.seq, "--seq")
     training = training_options(args, "optimizer", "optimizer_impl", "grad_accumulation",
-                                "checkpoint")
+                                "checkpoint", "compile")
     device = roofline_device(device_from_args(args))
     budget = resolve_budget(device, args.budget, args.reserve)
     if args.plot and not args.plot.lower().endswith(".png"):

@@ -16,7 +16,8 @@ def memory_report(timeline, *, model: str, device: str,
     lines = [
         f"graphcost memory: {model} on {device}, optimizer {config.optimizer} "
         f"({timeline.optimizer_impl}), "
-        f"{config.steps} steps x {config.grad_accumulation} micro-batch(es)",
+        f"{config.steps} steps x {config.grad_accumulation} micro-batch(es)"
+        f"{', torch.compile' if config.compile else ''}",
         "",
         f"  peak        {format_bytes(peak.total_bytes)}  ({format_count(peak.total_bytes)} bytes)",
         f"  when        step {peak.step}, {peak.phase}, {peak.op}"
@@ -47,7 +48,7 @@ def memory_report(timeline, *, model: str, device: str,
 
 
 def fit_report(result, *, model: str, dtype: str | None, optimizer: str,
-               checkpoint: str = "none") -> str:
+               checkpoint: str = "none", compile: bool = False) -> str:
     """What fits on the device: largest batch at the context, largest context at batch 1."""
     def ctx(n):
         if n is None:
@@ -64,6 +65,8 @@ def fit_report(result, *, model: str, dtype: str | None, optimizer: str,
     setting = f"{optimizer}, {dtype or 'model dtype'}"
     if checkpoint != "none":
         setting += f", checkpoint {checkpoint}"
+    if compile:  # inference stays eager: --compile models the training step
+        setting += ", torch.compile"
     rows = [["training", setting, batch(result.train_max_batch),
              ctx(result.train_max_seq)],
             ["inference", "prefill + KV cache", batch(result.infer_max_batch),
@@ -105,26 +108,28 @@ def inference_report(mem, *, model: str, device: str, batch: int | None,
 
 def compiled_report(analysis, step) -> str:
     """`graphcost memory --compile` (and `analyze --compile`): what torch.compile keeps for
-    backward, against eager, and its forward and backward's peak."""
+    backward, against eager, what its backward recomputes, and its forward and backward's
+    fullest above the step's start."""
     eager, compiled = analysis.saved_activation_bytes, step.saved_activation_bytes
-    change = f" ({(compiled - eager) / eager:+.1%})" if eager else ""
-    rows = [["activations kept for backward, eager", format_bytes(eager)],
-            ["activations kept for backward, compiled", f"{format_bytes(compiled)}{change}"],
-            ["tensors the compiled forward keeps", f"{len(step.saved):,}"],
-            ["forward ops the backward runs again", f"{step.recomputed_ops:,}"],
-            ["  their FLOPs", f"{step.recompute_flops:,}"],
-            ["forward + backward peak above the step's start",
-             format_bytes(step.peak_bytes) if step.peak_bytes is not None
-             else "not available (Inductor's code generation failed)"]]
+    change = f" ({(compiled - eager) / eager:+.1%} against eager)" if eager else ""
+    peak = (format_bytes(step.peak_bytes) if step.peak_bytes is not None
+            else "not available (Inductor's code generation failed)")
     lines = [f"torch.compile (Inductor, default settings): {analysis.shape.name} on "
              f"{analysis.device.name}", "",
-             table(["", ""], rows, align="lr"), "",
-             "Inductor's own partitioner split the joint graph; the peak replays the buffers "
-             "of the code Inductor generates (docs/compile.md: within 2% of real compiled "
-             "fp32 steps of transformers on this CPU, bf16 low: oneDNN's matmul scratch). "
-             "The step's start (parameters, inputs, "
-             "optimizer state) and the optimizer's own peak are eager's: graphcost memory "
-             "without --compile."]
+             f"  saved for backward    {format_bytes(compiled)} in {len(step.saved):,} "
+             f"tensors{change}; eager keeps {format_bytes(eager)}",
+             f"  recomputed            {step.recomputed_ops:,} forward ops run again in the "
+             f"backward, {format_flops(step.recompute_flops)}",
+             f"  forward + backward    {peak} at the most above the step's start", "",
+             "Inductor's own partitioner split the joint graph; the forward and backward "
+             "replay the buffers of the code Inductor generates, the step's start and the "
+             "optimizer are eager's (docs/compile.md: training peaks within 0.4% of real "
+             "compiled fp32 runs on this CPU; bf16 low: oneDNN's matmul scratch)."]
+    if analysis.device.kind != "cpu":
+        lines += ["", f"NB: the graphs are those Inductor makes for the CPU, standing in for "
+                  f"{analysis.device.name}'s: CUDA's attention kernels, Triton's fusion and "
+                  "memory planning, cuBLAS workspaces and the caching allocator are not "
+                  "modelled (docs/compile.md)."]
     return "\n".join(lines) + "\n"
 
 

@@ -23,6 +23,10 @@ ROOFLINE_NOTE = ("roofline: an op takes max(FLOPs / (peak x efficiency), bytes /
                  "others at the vector peak; MFU = model FLOPs / (step time x peak).")
 
 
+COMPILED_NOTE = (
+    "  compiled        the forward and backward are the kernels Inductor generates (for the "
+    "CPU, standing in for the device's): a fused chain reads its inputs and writes its outputs "
+    "once; the partitioner's recomputation runs inside the backward's kernels (docs/compile.md)")
 ROOFLINE_SORTS = ("time", "flops", "bytes", "intensity")
 
 

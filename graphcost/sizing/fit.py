@@ -29,6 +29,8 @@ from graphcost.analysis.analyze import analyze
 from graphcost.collector import collector_paused
 from graphcost.errors import ConfigError, GraphcostError
 from graphcost.hardware.devices import Device, get_device
+from graphcost.passes.compiled import compiled_step
+from graphcost.passes.memory.compiled import compiled_timeline
 from graphcost.passes.memory.inference import inference_memory
 from graphcost.passes.memory.timeline import training_timeline
 from graphcost.passes.memory.training import TrainingConfig
@@ -71,6 +73,8 @@ class _Events:
 
     def prepare(self, shapes: list[tuple[int, int]], training: bool,
                 seq_limit: int | None) -> None:
+        if training and self.config.compile:
+            return  # the compiled step is partitioned at each shape (_events)
         try:
             found = step_events(self.load, shapes, training=training, config=self.config,
                                 device=self.device, autocast=self.autocast,
@@ -97,6 +101,10 @@ def _events(load: Loader, batch: int, seq: int, training: bool, config: Training
             device: Device, autocast: torch.dtype | None = None) -> np.ndarray:
     module, inputs = load(batch, seq, training)
     analysis = analyze(module, inputs, device=device, autocast=autocast)
+    if training and config.compile:
+        step = compiled_step(module, inputs, peak=True, autocast=autocast)
+        timeline = compiled_timeline(analysis, config, step)
+        return timeline.table.total_bytes.astype(np.float64)
     if training:
         return training_timeline(analysis, config).table.total_bytes.astype(np.float64)
     return np.array(inference_memory(analysis).event_bytes, dtype=np.float64)
@@ -115,8 +123,29 @@ def largest(peak: Callable[[int], float], budget: float, low: int, high: int) ->
     return low
 
 
+def _checked(found: int, exact: Callable[[int], float], budget: float, limit: int,
+             low: int = 1) -> int:
+    """`found`, the answer of the polynomials, checked where they are not exact: a compiled
+    step's peak is the most of its generated code's buffers at one line, and which line can
+    change with the shape. The step at `found` must fit and the one past it must not; else
+    the answer is searched on steps computed at each shape."""
+    if (found < low or exact(found) <= budget) and (found >= limit or exact(found + 1) > budget):
+        return found
+    return largest(exact, budget, low, limit)
+
+
 def max_batch(events: _Events, *, seq: int, budget_bytes: float, training: bool,
               limit: int = 1 << 20) -> int:
+    found = _max_batch(events, seq=seq, budget_bytes=budget_bytes, training=training,
+                       limit=limit)
+    if training and events.config.compile:
+        found = _checked(found, lambda b: float(np.max(events(b, seq, training))),
+                         budget_bytes, limit)
+    return found
+
+
+def _max_batch(events: _Events, *, seq: int, budget_bytes: float, training: bool,
+               limit: int) -> int:
     one, two = (events(b, seq, training) for b in (1, 2))
     if one.shape == two.shape:
         slope, intercept = two - one, 2 * one - two
@@ -155,7 +184,11 @@ def max_seq(events: _Events, *, batch: int, seq: int, budget_bytes: float, train
     def peak(t: int) -> float:
         return float(np.max(np.polyval(coefficients, t)))
 
-    return largest(peak, budget_bytes, 1, limit)
+    found = largest(peak, budget_bytes, 1, limit)
+    if training and events.config.compile:
+        found = _checked(found, lambda t: float(np.max(events(batch, t, training))),
+                         budget_bytes, limit)
+    return found
 
 
 def fit(load: Loader, *, device: str | Device, seq: int | None, model_max_seq: int | None,

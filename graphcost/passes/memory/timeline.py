@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from graphcost.analysis.analyze import Analysis
+from graphcost.errors import ConfigError
 from graphcost.passes.memory.training import MemoryTimeline, TrainingConfig
 from graphcost.passes.memory.walk import Walk
 
@@ -25,6 +26,10 @@ def training_timeline(analysis: Analysis, config: TrainingConfig | None = None, 
     (1, 'backward', 'wte')
     """
     config = config or TrainingConfig()
+    if config.compile:  # the compiled graphs come from the module, not from the graph
+        raise ConfigError("a compiled step's timeline needs its compiled graphs: "
+                          "graphcost.analyze(...).memory(compile=True), or "
+                          "passes.memory.compiled.compiled_timeline")
     if derive:
         from graphcost.passes.memory.stack import derived_timeline
 

@@ -122,7 +122,8 @@ class Walk:
         if label is not None:
             op, where = op or label[0], label[1]
         else:  # the optimizer's update of one parameter (or of all: foreach, fused)
-            op, where = f"{self.config.optimizer} update", where or self.f.nd[node]["names"][0]
+            op = op or f"{self.config.optimizer} update"
+            where = where or self.f.nd[node]["names"][0]
         self.rows.append((step, _PHASE_INDEX[phase], node, op, where, b["params"], b["grads"],
                           b["optimizer_state"], b["activations"], b["transient"]))
 
