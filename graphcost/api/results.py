@@ -178,7 +178,7 @@ class ParallelMemoryResult:
         busiest = self.busiest
         return {"model": self.shape.name, "device": self.device, "batch": self.shape.batch,
                 "seq": self.shape.seq, "plan": dict(self.plan.__dict__),
-                "checkpoint": policy_name(self.config),
+                "checkpoint": policy_name(self.config), "compile": self.config.compile,
                 "peak_bytes_per_device": busiest.peak_bytes, "stage": busiest.stage,
                 "breakdown_per_device": busiest.breakdown(),
                 "stages": [{"stage": d.stage, "peak_bytes": d.peak_bytes,
@@ -240,7 +240,7 @@ class RooflineResult:
         bound = step.seconds_by_bound()
         out = {"model": s.name, "batch": s.batch, "seq": s.seq, "dtype": s.dtype,
                "precision": s.precision, "optimizer": config.optimizer,
-               "checkpoint": policy_name(config),
+               "checkpoint": policy_name(config), "compile": config.compile,
                "grad_accumulation": config.grad_accumulation, **step.totals(),
                "optimizer_flops": step.optimizer_flops,
                "compute_bound_s": bound["compute"], "memory_bound_s": bound["memory"]}
@@ -297,7 +297,7 @@ class CostResult:
         s = self.shape
         return {"model": s.name, "device": self.device, "batch": s.batch, "seq": s.seq,
                 "precision": s.precision,
-                "checkpoint": policy_name(self.config),
+                "checkpoint": policy_name(self.config), "compile": self.config.compile,
                 **self.cost.as_dict(), "mfu_dtype": self.step.mfu_dtype,
                 "unsupported_ops": self.unsupported_ops}
 
@@ -318,7 +318,7 @@ class SweepResult:
     def to_dict(self) -> dict[str, Any]:
         config = self.config
         return {"model": self.name, "device": self.device, "precision": self.precision,
-                "optimizer": config.optimizer, "checkpoint": policy_name(config),
+                "optimizer": config.optimizer, "checkpoint": policy_name(config), "compile": config.compile,
                 "grad_accumulation": config.grad_accumulation,
                 "efficiency": dict(self.efficiency.__dict__), "budget_bytes": self.budget_bytes,
                 "rows": [dict(r) for r in self.rows]}
@@ -349,7 +349,8 @@ class FitResult:
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.name, "dtype": self.dtype, "precision": self.precision,
                 "optimizer": self.config.optimizer, "checkpoint": policy_name(self.config),
-                **asdict(self.sizes), "max_batch": self.max_batch, "max_seq": self.max_seq}
+                "compile": self.config.compile, **asdict(self.sizes), "max_batch": self.max_batch,
+                "max_seq": self.max_seq}
 
 
 @dataclass(frozen=True)
@@ -369,7 +370,7 @@ class ParallelFitResult:
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.name, "device": self.device, "plan": dict(self.plan.__dict__),
                 "budget_bytes": self.budget_bytes, "checkpoint": policy_name(self.config),
-                "max_batch": self.max_batch, "max_seq": self.max_seq}
+                "compile": self.config.compile, "max_batch": self.max_batch, "max_seq": self.max_seq}
 
 
 @dataclass(frozen=True)

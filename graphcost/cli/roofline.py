@@ -88,6 +88,8 @@ def run(args: argparse.Namespace) -> int:
 def run_inference(args: argparse.Namespace) -> int:
     """--inference: a prefill at (batch, seq), a decode step at --context, the context where
     decoding turns memory-bound."""
+    if args.compile:
+        raise CliError("--compile with --inference is not modelled yet: drop one of them")
     if parse_policy(args.checkpoint).kind != "none":
         raise CliError("--checkpoint applies to training (inference keeps nothing for a "
                        "backward); drop --checkpoint or --inference")

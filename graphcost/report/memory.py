@@ -137,8 +137,4 @@ def compiled_dict(analysis, step) -> dict:
     """The JSON of `compiled_report`."""
     return {"model": analysis.shape.name, "device": analysis.device.name,
             "eager_saved_activation_bytes": analysis.saved_activation_bytes,
-            "compiled_saved_activation_bytes": step.saved_activation_bytes,
-            "compiled_saved_tensors": len(step.saved),
-            "recompute_flops": step.recompute_flops,
-            "recomputed_ops": step.recomputed_ops,
-            "forward_backward_peak_bytes": step.peak_bytes}
+            **step.to_dict()}
