@@ -63,15 +63,19 @@ from graphcost.passes.experts import moe_summary
 from graphcost.passes.memory.compiled import compiled_timeline
 from graphcost.passes.memory.inference import inference_memory
 from graphcost.passes.memory.timeline import approximate_ops, training_timeline
+from graphcost.passes.memory.training import TrainingConfig
 from graphcost.passes.parallel.plan import ParallelPlan, per_device_memory
-from graphcost.passes.roofline import compute_bound_batch as find_compute_bound_batch
 from graphcost.passes.roofline import (
+    Efficiency,
+    StepTime,
     decode_time,
     forward_time,
     memory_bound_context,
     training_cost,
     training_step_time,
 )
+from graphcost.passes.roofline import compute_bound_batch as find_compute_bound_batch
+from graphcost.passes.roofline_compiled import compiled_step_time
 from graphcost.rules.registry import RuleRegistry
 
 # ---------------------------------------------------------------- analyze
@@ -280,8 +284,7 @@ class ModelAnalysis(Analysis):
         if context is not None:
             raise ConfigError("--context is the cached context of --inference; for training "
                               "use --seq")
-        step = training_step_time(self, device, config, efficiency,
-                                  self._compiled_step() if config.compile else None)
+        step = self.step_time(device, config, efficiency)
         cbb = None
         if compute_bound_batch:
             ones = self if self.batch == 1 else self.reshaped(batch=1)
@@ -292,6 +295,13 @@ class ModelAnalysis(Analysis):
                 raise CliError(f"--compute-bound-batch: {exc}") from None
         return RooflineResult(self.shape, config, step, cbb, compute_bound_batch,
                               self.unsupported_ops)
+
+    def step_time(self, device: Device, config: TrainingConfig,
+                  efficiency: Efficiency) -> StepTime:
+        """The roofline time of a training step (under torch.compile: its kernels')."""
+        if config.compile:
+            return compiled_step_time(self, self._compiled_step(), device, config, efficiency)
+        return training_step_time(self, device, config, efficiency)
 
     def _inference_roofline(self, device, context, config, efficiency, compute_bound_batch):
         if parse_policy(config.checkpoint).kind != "none":
@@ -334,8 +344,7 @@ class ModelAnalysis(Analysis):
             step = forward_time(a, device, efficiency)
         else:
             a = self
-            step = training_step_time(a, device, config, efficiency,
-                                      self._compiled_step() if config.compile else None)
+            step = a.step_time(device, config, efficiency)
         try:
             cost = training_cost(step, params=a.params, tokens=tokens, gpus=gpus,
                                  usd_per_gpu_hour=usd_per_hour, mfu=mfu)

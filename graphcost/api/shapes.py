@@ -28,7 +28,6 @@ from graphcost.models import list_models, max_context
 from graphcost.passes.checkpoint.policy import parse_policy
 from graphcost.passes.memory.training import TrainingConfig
 from graphcost.passes.parallel.plan import ParallelPlan, per_device_memory
-from graphcost.passes.roofline import training_step_time
 from graphcost.sizing.fit import DEFAULT_RESERVE_BYTES, largest
 from graphcost.sizing.fit import fit as fit_sizes
 from graphcost.sizing.plans import search_plans
@@ -170,8 +169,7 @@ def sweep(model: str, *, device: str | Device, batch: Sequence[int | None] = (1,
         for b in batch:
             a = analyze(model, batch=b, seq=t, precision=precision, device=device,
                         overrides=overrides, strict=strict)
-            step = training_step_time(a, device, config, efficiency,
-                                      a._compiled_step() if config.compile else None)
+            step = a.step_time(device, config, efficiency)
             peak = a.memory(**training).peak_bytes
             rows.append({"batch": b, "seq": a.seq, "tokens": step.tokens,
                          "step_time_s": step.step_time_s, "mfu": step.mfu, "hfu": step.hfu,

@@ -35,7 +35,6 @@ from graphcost.analysis.analyze import Analysis
 from graphcost.errors import ConfigError
 from graphcost.hardware.devices import Device, get_device
 from graphcost.passes.checkpoint.policy import MATMUL_OPS, short_op
-from graphcost.passes.compiled import CompiledStep, Kernel, kernel_seconds
 from graphcost.passes.memory.timeline import training_timeline
 from graphcost.passes.memory.training import TrainingConfig
 from graphcost.rules.registry import values_in
@@ -123,8 +122,7 @@ class StepTime:
     mfu_dtype: str
     tokens: int  # tokens (or samples) per step, all micro-batches
     kind: str = "training"  # "training", "forward" (prefill, evaluation) or "decode"
-    # compute- and memory-bound seconds per micro-batch where `ops` do not hold them all (a
-    # compiled stack derived from its first blocks: `ops` are those blocks' kernels)
+    # seconds_by_bound where `ops` are a compiled stack's first blocks (roofline_compiled.py)
     bound_s: dict[str, float] | None = None
 
     @property
@@ -247,24 +245,20 @@ def tokens_of(analysis: Analysis) -> int:
 
 def training_step_time(analysis: Analysis, device: str | Device,
                        config: TrainingConfig | None = None,
-                       efficiency: Efficiency = Efficiency(),
-                       compiled: CompiledStep | None = None) -> StepTime:
+                       efficiency: Efficiency = Efficiency()) -> StepTime:
     """Roofline time, MFU and HFU of one optimizer step (`config.grad_accumulation`
-    micro-batches; recomputation from `config.checkpoint`). With `config.compile`, the forward
-    and backward are the kernels of `compiled` (compiled_step(..., peak=True))."""
+    micro-batches; recomputation from `config.checkpoint`)."""
     device = get_device(device)
     config = config or TrainingConfig()
-    if config.compile:
-        if compiled is None or not compiled.kernels:
-            raise ConfigError("a compiled step's time needs its kernels: "
-                              "graphcost.analyze(...).roofline(compile=True)")
-        return _compiled_step_time(analysis, compiled, device, config, efficiency)
+    if config.compile:  # its kernels come from the module (roofline_compiled.py)
+        raise ConfigError("a compiled step's time needs its kernels: "
+                          "graphcost.analyze(...).roofline(compile=True)")
     ops = op_times(analysis, device, efficiency)
     recomputed = training_timeline(analysis, replace(config, steps=1)).recomputed_ops \
         if config.checkpoint != "none" else ()
     by_name = {o.name: o for o in ops if o.phase == "forward"}
     rerun = [replace(by_name[n], phase="recompute") for n in recomputed]
-    opt_flops, optimizer_s = _optimizer_time(analysis, device, config, efficiency)
+    opt_flops, optimizer_s = optimizer_time(analysis, device, config, efficiency)
     micro = config.grad_accumulation
     dtype = mfu_dtype(analysis)
     recompute_flops = sum(o.flops for o in rerun)
@@ -283,7 +277,7 @@ def training_step_time(analysis: Analysis, device: str | Device,
         tokens=tokens_of(analysis) * micro)
 
 
-def _optimizer_time(analysis: Analysis, device: Device, config: TrainingConfig,
+def optimizer_time(analysis: Analysis, device: Device, config: TrainingConfig,
                     efficiency: Efficiency) -> tuple[int, float]:
     """(FLOPs, seconds) of the optimizer's step (single-tensor updates)."""
     g = analysis.graph
@@ -297,58 +291,6 @@ def _optimizer_time(analysis: Analysis, device: Device, config: TrainingConfig,
         opt_flops / (device.vector_flops_per_s(opt_dtype) * efficiency.vector)
         if opt_flops else 0.0,
         opt_bytes / (device.memory_bandwidth_bytes_per_s() * efficiency.bandwidth))
-
-
-def kernel_time(kernel: Kernel, phase: str, device: Device, efficiency: Efficiency,
-                where: str) -> OpTime:
-    """One kernel of Inductor's generated code on the roofline: an extern kernel with FLOPs
-    (mm, attention, convolution) at the dense matmul peak of its dtype, the others (fused
-    pointwise chains and reductions) at their memory traffic."""
-    dtype = getattr(torch, kernel.dtype, torch.float32) if kernel.dtype else torch.float32
-    compute = kernel.flops / (device.matmul_flops_per_s(dtype) * efficiency.matmul) \
-        if kernel.flops else 0.0
-    memory = kernel.bytes / (device.memory_bandwidth_bytes_per_s() * efficiency.bandwidth)
-    return OpTime(name=where, op=kernel.op, module_path=where, phase=phase, dtype=kernel.dtype,
-                  op_class="matmul" if kernel.matmul else "vector", flops=kernel.flops,
-                  bytes=kernel.bytes, compute_s=compute, memory_s=memory)
-
-
-def _compiled_step_time(analysis: Analysis, compiled: CompiledStep, device: Device,
-                        config: TrainingConfig, efficiency: Efficiency) -> StepTime:
-    """A training step under torch.compile: the forward's and backward's kernels as Inductor
-    generates them (the recomputation the partitioner adds is inside the backward's kernels),
-    then the optimizer's eager step. MFU counts the model's FLOPs, HFU the recomputed too."""
-    def seconds(phase: str, bound: str | None = None):
-        def of(kernel: Kernel) -> float:
-            t = kernel_time(kernel, phase, device, efficiency, "")
-            return t.seconds if bound in (None, t.bound) else 0.0
-        return of
-
-    forward_s, _ = kernel_seconds(compiled, seconds("forward"))
-    _, backward_s = kernel_seconds(compiled, seconds("backward"))
-    bound_s = None
-    sample = compiled.kernels[-1]
-    if sample.blocks is not None:  # the rows are the first blocks' kernels: bounds apart
-        bound_s = {b: sum(kernel_seconds(compiled, seconds(p, b))[i]
-                          for i, p in enumerate(("forward", "backward")))
-                   for b in ("compute", "memory")}
-    first = "" if sample.blocks is None else \
-        f" (first {sample.blocks} of {compiled.blocks} blocks)"
-    ops = [replace(kernel_time(k, phase, device, efficiency, f"compiled {phase}{first}"),
-                   name=f"{phase} kernel")
-           for phase, kernels in (("forward", sample.forward), ("backward", sample.backward))
-           for k, n in kernels for _ in range(n)]
-    opt_flops, optimizer_s = _optimizer_time(analysis, device, config, efficiency)
-    micro = config.grad_accumulation
-    dtype = mfu_dtype(analysis)
-    model = analysis.forward_flops + analysis.backward_flops
-    return StepTime(
-        device=device.name, efficiency=efficiency, ops=tuple(ops), forward_s=forward_s,
-        backward_s=backward_s, recompute_s=0.0, optimizer_s=optimizer_s, micro_batches=micro,
-        model_flops=model * micro, hardware_flops=(model + compiled.recompute_flops) * micro,
-        optimizer_flops=opt_flops, peak_flops_per_s=device.matmul_flops_per_s(dtype),
-        mfu_dtype=str(dtype).replace("torch.", ""), tokens=tokens_of(analysis) * micro,
-        bound_s=bound_s)
 
 
 def forward_time(analysis: Analysis, device: str | Device,

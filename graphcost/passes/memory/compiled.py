@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from graphcost.analysis.analyze import Analysis
 from graphcost.errors import ConfigError
-from graphcost.passes.compiled import HELD, CompiledStep, Held
+from graphcost.passes.compiled import CompiledStep
+from graphcost.passes.inductor_code import HELD, Held
 from graphcost.passes.memory.training import MemoryTimeline, TrainingConfig
 from graphcost.passes.memory.walk import Walk
 
