@@ -78,10 +78,14 @@ def model_options(args: argparse.Namespace, **changes: Any) -> dict[str, Any]:
 
 
 def load_analysis(args: argparse.Namespace, **changes: Any) -> ModelAnalysis:
-    """MODEL from the options, traced and costed (graphcost.api.analyze.analyze)."""
+    """MODEL from the options, traced and costed (graphcost.api.analyze.analyze); with
+    --compile, its compiled step too, in the same quiet context (its warnings, its prints)."""
     options = model_options(args, **changes)
     with tracing(args):
-        return api_analyze(args.model, **options)
+        analysis = api_analyze(args.model, **options)
+        if getattr(args, "compile", False) and not getattr(args, "inference", False):
+            analysis.compiled()
+        return analysis
 
 
 def training_options(args: argparse.Namespace, *names: str) -> dict[str, Any]:

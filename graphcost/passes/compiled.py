@@ -41,6 +41,7 @@ from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from graphcost.errors import TraceError
+from graphcost.passes.graph_breaks import UnknownBreaks, graph_breaks
 from graphcost.passes.inductor_code import (
     HELD,
     TANGENT_PREFIX,
@@ -91,6 +92,9 @@ class CompiledStep:
     backward_peak: Held | None = None
     backward_end: Held | None = None
     blocks: int | None = None  # a stack's length when derived from its first blocks
+    # where torch.compile would split the model (passes/graph_breaks.py; it is partitioned as
+    # one graph all the same); None: not known, dynamo could not run it on fake tensors
+    graph_breaks: tuple[str, ...] | None = ()
     # the kernels of the generated code of the forward and the backward (with the peak): of
     # the whole model, or of its first blocks (`kernel_seconds` extrapolates them)
     kernels: tuple[KernelSample, ...] = ()
@@ -111,7 +115,9 @@ class CompiledStep:
         return {"saved_activation_bytes": self.saved_activation_bytes,
                 "saved_tensors": len(self.saved), "recompute_flops": self.recompute_flops,
                 "recomputed_ops": self.recomputed_ops,
-                "forward_backward_peak_bytes": self.peak_bytes, **held}
+                "forward_backward_peak_bytes": self.peak_bytes,
+                "graph_breaks": None if self.graph_breaks is None else list(self.graph_breaks),
+                **held}
 
     def totals(self) -> tuple:
         held = (self.forward_peak, self.forward_end, self.backward_peak, self.backward_end)
@@ -154,6 +160,31 @@ def compiled_step(module: nn.Module, example_inputs: tuple, *, kwargs: dict | No
         example_inputs = (example_inputs,)
     example_inputs = tuple(torch.empty(x.shape, dtype=x.dtype, device="meta")
                            if isinstance(x, TensorSpec) else x for x in example_inputs)
+    breaks = _breaks(module, example_inputs, kwargs)
+    return replace(_step(module, example_inputs, kwargs, peak, autocast), graph_breaks=breaks)
+
+
+def _breaks(module: nn.Module, example_inputs: tuple, kwargs: dict | None
+            ) -> tuple[str, ...] | None:
+    """The model's graph breaks, and a warning that names them (or says none are known)."""
+    name = type(module).__name__
+    try:
+        breaks = graph_breaks(module, example_inputs, kwargs)
+    except UnknownBreaks as exc:
+        warnings.warn(f"graphcost: cannot tell where torch.compile would break {name} into "
+                      f"several graphs (dynamo cannot run it on fake tensors: {exc}); it is "
+                      "partitioned as one graph", stacklevel=3)
+        return None
+    if breaks:
+        warnings.warn(f"graphcost: torch.compile would break {name} into several graphs "
+                      f"({len(breaks)} graph break(s): {'; '.join(breaks)}); it is partitioned "
+                      "as one graph, so what is kept and held around the breaks is "
+                      "approximate (docs/compile.md)", stacklevel=3)
+    return breaks
+
+
+def _step(module: nn.Module, example_inputs: tuple, kwargs: dict | None, peak: bool,
+          autocast: torch.dtype | None) -> CompiledStep:
     blocks = find_repeated_blocks(module)
     if blocks is not None and blocks.count > 3:
         samples: dict[int, CompiledStep] = {}

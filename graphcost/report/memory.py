@@ -125,6 +125,14 @@ def compiled_report(analysis, step) -> str:
              "replay the buffers of the code Inductor generates, the step's start and the "
              "optimizer are eager's (docs/compile.md: training peaks within 0.4% of real "
              "compiled fp32 runs on this CPU; bf16 low: oneDNN's matmul scratch)."]
+    if step.graph_breaks is None:
+        lines += ["", "NB: whether torch.compile would break the model into several graphs is "
+                  "not known (dynamo cannot run it on fake tensors); it is costed as one."]
+    elif step.graph_breaks:
+        lines += ["", f"NB: torch.compile would break the model into several graphs; it is "
+                  f"costed as one, so what is kept and held around the breaks is approximate. "
+                  f"Graph breaks ({len(step.graph_breaks)}):",
+                  *(f"  {b}" for b in step.graph_breaks)]
     if analysis.device.kind != "cpu":
         lines += ["", f"NB: the graphs are those Inductor makes for the CPU, standing in for "
                   f"{analysis.device.name}'s: CUDA's attention kernels, Triton's fusion and "
