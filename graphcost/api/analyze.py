@@ -120,17 +120,20 @@ class ModelAnalysis(Analysis):
     tokens = property(lambda self: self.shape.tokens)
     precision = property(lambda self: self.shape.precision)
 
-    def compiled(self) -> CompiledStep:
-        """The training step under torch.compile (Inductor, default settings): the activations
-        its partitioner keeps for backward, what the backward recomputes, and what its forward
-        and backward hold above the step's start (graphcost.passes.compiled). A MODEL named by
-        a string is loaded again; computed once per analysis. NB: the graphs are those
-        Inductor makes for the CPU, whatever the analysis' device (docs/compile.md)."""
-        return self._compiled_step()
+    def compiled(self, checkpoint: str = "none") -> CompiledStep:
+        """The training step under torch.compile (Inductor, default settings), with the
+        `checkpoint` policy's regions checkpointed: the activations its partitioner keeps for
+        backward, what the backward recomputes, and what its forward and backward hold above
+        the step's start (graphcost.passes.compiled). A MODEL named by a string is loaded
+        again; computed once per analysis and policy. NB: the graphs are those Inductor makes
+        for the CPU, whatever the analysis' device (docs/compile.md)."""
+        plan = policy_plan(self.graph, checkpoint)
+        key = str(plan.policy)
+        if key not in self._compiled:
+            self._compiled[key] = self._compile(plan)
+        return self._compiled[key]
 
-    def _compiled_step(self) -> CompiledStep:
-        if "step" in self._compiled:
-            return self._compiled["step"]
+    def _compile(self, plan) -> CompiledStep:
         autocast = None  # bf16-mixed: the compiled model called under torch.autocast
         if self.precision is not None and self.precision.endswith("-mixed"):
             autocast = DTYPES[self.precision.removesuffix("-mixed")]
@@ -145,9 +148,8 @@ class ModelAnalysis(Analysis):
         else:
             raise ConfigError(f"{self.model_name!r} has no module to compile: call "
                               "graphcost.passes.compiled.compiled_step(module, inputs)")
-        self._compiled["step"] = compiled_step(module, inputs, kwargs=kwargs, peak=True,
-                                               autocast=autocast)
-        return self._compiled["step"]
+        return compiled_step(module, inputs, kwargs=kwargs, peak=True, autocast=autocast,
+                             checkpoint=plan)
 
     def to_dict(self, module_depth: int | None = 2) -> dict[str, Any]:
         """The analysis with its shape (and, for a mixture of experts, the expert figures)."""
@@ -194,9 +196,10 @@ class ModelAnalysis(Analysis):
             return ParallelMemoryResult(self.shape, self.device.name, plan, config, stages,
                                         self.unsupported_ops)
         if config.compile:
+            step = self.compiled(config.checkpoint)
             return MemoryResult(self.shape, self.device.name, config,
-                                compiled_timeline(self, config, self.compiled()),
-                                self.unsupported_ops, compiled=self.compiled())
+                                compiled_timeline(self, config, step), self.unsupported_ops,
+                                compiled=step)
         return MemoryResult(self.shape, self.device.name, config,
                             training_timeline(self, config), self.unsupported_ops,
                             approximate_ops(self.graph))
@@ -219,8 +222,9 @@ class ModelAnalysis(Analysis):
         `reserve`."""
         config = training_config(**training)
         if config.compile:
-            raise ConfigError("checkpoint policies under --compile (selective checkpointing "
-                              "with Inductor's partitioner) are not modelled yet: drop --compile")
+            raise ConfigError("comparing checkpoint policies under --compile is not modelled "
+                              "yet: drop --compile, or give one policy to `graphcost memory "
+                              "--compile --checkpoint POLICY`")
         resolved = resolve_budget(self.device, budget, reserve)
         kept, skipped = self.applicable_policies(policies)
         optimum = None
@@ -300,7 +304,8 @@ class ModelAnalysis(Analysis):
                   efficiency: Efficiency) -> StepTime:
         """The roofline time of a training step (under torch.compile: its kernels')."""
         if config.compile:
-            return compiled_step_time(self, self._compiled_step(), device, config, efficiency)
+            return compiled_step_time(self, self.compiled(config.checkpoint), device, config,
+                                      efficiency)
         return training_step_time(self, device, config, efficiency)
 
     def _inference_roofline(self, device, context, config, efficiency, compute_bound_batch):

@@ -84,7 +84,7 @@ def load_analysis(args: argparse.Namespace, **changes: Any) -> ModelAnalysis:
     with tracing(args):
         analysis = api_analyze(args.model, **options)
         if getattr(args, "compile", False) and not getattr(args, "inference", False):
-            analysis.compiled()
+            analysis.compiled(getattr(args, "checkpoint", "none"))
         return analysis
 
 

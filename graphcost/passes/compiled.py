@@ -41,6 +41,9 @@ from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from graphcost.errors import TraceError
+from graphcost.passes.checkpoint.apply import checkpointed
+from graphcost.passes.checkpoint.policy import Plan, parse_policy
+from graphcost.passes.checkpoint_tags import checkpoints_as_tags
 from graphcost.passes.graph_breaks import UnknownBreaks, graph_breaks
 from graphcost.passes.inductor_code import (
     HELD,
@@ -149,19 +152,27 @@ class CompiledStep:
 
 
 def compiled_step(module: nn.Module, example_inputs: tuple, *, kwargs: dict | None = None,
-                  peak: bool = False, autocast: torch.dtype | None = None) -> CompiledStep:
+                  peak: bool = False, autocast: torch.dtype | None = None,
+                  checkpoint: Plan | None = None) -> CompiledStep:
     """The compiled training step of `module(*example_inputs, **kwargs)` (see the module
     docstring); with `peak`, also its forward and backward peak (Inductor generates the code of
     each graph, without compiling it: seconds a graph). The module may live on the meta device;
     nothing is allocated. The inputs may be tensors or TensorSpecs, one or a tuple. With
     `autocast`, the forward runs under torch.autocast(dtype=autocast), as the compiled model
-    called in that context does (dynamo traces the autocast region into the graph)."""
+    called in that context does (dynamo traces the autocast region into the graph). With
+    `checkpoint` (a plan of graphcost.passes.checkpoint.policy), its regions are checkpointed
+    as torch.utils.checkpoint would run them under torch.compile (passes/checkpoint_tags.py):
+    the partitioner recomputes them. The model's own checkpoint calls are traced so always."""
     if isinstance(example_inputs, (torch.Tensor, TensorSpec)):
         example_inputs = (example_inputs,)
     example_inputs = tuple(torch.empty(x.shape, dtype=x.dtype, device="meta")
                            if isinstance(x, TensorSpec) else x for x in example_inputs)
     breaks = _breaks(module, example_inputs, kwargs)
-    return replace(_step(module, example_inputs, kwargs, peak, autocast), graph_breaks=breaks)
+    applied = checkpoint is not None and parse_policy(checkpoint.policy).kind not in \
+        ("none", "model")  # "model": the model's own calls, traced as they are
+    with checkpointed(module, checkpoint) if applied else contextlib.nullcontext():
+        step = _step(module, example_inputs, kwargs, peak, autocast)
+    return replace(step, graph_breaks=breaks)
 
 
 def _breaks(module: nn.Module, example_inputs: tuple, kwargs: dict | None
@@ -274,7 +285,7 @@ def _partition(module: nn.Module, example_inputs: tuple, kwargs: dict,
     from torch._inductor.virtualized import V
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    mode = FakeTensorMode()
+    mode = FakeTensorMode(allow_non_fake_inputs=True)  # RNG states a recomputed op replays
     graphs: dict[str, tuple[torch.fx.GraphModule, list]] = {}
 
     def keep(kind: str):
@@ -304,9 +315,11 @@ def _partition(module: nn.Module, example_inputs: tuple, kwargs: dict,
                           decompositions=select_decomp_table())
     try:
         # as graphcost's export runs the model: transformers' mask code takes eager's branches,
-        # ctc_loss runs a shape-only kernel (graphcost/trace/masks.py, fake_kernels.py)
+        # ctc_loss runs a shape-only kernel (graphcost/trace/masks.py, fake_kernels.py); a
+        # checkpoint's ops are tagged for the partitioner, as dynamo tags them
         with mode, V.set_fake_mode(mode), warnings.catch_warnings(), DebugContext(), \
-                eager_mask_branches(), shape_only_kernels(), _compiling():
+                eager_mask_branches(), shape_only_kernels(), _compiling(), \
+                checkpoints_as_tags():
             warnings.simplefilter("ignore")  # torch's, about its own tracing
             outs = traced(params, buffers, *leaves)
             if not outs:

@@ -29,6 +29,7 @@ from graphcost.analysis.analyze import analyze
 from graphcost.collector import collector_paused
 from graphcost.errors import ConfigError, GraphcostError
 from graphcost.hardware.devices import Device, get_device
+from graphcost.passes.checkpoint.policy import plan
 from graphcost.passes.compiled import compiled_step
 from graphcost.passes.memory.compiled import compiled_timeline
 from graphcost.passes.memory.inference import inference_memory
@@ -102,7 +103,8 @@ def _events(load: Loader, batch: int, seq: int, training: bool, config: Training
     module, inputs = load(batch, seq, training)
     analysis = analyze(module, inputs, device=device, autocast=autocast)
     if training and config.compile:
-        step = compiled_step(module, inputs, peak=True, autocast=autocast)
+        step = compiled_step(module, inputs, peak=True, autocast=autocast,
+                             checkpoint=plan(analysis.graph, config.checkpoint))
         timeline = compiled_timeline(analysis, config, step)
         return timeline.table.total_bytes.astype(np.float64)
     if training:

@@ -105,6 +105,46 @@ def test_bf16_mixed_keeps_what_a_compile_under_autocast_keeps():
     assert Counter(str(t.dtype) for t in predicted.saved)["torch.bfloat16"] > 0
 
 
+@pytest.mark.parametrize("policy", ["full", "save-matmuls"])
+def test_a_checkpoint_policy_under_compile_keeps_what_a_real_compile_keeps(policy):
+    """graphcost's policy applied with torch.utils.checkpoint (passes/checkpoint/apply.py) and
+    compiled: the regions' ops tagged for the partitioner as dynamo tags them, a selective
+    policy's answers from torch's own policy mode (passes/checkpoint_tags.py)."""
+    from graphcost import analyze
+    from graphcost.passes.checkpoint.apply import checkpointed
+    from graphcost.passes.checkpoint.policy import plan
+
+    module, inputs = _gpt2("meta")
+    regions = plan(analyze(module, inputs).graph, policy)
+    predicted = compiled_step(module, inputs, checkpoint=regions)
+    torch.manual_seed(0)
+    module, inputs = _gpt2("cpu")
+    with checkpointed(module, regions):
+        measured = measure_compiled_saved(module, inputs)
+    assert (predicted.saved_activation_bytes, len(predicted.saved)) == \
+        (measured.saved_activation_bytes, measured.saved_tensors)
+    assert predicted.saved_activation_bytes < compiled_step(*_gpt2("meta")).saved_activation_bytes
+
+
+def test_a_model_s_own_checkpoints_are_traced_as_torch_compile_traces_them():
+    """A model that calls torch.utils.checkpoint per block in its own forward (the corpus'
+    checkpoint_per_block), against a real compile of it."""
+    from tests.corpus import BY_NAME
+
+    entry = BY_NAME["checkpoint_per_block"]
+
+    def make(device):
+        torch.manual_seed(0)
+        with torch.device(device):
+            module = entry.make_module()
+        return module, tuple(entry.make_inputs(torch.device(device), torch.float32))
+
+    predicted = compiled_step(*make("meta"))
+    measured = measure_compiled_saved(*make("cpu"))
+    assert (predicted.saved_activation_bytes, len(predicted.saved)) == \
+        (measured.saved_activation_bytes, measured.saved_tensors)
+
+
 def test_a_stack_is_derived_from_its_first_blocks():
     """Six blocks partitioned from the first one, two and three: the same as the whole."""
     module, inputs = load("gpt2", batch=2, seq=32, **dict(TINY_GPT2, n_layer=6))
@@ -191,13 +231,18 @@ def test_memory_compile_from_the_command_line(capsys):
     assert result["peak_bytes"] >= result["compiled"]["forward_backward_peak_bytes"]
     code, out, _ = run_cli(capsys, "memory", "gpt2", *options, "--json")
     assert json.loads(out)["compile"] is False and "compiled" not in json.loads(out)
+    code, out, _ = run_cli(capsys, "memory", "gpt2", *options, "--compile", "--checkpoint",
+                           "full", "--json")
+    checkpointed = json.loads(out)
+    assert checkpointed["checkpoint"] == "full" and checkpointed["recompute_flops"] > 0
+    assert checkpointed["compiled"]["saved_activation_bytes"] < \
+        result["compiled"]["saved_activation_bytes"]
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["memory", "gpt2", "--compile", "--checkpoint", "full"], "--checkpoint with --compile"),
     (["memory", "gpt2", "--compile", "--inference"], "drop --compile or --inference"),
     (["memory", "gpt2", "--compile", "--tp", "2", "--gpus", "2"], "a parallel plan"),
-    (["checkpoint", "gpt2", "--compile"], "drop --compile"),
+    (["checkpoint", "gpt2", "--compile"], "memory --compile --checkpoint POLICY"),
     (["plan", "gpt2", "--gpus", "8", "--global-batch", "8", "--device", "h100-sxm",
       "--compile"], "drop --compile"),
     (["roofline", "gpt2", "--device", "h100-sxm", "--compile", "--inference"],

@@ -32,9 +32,6 @@ def compiled_timeline(analysis: Analysis, config: TrainingConfig,
     if step.forward_peak is None:
         raise ConfigError("the compiled step's memory is not available: Inductor's code "
                           "generation failed on this model (docs/compile.md)")
-    if config.checkpoint != "none":
-        raise ConfigError("--checkpoint with --compile is not modelled yet (selective "
-                          "checkpointing under torch.compile): drop one of them")
     return _CompiledWalk(analysis.graph, config, step).run()
 
 
@@ -48,7 +45,7 @@ class _CompiledWalk(Walk):
         timeline = super().run()
         s = self.step
         return MemoryTimeline(self.config, timeline.table, timeline.optimizer_impl,
-                              recompute_flops=s.recompute_flops,
+                              plan=self.plan, recompute_flops=s.recompute_flops,
                               saved_activation_bytes=s.saved_activation_bytes,
                               kept=timeline.kept)
 
