@@ -59,6 +59,8 @@ def run(args: argparse.Namespace) -> int:
         raise CliError("--context is the cached context of --inference; for training use --seq")
     training = training_options(args, *TRAINING)
     plan = parallel_plan(args)
+    if plan is not None and args.compile:  # before the trace
+        raise CliError("--compile with a parallel plan is not modelled yet: drop one of them")
     if plan is not None and args.plot:
         raise CliError("--plot draws one device's timeline; drop --plot or the parallel plan")
     analysis = load_analysis(args)

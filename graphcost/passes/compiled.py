@@ -82,7 +82,10 @@ class KernelSample:
 class CompiledStep:
     """One compiled training step's forward and backward graphs, as Inductor partitions them."""
 
-    saved: tuple[TensorSpec, ...]  # the activations the forward keeps for backward
+    # the activations the forward keeps for backward: as the code Inductor generates keeps them
+    # (with the memory: its layouts, a convolution's inputs and weights made channels-last), or
+    # as the partitioned graph says
+    saved: tuple[TensorSpec, ...]
     saved_activation_bytes: int
     recompute_flops: int  # the forward ops the backward runs again: their FLOPs
     recomputed_ops: int  # how many (Inductor fuses them into its backward kernels)
@@ -336,15 +339,17 @@ def _partition(module: nn.Module, example_inputs: tuple, kwargs: dict,
                          f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from exc
     forward, forward_inputs = graphs["forward"]
     backward, backward_inputs = graphs["backward"]
-    saved = _saved(forward, len(outs))
+    saved = _saved(forward, backward)
     recomputed = _recomputed(backward)
-    return CompiledStep(
-        saved=tuple(TensorSpec(tuple(t.shape), t.dtype) for t in saved.values()),
-        saved_activation_bytes=sum(t.untyped_storage().nbytes() for t in saved.values()),
-        recompute_flops=sum(node_flops(n) for n in recomputed),
-        recomputed_ops=len(recomputed),
-        **_held(forward, forward_inputs, backward, backward_inputs, outs, len(params), mode)
-        if peak else {})
+    fields = dict(saved=tuple(TensorSpec(tuple(t.shape), t.dtype) for t in saved.values()),
+                  saved_activation_bytes=sum(t.untyped_storage().nbytes()
+                                             for t in saved.values()),
+                  recompute_flops=sum(node_flops(n) for n in recomputed),
+                  recomputed_ops=len(recomputed))
+    if peak:  # what the code keeps, in its layouts, replaces what the graph says it keeps
+        fields.update(_held(forward, forward_inputs, backward, backward_inputs, outs,
+                            len(params), mode))
+    return CompiledStep(**fields)
 
 
 def _held(*graphs_and_outputs) -> dict:
@@ -356,15 +361,20 @@ def _held(*graphs_and_outputs) -> dict:
     return held
 
 
-def _saved(forward: torch.fx.GraphModule, user_outputs: int) -> dict[str, torch.Tensor]:
-    """{node name: tensor} of what the forward graph returns for backward, one per storage,
-    less the graph's inputs and views of them."""
+def _saved(forward: torch.fx.GraphModule, backward: torch.fx.GraphModule
+           ) -> dict[str, torch.Tensor]:
+    """{node name: tensor} of what the forward graph returns for backward (its last outputs,
+    as many as the backward's inputs that are not incoming gradients: before them come the
+    model's outputs and the buffers it updates), one per storage, less the graph's inputs and
+    views of them."""
+    kept = sum(1 for n in backward.graph.nodes
+               if n.op == "placeholder" and not n.name.startswith(TANGENT_PREFIX))
     inputs = {StorageWeakRef(n.meta["val"].untyped_storage())
               for n in forward.graph.nodes
               if n.op == "placeholder" and isinstance(n.meta.get("val"), torch.Tensor)}
     [output] = [n for n in forward.graph.nodes if n.op == "output"]
     seen, saved = set(inputs), {}
-    for node in output.args[0][user_outputs:]:
+    for node in output.args[0][len(output.args[0]) - kept:]:
         value = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
         if not isinstance(value, torch.Tensor):
             continue  # a SymInt the backward needs

@@ -16,7 +16,8 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-from torch.multiprocessing.reductions import StorageWeakRef
+
+from graphcost.rules.registry import TensorSpec
 
 # the graph attributes it reads (graphcost/graph/schema.py): none, it reads Inductor's graphs
 READS: tuple[str, ...] = ()
@@ -66,49 +67,45 @@ def _count(kernels) -> Kernels:
     return tuple(sorted(counts.items()))
 
 
-def _storage_ref(value: torch.Tensor) -> StorageWeakRef:
-    return StorageWeakRef(value.untyped_storage())
-
-
 def step_held(forward: torch.fx.GraphModule, forward_inputs: list,
-               backward: torch.fx.GraphModule, backward_inputs: list, outputs: tuple,
-               params: int, mode) -> dict[str, Held]:
+              backward: torch.fx.GraphModule, backward_inputs: list, outputs: tuple,
+              params: int, mode) -> dict:
     """What a compiled forward and backward hold above the step's start, at their fullest and
-    at their end ({} where Inductor's code generation fails: no figure rather than a wrong
-    one). The forward's buffers it returns for backward are activations, the rest transient.
-    The backward starts from what the forward left (the model's outputs and the saved
-    activations), the loss and its gradient (a scalar each) and the incoming gradients made
-    contiguous; it frees the saved activations and the incoming gradients where its code
-    deletes the last name of their storage (not the parameters and their views: the module
-    holds them), and the gradients it returns for the first `params` inputs (the parameters)
-    are gradients."""
-    inputs = {_storage_ref(n.meta["val"]) for n in forward.graph.nodes
-              if n.op == "placeholder" and isinstance(n.meta.get("val"), torch.Tensor)}
+    at their end, what the forward keeps for backward as its code lays it out, and their
+    kernels ({} where Inductor's code generation fails: no figure rather than a wrong one).
+
+    The forward's last outputs, as many as the backward's inputs that are not incoming
+    gradients, are kept for backward: the buffers its code returns there are activations (a
+    graph input Inductor returns in another layout, a convolution's weight made channels-last,
+    is a new buffer), the rest transient. The backward starts from what the forward left (the
+    model's outputs and the saved activations), the loss and its gradient (a scalar each) and
+    the incoming gradients made contiguous; it frees the saved activations and the incoming
+    gradients where its code deletes the last name of their buffer (not the parameters: the
+    module holds them), and the gradients it returns for the first `params` inputs (the
+    parameters) are gradients."""
     [output] = [n for n in forward.graph.nodes if n.op == "output"]
-    # the backward's inputs it may free, by storage: the forward's saved outputs that are not
-    # its inputs' (several names can be views of one), and the incoming gradients
-    freeable: dict[str, tuple[object, int, str]] = {}
-    for node in output.args[0][len(outputs):]:
-        value = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
-        if isinstance(value, torch.Tensor) and _storage_ref(value) not in inputs:
-            freeable[node.name] = (_storage_ref(value), value.untyped_storage().nbytes(),
-                                   "activations")
     tangents = [n for n in backward.graph.nodes
                 if n.op == "placeholder" and n.name.startswith(TANGENT_PREFIX)]
-    for n in tangents:
-        freeable[n.name] = (n.name, n.meta["val"].untyped_storage().nbytes(), "transient")
+    kept = sum(1 for n in backward.graph.nodes if n.op == "placeholder") - len(tangents)
+    first_saved = len(output.args[0]) - kept
     try:
-        forward_peak, forward_end, sizes, forward_kernels = _code_held(
+        forward_peak, forward_end, lowered, forward_kernels = _code_held(
             forward, forward_inputs, mode, backward=False,
-            categories=lambda i: "transient" if i < len(outputs) else "activations")
-        # a saved buffer's bytes as Inductor lays it out (it may pad strides: GPT-2's logits)
-        storage_bytes: dict[object, int] = {}
+            categories=lambda i: "activations" if i >= first_saved else "transient")
+        # the backward's inputs it may free: the saved buffers (several names can be views of
+        # one), and the incoming gradients
+        freeable: dict[str, tuple[object, int, str]] = {}
+        saved: dict[str, TensorSpec] = {}
         for i, node in enumerate(output.args[0]):
-            if isinstance(node, torch.fx.Node) and node.name in freeable and i in sizes:
-                ref = freeable[node.name][0]
-                storage_bytes[ref] = max(storage_bytes.get(ref, 0), sizes[i])
-        freeable = {name: (ref, storage_bytes.get(ref, size), category)
-                    for name, (ref, size, category) in freeable.items()}
+            if i < first_saved or i not in lowered or not isinstance(node, torch.fx.Node):
+                continue
+            buffer, nbytes, is_input = lowered[i]
+            if not is_input:
+                freeable[node.name] = (buffer, nbytes, "activations")
+                value = node.meta["val"]
+                saved.setdefault(buffer, TensorSpec(tuple(value.shape), value.dtype))
+        for n in tangents:
+            freeable[n.name] = (n.name, n.meta["val"].untyped_storage().nbytes(), "transient")
         loss = sum(2 * o.dtype.itemsize for o in outputs)  # the loss and its gradient
         start = Held(forward_end.activations, forward_end.transient + loss + sum(
             n.meta["val"].untyped_storage().nbytes() for n in tangents), 0, "backward")
@@ -120,7 +117,11 @@ def step_held(forward: torch.fx.GraphModule, forward_inputs: list,
                       f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})",
                       stacklevel=2)
         return {}
-    return {"forward_peak": forward_peak, "forward_end": forward_end,
+    return {"saved": tuple(saved.values()),
+            "saved_activation_bytes": sum({b: n for b, n, _ in
+                                           (freeable[k] for k in freeable
+                                            if freeable[k][2] == "activations")}.values()),
+            "forward_peak": forward_peak, "forward_end": forward_end,
             "backward_peak": backward_peak, "backward_end": backward_end,
             "kernels": (forward_kernels, backward_kernels)}
 
@@ -128,8 +129,9 @@ def step_held(forward: torch.fx.GraphModule, forward_inputs: list,
 def _code_held(gm: torch.fx.GraphModule, inputs: list, mode, *, backward: bool,
                categories, start: Held = Held(),
                freeable: dict[str, tuple[object, int, str]] | None = None,
-               ) -> tuple[Held, Held, dict[int, int], Kernels]:
-    """(fullest, returned, {output index: bytes of its buffer}, its kernels) of what the code
+               ) -> tuple[Held, Held, dict[int, tuple[str, int, bool]], Kernels]:
+    """(fullest, returned, {output index: (its buffer, bytes, whether a graph input)}, its
+    kernels) of what the code
     Inductor generates for `gm` holds beyond its inputs, from `start`. Inductor lowers and
     schedules the graph on the fake inputs and writes its wrapper, without compiling a kernel;
     the wrapper's memory lines are replayed: each buffer from its allocation (or a fallback
@@ -226,10 +228,10 @@ def _code_held(gm: torch.fx.GraphModule, inputs: list, mode, *, backward: bool,
             for storage, size, category in freeable.values():
                 names[storage] -= 1
                 live[category] -= size if names[storage] == 0 else 0
-            sizes = {i: nbytes(graph.try_get_buffer(name)) for i, name in out_names.items()
-                     if graph.try_get_buffer(name) is not None}
+            lowered = {i: (name, nbytes(graph.try_get_buffer(name)), name in graph.graph_inputs)
+                       for i, name in out_names.items() if graph.try_get_buffer(name) is not None}
             kernels = _kernels(graph.scheduler.nodes, origin)
-    return peak, Held(**live, op="return"), sizes, kernels
+    return peak, Held(**live, op="return"), lowered, kernels
 
 
 def _kernels(nodes, origin) -> Kernels:
