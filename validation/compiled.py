@@ -75,27 +75,6 @@ def allocated_peak(step) -> tuple[int, int]:
     return peak, live
 
 
-def measure_compiled_peak(model: nn.Module, inputs: tuple) -> int:
-    """The most a real compiled forward and backward of `model(*inputs)` (loss: the sum of its
-    outputs) hold above the step's start, gradients set to None before it: `allocated_peak`
-    of the third step (the first two compile and warm up)."""
-    torch._dynamo.reset()
-    compiled = torch.compile(model)
-
-    def step():
-        out = compiled(*inputs)
-        outs = [t for t in torch.utils._pytree.tree_leaves(out)
-                if isinstance(t, torch.Tensor) and t.requires_grad]
-        torch.autograd.backward([t.sum() for t in outs])
-
-    for _ in range(2):
-        step()
-        model.zero_grad(set_to_none=True)
-    peak, _ = allocated_peak(step)
-    model.zero_grad(set_to_none=True)
-    return peak
-
-
 def measure_compiled_training(model: nn.Module, inputs: tuple, *, steps: int = 2,
                               lr: float = 1e-3) -> dict[tuple[int, str], int]:
     """{(step, phase): the most a real compiled training run of `model(*inputs)` holds} over

@@ -96,10 +96,12 @@ def step_held(forward: torch.fx.GraphModule, forward_inputs: list,
         # one), and the incoming gradients
         freeable: dict[str, tuple[object, int, str]] = {}
         saved: dict[str, TensorSpec] = {}
+        strides: dict[str, tuple[int, ...] | None] = {}
         for i, node in enumerate(output.args[0]):
             if i < first_saved or i not in lowered or not isinstance(node, torch.fx.Node):
                 continue
-            buffer, nbytes, is_input = lowered[i]
+            buffer, nbytes, is_input, stride = lowered[i]
+            strides[node.name] = stride
             if not is_input:
                 freeable[node.name] = (buffer, nbytes, "activations")
                 value = node.meta["val"]
@@ -109,6 +111,11 @@ def step_held(forward: torch.fx.GraphModule, forward_inputs: list,
         loss = sum(2 * o.dtype.itemsize for o in outputs)  # the loss and its gradient
         start = Held(forward_end.activations, forward_end.transient + loss + sum(
             n.meta["val"].untyped_storage().nbytes() for n in tangents), 0, "backward")
+        # the backward is compiled for the forward's outputs as its code lays them out (a
+        # convolution's saved input channels-last), as compile_fx does
+        placeholders = [n for n in backward.graph.nodes if n.op == "placeholder"]
+        backward_inputs = [_restrided(x, strides.get(n.name), mode)
+                           for n, x in zip(placeholders, backward_inputs)]
         backward_peak, backward_end, _, backward_kernels = _code_held(
             backward, backward_inputs, mode, backward=True, start=start, freeable=freeable,
             categories=lambda i: "grads" if i < params else "transient")
@@ -129,9 +136,9 @@ def step_held(forward: torch.fx.GraphModule, forward_inputs: list,
 def _code_held(gm: torch.fx.GraphModule, inputs: list, mode, *, backward: bool,
                categories, start: Held = Held(),
                freeable: dict[str, tuple[object, int, str]] | None = None,
-               ) -> tuple[Held, Held, dict[int, tuple[str, int, bool]], Kernels]:
-    """(fullest, returned, {output index: (its buffer, bytes, whether a graph input)}, its
-    kernels) of what the code
+               ) -> tuple[Held, Held, dict[int, tuple], Kernels]:
+    """(fullest, returned, {output index: (its buffer, bytes, whether a graph input, its
+    strides)}, its kernels) of what the code
     Inductor generates for `gm` holds beyond its inputs, from `start`. Inductor lowers and
     schedules the graph on the fake inputs and writes its wrapper, without compiling a kernel;
     the wrapper's memory lines are replayed: each buffer from its allocation (or a fallback
@@ -228,10 +235,27 @@ def _code_held(gm: torch.fx.GraphModule, inputs: list, mode, *, backward: bool,
             for storage, size, category in freeable.values():
                 names[storage] -= 1
                 live[category] -= size if names[storage] == 0 else 0
-            lowered = {i: (name, nbytes(graph.try_get_buffer(name)), name in graph.graph_inputs)
+            lowered = {i: (name, nbytes(graph.try_get_buffer(name)), name in graph.graph_inputs,
+                           _stride(graph.graph_outputs[i]))
                        for i, name in out_names.items() if graph.try_get_buffer(name) is not None}
             kernels = _kernels(graph.scheduler.nodes, origin)
     return peak, Held(**live, op="return"), lowered, kernels
+
+
+def _restrided(x, stride: tuple[int, ...] | None, mode):
+    """`x` (a fake input of the backward) with the strides the forward's code gave it."""
+    if not isinstance(x, torch.Tensor) or stride is None or tuple(x.stride()) == stride:
+        return x
+    with mode:
+        return torch.empty_strided(x.shape, stride, dtype=x.dtype, device=x.device)
+
+
+def _stride(node) -> tuple[int, ...] | None:
+    """The strides Inductor gives an output of its graph (None: not fixed)."""
+    try:
+        return tuple(int(s) for s in node.get_stride())
+    except (AttributeError, NotImplementedError, TypeError):
+        return None
 
 
 def _kernels(nodes, origin) -> Kernels:
