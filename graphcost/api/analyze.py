@@ -57,7 +57,7 @@ from graphcost.hardware.devices import DEFAULT_DEVICE, Device, get_device
 from graphcost.load.model import DTYPES, CliError, dtype_name, load_model
 from graphcost.passes.checkpoint.policy import BUILTIN_POLICIES, parse_policy
 from graphcost.passes.checkpoint.policy import plan as policy_plan
-from graphcost.passes.checkpoint.search import Optimum, compare, optimize
+from graphcost.passes.checkpoint.search import Optimum, compare, optimize, policy_row
 from graphcost.passes.compiled import CompiledStep, compiled_step
 from graphcost.passes.experts import moe_summary
 from graphcost.passes.memory.compiled import compiled_timeline
@@ -221,14 +221,16 @@ class ModelAnalysis(Analysis):
         (`optimum`). Without a budget, 'fits' is judged against the device's memory less
         `reserve`."""
         config = training_config(**training)
-        if config.compile:
-            raise ConfigError("comparing checkpoint policies under --compile is not modelled "
-                              "yet: drop --compile, or give one policy to `graphcost memory "
-                              "--compile --checkpoint POLICY`")
+        if config.compile and budget is not None:
+            raise ConfigError("the budget search (per-block mixes) under --compile is not "
+                              "modelled yet: drop --budget to compare the policies compiled")
         resolved = resolve_budget(self.device, budget, reserve)
         kept, skipped = self.applicable_policies(policies)
         optimum = None
-        if budget is not None:
+        if config.compile:  # each policy compiled: Inductor's partitioner with its regions
+            rows = [policy_row(self, self.memory(**dict(training, checkpoint=p)).timeline,
+                               resolved.bytes) for p in kept]
+        elif budget is not None:
             optimum = optimize(self, resolved.bytes, config, kept)
             rows = optimum.builtin
         else:

@@ -173,8 +173,10 @@ def compiled_step(module: nn.Module, example_inputs: tuple, *, kwargs: dict | No
     breaks = _breaks(module, example_inputs, kwargs)
     applied = checkpoint is not None and parse_policy(checkpoint.policy).kind not in \
         ("none", "model")  # "model": the model's own calls, traced as they are
+    # a region over several blocks (sqrt's segments) runs blocks a shortened stack lacks
+    derive = not applied or all(len(r.modules) <= 1 for r in checkpoint.regions)
     with checkpointed(module, checkpoint) if applied else contextlib.nullcontext():
-        step = _step(module, example_inputs, kwargs, peak, autocast)
+        step = _step(module, example_inputs, kwargs, peak, autocast, derive)
     return replace(step, graph_breaks=breaks)
 
 
@@ -198,8 +200,8 @@ def _breaks(module: nn.Module, example_inputs: tuple, kwargs: dict | None
 
 
 def _step(module: nn.Module, example_inputs: tuple, kwargs: dict | None, peak: bool,
-          autocast: torch.dtype | None) -> CompiledStep:
-    blocks = find_repeated_blocks(module)
+          autocast: torch.dtype | None, derive: bool = True) -> CompiledStep:
+    blocks = find_repeated_blocks(module) if derive else None
     if blocks is not None and blocks.count > 3:
         samples: dict[int, CompiledStep] = {}
         for count in range(1, min(blocks.count - 1, MAX_SAMPLE_BLOCKS) + 1):

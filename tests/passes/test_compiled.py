@@ -122,6 +122,24 @@ def test_a_checkpoint_policy_under_compile_keeps_what_a_real_compile_keeps(polic
     assert predicted.saved_activation_bytes < compiled_step(*_gpt2("meta")).saved_activation_bytes
 
 
+def test_checkpoint_compile_compares_the_policies_compiled(capsys):
+    """`graphcost checkpoint --compile`: a row per policy, each the compiled step with the
+    policy's regions (the same as `memory --compile --checkpoint POLICY`)."""
+    from graphcost import analyze
+
+    options = ["--batch", "2", "--seq", "32", *[f"--set={k}={v}" for k, v in TINY_GPT2.items()]]
+    code, out, _ = run_cli(capsys, "checkpoint", "gpt2", *options, "--compile", "--policies",
+                           "none,full", "--json")
+    rows = {r["policy"]: r for r in json.loads(out)["rows"]}
+    a = analyze("gpt2", batch=2, seq=32, overrides=TINY_GPT2)
+    for policy in ("none", "full"):
+        memory = a.memory(compile=True, checkpoint=policy)
+        assert rows[policy]["peak_bytes"] == memory.peak_bytes
+        assert rows[policy]["saved_activation_bytes"] == \
+            memory.compiled.saved_activation_bytes
+    assert rows["full"]["recompute_flops"] > 0 == rows["none"]["recompute_flops"]
+
+
 def test_a_model_s_own_checkpoints_are_traced_as_torch_compile_traces_them():
     """A model that calls torch.utils.checkpoint per block in its own forward (the corpus'
     checkpoint_per_block), against a real compile of it."""
@@ -238,7 +256,7 @@ def test_memory_compile_from_the_command_line(capsys):
 @pytest.mark.parametrize("argv, message", [
     (["memory", "gpt2", "--compile", "--inference"], "drop --compile or --inference"),
     (["memory", "gpt2", "--compile", "--tp", "2", "--gpus", "2"], "a parallel plan"),
-    (["checkpoint", "gpt2", "--compile"], "memory --compile --checkpoint POLICY"),
+    (["checkpoint", "gpt2", "--compile", "--budget", "1GiB"], "drop --budget"),
     (["plan", "gpt2", "--gpus", "8", "--global-batch", "8", "--device", "h100-sxm",
       "--compile"], "drop --compile"),
     (["roofline", "gpt2", "--device", "h100-sxm", "--compile", "--inference"],

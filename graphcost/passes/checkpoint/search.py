@@ -71,7 +71,8 @@ class PolicyRow:
         return dict(self.__dict__)
 
 
-def _row(analysis: Analysis, timeline: MemoryTimeline, budget: float | None) -> PolicyRow:
+def policy_row(analysis: Analysis, timeline: MemoryTimeline, budget: float | None) -> PolicyRow:
+    """A policy's row from its walked timeline (compiled or eager)."""
     micro = timeline.config.grad_accumulation
     model = (analysis.forward_flops + analysis.backward_flops) * micro
     recompute = timeline.recompute_flops * micro
@@ -91,7 +92,7 @@ def compare(analysis: Analysis, policies=BUILTIN_POLICIES, config: TrainingConfi
     (selective without attention, block policies without blocks) raises ConfigError."""
     config = config or TrainingConfig()
     walks = _walks(analysis, config, policies)
-    return [_row(analysis, walks[str(parse_policy(p))], budget_bytes) for p in policies]
+    return [policy_row(analysis, walks[str(parse_policy(p))], budget_bytes) for p in policies]
 
 
 def _walks(analysis: Analysis, config: TrainingConfig, policies) -> dict[str, MemoryTimeline]:
@@ -129,8 +130,9 @@ def optimize(analysis: Analysis, budget_bytes: float, config: TrainingConfig | N
     g = analysis.graph
     ops = g.op_order
     if model_regions(g, ops):  # the model checkpoints itself: that is the one plan there is
-        only = _row(analysis, training_timeline(analysis, replace(config, checkpoint="model")),
-                    budget_bytes)
+        only = policy_row(analysis, training_timeline(analysis,
+                                                      replace(config, checkpoint="model")),
+                          budget_bytes)
         best = only if only.fits else None
         return Optimum(budget_bytes=budget_bytes, row=best, per_block=(), mix=None,
                        builtin=[only], best_builtin=best, smallest=only, search_seconds=0.0,
@@ -144,7 +146,7 @@ def optimize(analysis: Analysis, budget_bytes: float, config: TrainingConfig | N
     policies = [p for p in policies if p != "selective" or "selective" in options]
     all_walks = _walks(analysis, config, list(policies) + list(options))
     walks = {o: all_walks[o] for o in options}
-    rows = [_row(analysis, all_walks[str(parse_policy(p))], budget_bytes) for p in policies]
+    rows = [policy_row(analysis, all_walks[str(parse_policy(p))], budget_bytes) for p in policies]
     start = time.perf_counter()
     model = _Decomposition(g, ops, blocks, walks)
     mix, target = None, budget_bytes
@@ -154,7 +156,7 @@ def optimize(analysis: Analysis, budget_bytes: float, config: TrainingConfig | N
             break
         timeline = training_timeline(analysis, replace(config, checkpoint=per_block_spec(choice)))
         if timeline.peak_bytes <= budget_bytes:
-            mix = _row(analysis, timeline, budget_bytes)
+            mix = policy_row(analysis, timeline, budget_bytes)
             break
         warnings.warn(f"graphcost checkpoint search: the walk of {per_block_spec(choice)} "
                       f"peaks {timeline.peak_bytes - model.peak(choice):+,} B off the "
@@ -162,7 +164,7 @@ def optimize(analysis: Analysis, budget_bytes: float, config: TrainingConfig | N
         target -= timeline.peak_bytes - budget_bytes
     seconds = time.perf_counter() - start
     fitting = [r for r in rows if r.fits]
-    walked = [_row(analysis, t, budget_bytes) for t in all_walks.values()]
+    walked = [policy_row(analysis, t, budget_bytes) for t in all_walks.values()]
     best_builtin = min(fitting, key=_cheapest) if fitting else None
     row = min([r for r in (mix, best_builtin) if r is not None], key=_cheapest, default=None)
     return Optimum(budget_bytes=budget_bytes, row=row,
@@ -285,4 +287,5 @@ class _Decomposition:
         return choice if self.peak(choice) <= budget else None
 
 
-__all__ = ["BLOCK_OPTIONS", "Optimum", "PolicyRow", "compare", "optimize", "parse_policy"]
+__all__ = ["BLOCK_OPTIONS", "Optimum", "PolicyRow", "compare", "optimize", "parse_policy",
+           "policy_row"]
