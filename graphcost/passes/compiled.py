@@ -25,8 +25,8 @@ two blocks at a time (`_derived`); else the whole model is partitioned.
 
 NB: the backward is that of the sum of the model's floating outputs (the loss taken outside the
 compiled module), as graphcost's eager walk and the measurements take it. Only the CPU's
-kernels are partitioned (fake CPU tensors); graph breaks are not modelled: a model torch.compile
-would split is traced whole here (an error if it cannot be).
+kernels are partitioned (fake CPU tensors). A model torch.compile would split is traced whole
+here (an error if it cannot be); its graph breaks are named (graphcost/passes/graph_breaks.py).
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ from graphcost.passes.inductor_code import (
     TANGENT_PREFIX,
     Held,
     Kernels,
+    kept_for_backward,
     node_flops,
     step_held,
 )
@@ -332,7 +333,8 @@ def _partition(module: nn.Module, example_inputs: tuple, kwargs: dict,
                     "no output of the model needs a gradient as traced for torch.compile: "
                     "nothing to train. A loss torch.compile would leave out of its graph (a "
                     "graph break: F.ctc_loss, which cannot run on fake tensors) ends the "
-                    "traced graph before it; graph breaks are not modelled yet")
+                    "traced graph before it; a model is partitioned as one graph, whatever "
+                    "its breaks")
             torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
     except TraceError:
         raise
@@ -369,8 +371,7 @@ def _saved(forward: torch.fx.GraphModule, backward: torch.fx.GraphModule
     as many as the backward's inputs that are not incoming gradients: before them come the
     model's outputs and the buffers it updates), one per storage, less the graph's inputs and
     views of them."""
-    kept = sum(1 for n in backward.graph.nodes
-               if n.op == "placeholder" and not n.name.startswith(TANGENT_PREFIX))
+    kept = kept_for_backward(backward)
     inputs = {StorageWeakRef(n.meta["val"].untyped_storage())
               for n in forward.graph.nodes
               if n.op == "placeholder" and isinstance(n.meta.get("val"), torch.Tensor)}

@@ -52,8 +52,8 @@ class Kernel:
 
     op: str  # the last op of the graph it computes
     matmul: bool  # an extern kernel with FLOPs (mm, convolution, attention)
-    flops: int  # Inductor's estimate_flops (FlopCounterMode's formulas); 0 for pointwise
-    bytes: int  # read + written (Inductor's get_read_write_buffers_sizes)
+    flops: int  # FlopCounterMode's formulas over the ops it computes; 0 for pointwise
+    bytes: int  # read + written (Inductor's access count, per node it fuses: _kernel_bytes)
     dtype: str
 
 
@@ -65,6 +65,13 @@ def _count(kernels) -> Kernels:
     for k in kernels:
         counts[k] = counts.get(k, 0) + 1
     return tuple(sorted(counts.items()))
+
+
+def kept_for_backward(backward: torch.fx.GraphModule) -> int:
+    """How many of the forward graph's outputs (its last ones) it keeps for backward: the
+    backward's inputs that are not incoming gradients."""
+    return sum(1 for n in backward.graph.nodes
+               if n.op == "placeholder" and not n.name.startswith(TANGENT_PREFIX))
 
 
 def step_held(forward: torch.fx.GraphModule, forward_inputs: list,
@@ -86,8 +93,7 @@ def step_held(forward: torch.fx.GraphModule, forward_inputs: list,
     [output] = [n for n in forward.graph.nodes if n.op == "output"]
     tangents = [n for n in backward.graph.nodes
                 if n.op == "placeholder" and n.name.startswith(TANGENT_PREFIX)]
-    kept = sum(1 for n in backward.graph.nodes if n.op == "placeholder") - len(tangents)
-    first_saved = len(output.args[0]) - kept
+    first_saved = len(output.args[0]) - kept_for_backward(backward)
     try:
         forward_peak, forward_end, lowered, forward_kernels = _code_held(
             forward, forward_inputs, mode, backward=False,
@@ -95,7 +101,7 @@ def step_held(forward: torch.fx.GraphModule, forward_inputs: list,
         # the backward's inputs it may free: the saved buffers (several names can be views of
         # one), and the incoming gradients
         freeable: dict[str, tuple[object, int, str]] = {}
-        saved: dict[str, TensorSpec] = {}
+        saved: dict[str, tuple[TensorSpec, int]] = {}  # buffer -> (spec, bytes)
         strides: dict[str, tuple[int, ...] | None] = {}
         for i, node in enumerate(output.args[0]):
             if i < first_saved or i not in lowered or not isinstance(node, torch.fx.Node):
@@ -105,7 +111,7 @@ def step_held(forward: torch.fx.GraphModule, forward_inputs: list,
             if not is_input:
                 freeable[node.name] = (buffer, nbytes, "activations")
                 value = node.meta["val"]
-                saved.setdefault(buffer, TensorSpec(tuple(value.shape), value.dtype))
+                saved.setdefault(buffer, (TensorSpec(tuple(value.shape), value.dtype), nbytes))
         for n in tangents:
             freeable[n.name] = (n.name, n.meta["val"].untyped_storage().nbytes(), "transient")
         loss = sum(2 * o.dtype.itemsize for o in outputs)  # the loss and its gradient
@@ -124,10 +130,8 @@ def step_held(forward: torch.fx.GraphModule, forward_inputs: list,
                       f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})",
                       stacklevel=2)
         return {}
-    return {"saved": tuple(saved.values()),
-            "saved_activation_bytes": sum({b: n for b, n, _ in
-                                           (freeable[k] for k in freeable
-                                            if freeable[k][2] == "activations")}.values()),
+    return {"saved": tuple(spec for spec, _ in saved.values()),
+            "saved_activation_bytes": sum(nbytes for _, nbytes in saved.values()),
             "forward_peak": forward_peak, "forward_end": forward_end,
             "backward_peak": backward_peak, "backward_end": backward_end,
             "kernels": (forward_kernels, backward_kernels)}

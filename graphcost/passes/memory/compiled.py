@@ -39,7 +39,6 @@ class _CompiledWalk(Walk):
     def __init__(self, g, config: TrainingConfig, step: CompiledStep) -> None:
         super().__init__(g, config)
         self.step = step
-        self.saved_activation_bytes = step.saved_activation_bytes
 
     def run(self) -> MemoryTimeline:
         timeline = super().run()
